@@ -1,0 +1,119 @@
+"""Per-op timing of one decode step through llama.cpp's scheduler eval callback (``cb_eval``).
+
+The scheduler calls the callback twice per node it may stop at: once to *ask* whether we want
+the node (for every node, in order), and once to *observe* it after computing up to it and
+synchronising. A segment's time is the time between two observations; the first starts at the
+first ask of the step. Wall time of the decode call minus the covered span is host work.
+
+Modes:
+- ``stages``: ask only at the last node of each run of same-stage nodes (a few hundred syncs).
+- ``ops``: ask at every node (thousands of syncs): a full per-op table, at a higher overhead.
+
+The ask phase does no Python work beyond a list lookup: the node -> ask table is built once
+per graph from a discovery step that reads every node's name, op and first source.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from harness import schema
+from harness.engine import Context, EvalCallback, GraphNode, read_node
+
+log = logging.getLogger(__name__)
+MODES = ("stages", "ops")
+
+
+@dataclass(frozen=True)
+class Segment:
+    node_first: int
+    node_last: int
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    wall_ns: int
+    host_ns: int
+    segments: tuple[Segment, ...]
+
+
+class Capture:
+    """Owns the eval callback of one context and turns its calls into timed segments."""
+
+    def __init__(self, mode: str = "stages"):
+        if mode not in MODES:
+            raise ValueError(f"unknown capture mode {mode!r}")
+        self.mode = mode
+        self.callback = EvalCallback(self._cb)
+        self.nodes: list[GraphNode] = []
+        self.stages: list[str] = []
+        self._ask: list[bool] = []
+        self._discovering = False
+        self._found: list[GraphNode] = []
+        self._i = 0
+        self._t_first = 0
+        self._marks: list[tuple[int, int]] = []
+
+    # The callback runs on llama.cpp's thread, in the middle of graph compute: keep it tiny and
+    # never let an exception escape (ctypes would print it and return False, aborting compute).
+    def _cb(self, t, ask, _user_data):
+        if ask:
+            i = self._i
+            self._i = i + 1
+            if i == 0:
+                self._t_first = time.perf_counter_ns()
+            if self._discovering:
+                try:
+                    self._found.append(read_node(t))
+                except Exception:  # noqa: BLE001 - must not raise into C
+                    self._found.append(GraphNode("?", "?", "", ""))
+                return False
+            return self._ask[i] if i < len(self._ask) else True
+        self._marks.append((self._i - 1, time.perf_counter_ns()))
+        return True
+
+    def discover(self, ctx: Context, token: int) -> int:
+        """Decode one untimed token reading every node; build the stage and ask tables."""
+        self._found = []
+        self._discovering = True
+        self._i = 0
+        try:
+            ctx.step(token)
+        finally:
+            self._discovering = False
+        self.nodes = self._found
+        self.stages = schema.classify_graph([(n.name, n.op, n.src0) for n in self.nodes])
+        n = len(self.nodes)
+        if self.mode == "ops":
+            self._ask = [True] * n
+        else:
+            self._ask = [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+        log.debug("graph: %d nodes, %d boundaries asked per token", n, sum(self._ask))
+        return n
+
+    @property
+    def syncs_per_token(self) -> int:
+        return sum(self._ask)
+
+    def step(self, ctx: Context, token: int) -> StepProfile:
+        """Decode one timed token (rolled back afterwards). Rediscovers if the graph changed."""
+        for _attempt in range(2):
+            self._i = 0
+            self._marks = []
+            wall = ctx.step(token)
+            if self._i == len(self.nodes) and self._marks:
+                break
+            log.info("decode graph changed (%d nodes, expected %d): rediscovering", self._i, len(self.nodes))
+            self.discover(ctx, token)
+        else:
+            raise RuntimeError("decode graph is not stable between steps")
+        segs = []
+        prev_node, prev_t = -1, self._t_first
+        for node, t in self._marks:
+            segs.append(Segment(prev_node + 1, node, t - prev_t))
+            prev_node, prev_t = node, t
+        covered = prev_t - self._t_first
+        return StepProfile(wall_ns=wall, host_ns=max(0, wall - covered), segments=tuple(segs))

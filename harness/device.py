@@ -1,0 +1,112 @@
+"""Device metadata and a memory-read bandwidth probe (the device's roofline).
+
+The probe must be memory-bound: it or-reduces a u64 buffer far larger than the last-level
+cache from one thread per core (numpy releases the GIL inside the reduction). Plain
+``numpy.sum`` is compute-bound at ~20 GB/s per thread here and would understate the roofline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def device_info() -> dict:
+    freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
+    return {
+        "os": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "physical_cores": physical_cores(),
+        "logical_cores": psutil.cpu_count(logical=True) or 1,
+        "cpu_max_mhz": float(freq.max) if freq and freq.max else None,
+        "ram_bytes": int(psutil.virtual_memory().total),
+        "python": platform.python_version(),
+    }
+
+
+def sample_sensors() -> dict:
+    """CPU frequency and temperature now, where psutil can read them (None otherwise)."""
+    out: dict = {"cpu_mhz": None, "temp_c": None, "t_unix": time.time()}
+    try:
+        f = psutil.cpu_freq()
+        out["cpu_mhz"] = float(f.current) if f else None
+    except (OSError, AttributeError, NotImplementedError):
+        pass
+    try:
+        temps = psutil.sensors_temperatures() if hasattr(psutil, "sensors_temperatures") else {}
+        vals = [t.current for entries in temps.values() for t in entries if t.current]
+        out["temp_c"] = max(vals) if vals else None
+    except (OSError, AttributeError, NotImplementedError):
+        pass
+    return out
+
+
+def _or_reduce(a: np.ndarray) -> int:
+    return int(np.bitwise_or.reduce(a))
+
+
+def measure_bandwidth(threads: int | None = None, buffer_bytes: int | None = None, budget_s: float = 1.5) -> dict:
+    """Best-of-N multi-threaded u64 or-reduce read bandwidth in GB/s, within ~budget_s.
+
+    The buffer is 1 GiB (or an eighth of available RAM, if less): far past any cache.
+    """
+    threads = threads or physical_cores()
+    if buffer_bytes is None:
+        buffer_bytes = min(1 << 30, psutil.virtual_memory().available // 8)
+    buf = np.ones(buffer_bytes // 8, dtype=np.uint64)
+    parts = np.array_split(buf, threads)
+
+    def one_pass() -> float:
+        # fresh threads each pass: a pool may leave one worker doing every part
+        ths = [threading.Thread(target=_or_reduce, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return buf.nbytes / (time.perf_counter() - t0) / 1e9
+
+    one_pass()  # warm-up
+    best, reps = 0.0, 0
+    t_end = time.perf_counter() + budget_s
+    while reps < 3 or (time.perf_counter() < t_end and reps < 50):
+        best = max(best, one_pass())
+        reps += 1
+    log.debug("bandwidth probe: %.1f GB/s (%d threads, %d reps)", best, threads, reps)
+    return {"read_gbps": best, "threads": threads, "buffer_bytes": buffer_bytes, "reps": reps,
+            "method": "u64 bitwise_or.reduce, best of reps"}
+
+
+def peak_rss_bytes() -> int:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return int(psutil.Process().memory_info().rss)

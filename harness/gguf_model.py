@@ -1,0 +1,194 @@
+"""Read a GGUF file into a typed, immutable record (architecture, hyperparameters, tensor table).
+
+All GGUF parsing goes through gguf-py's ``GGUFReader``; nothing here hand-parses the format.
+The record is plain data so that it can be stored in a run's metadata and rebuilt from it
+(``ModelInfo.to_dict`` / ``ModelInfo.from_dict``) on a machine that lacks the model file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import InputError
+
+SYNTHETIC_KEY = "harness.synthetic"
+SYNTHETIC_PRESET_KEY = "harness.twin_preset"
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne[0] first (the row length)
+    ggml_type: str  # e.g. "Q4_K", "F32"
+    n_elements: int
+    n_bytes: int
+
+    @property
+    def layer(self) -> int | None:
+        m = _LAYER_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    file_bytes: int
+    arch: str
+    name: str
+    hparams: dict  # "<arch>.x" keys with the arch prefix stripped, plus a few general.* keys
+    tensors: tuple[TensorRecord, ...] = field(repr=False)
+    synthetic: bool = False
+    twin_preset: str = ""
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.hparams.get("block_count", 0))
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(self.hparams.get("context_length", 0))
+
+    def tensor(self, name: str) -> TensorRecord | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+    def type_summary(self) -> dict[str, int]:
+        """Bytes per ggml type over the whole file."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.ggml_type] = out.get(t.ggml_type, 0) + t.n_bytes
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tensors"] = [[t.name, list(t.shape), t.ggml_type, t.n_elements, t.n_bytes] for t in self.tensors]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelInfo:
+        tensors = tuple(
+            TensorRecord(name=n, shape=tuple(s), ggml_type=ty, n_elements=ne, n_bytes=nb)
+            for n, s, ty, ne, nb in d["tensors"]
+        )
+        return cls(
+            path=d["path"], file_bytes=d["file_bytes"], arch=d["arch"], name=d.get("name", ""),
+            hparams=dict(d["hparams"]), tensors=tensors, synthetic=bool(d.get("synthetic", False)),
+            twin_preset=d.get("twin_preset", ""),
+        )
+
+
+def _field_value(field):
+    """Decode a ReaderField into a Python scalar, string or list."""
+    from gguf import GGUFValueType
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == GGUFValueType.ARRAY:
+        if len(types) > 1 and types[1] == GGUFValueType.STRING:
+            return None  # string arrays (tokenizer tables) are large and not needed here
+        return [v.item() if hasattr(v, "item") else v for v in (field.parts[i][0] for i in field.data)]
+    if types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    v = field.parts[-1][0]
+    return v.item() if hasattr(v, "item") else v
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Cheap checks before the full parse: exists, is a file, non-empty, GGUF magic, known version."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"model path is a directory, not a GGUF file: {p}")
+    size = p.stat().st_size
+    if size == 0:
+        raise InputError(f"model file is empty: {p}")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise InputError(f"not a GGUF file (truncated header, {size} bytes): {p}")
+    if head[:4] != GGUF_MAGIC:
+        raise InputError(f"not a GGUF file (bad magic {head[:4]!r}): {p}")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in SUPPORTED_VERSIONS:
+        raise InputError(f"unsupported GGUF version {version} (supported: 2, 3): {p}")
+    return p
+
+
+def read_model(path: str | os.PathLike) -> ModelInfo:
+    """Parse a GGUF into a ModelInfo, turning every malformation into a one-line InputError."""
+    from gguf import GGUFReader
+
+    p = check_gguf_file(path)
+    try:
+        reader = GGUFReader(p, "r")
+    except (ValueError, IndexError, OverflowError, MemoryError, TypeError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"corrupt or truncated GGUF ({msg}): {p}") from None
+
+    file_bytes = p.stat().st_size
+    kv = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("tokenizer."):
+            continue
+        kv[key] = _field_value(fld)
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise InputError(f"GGUF has no general.architecture key: {p}")
+    prefix = arch + "."
+    hparams = {k[len(prefix):]: v for k, v in kv.items() if k.startswith(prefix)}
+    for k in ("general.file_type", "general.quantization_version", "general.size_label"):
+        if k in kv:
+            hparams[k] = kv[k]
+    tok = reader.fields.get("tokenizer.ggml.tokens")
+    if tok is not None:
+        hparams["vocab_size"] = len(tok.data)
+
+    tensors = []
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > file_bytes:
+            raise InputError(f"truncated GGUF: tensor {t.name} ends at byte {end} past file end {file_bytes}: {p}")
+        tensors.append(TensorRecord(
+            name=t.name, shape=tuple(int(x) for x in np.asarray(t.shape).tolist()),
+            ggml_type=t.tensor_type.name, n_elements=int(t.n_elements), n_bytes=int(t.n_bytes),
+        ))
+    return ModelInfo(
+        path=str(p), file_bytes=file_bytes, arch=arch, name=str(kv.get("general.name", "")),
+        hparams=hparams, tensors=tuple(tensors), synthetic=bool(kv.get(SYNTHETIC_KEY, False)),
+        twin_preset=str(kv.get(SYNTHETIC_PRESET_KEY, "")),
+    )
+
+
+def content_hash(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """A fast content hash: size + sha256 of the head, middle and tail 1 MiB.
+
+    Hashing 4.7 GB fully costs ~10 s; sampled hashing is enough to tell two model files apart
+    (header + tensor table + data samples) and costs milliseconds.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+            f.seek(off)
+            h.update(f.read(sample_bytes))
+    return "sha256s:" + h.hexdigest()[:32]

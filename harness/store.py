@@ -1,0 +1,188 @@
+"""The Parquet run store: one run is one Parquet file, written atomically and never overwritten.
+
+- The table is the per-op/segment table (columns in ``harness.schema.OP_COLUMNS``); pandas,
+  DuckDB and polars read it as-is.
+- Run metadata (a JSON object) sits in the Parquet key-value metadata under ``harness.run``.
+  It includes the per-token wall times of both passes (``tokens``), loaded by ``load_tokens``.
+- Writes go to a hidden temp file in the target folder, are fsynced, then hard-linked to the
+  final name (which fails rather than overwrite an existing run) and the temp is removed.
+
+Format history (bump ``schema.SCHEMA_VERSION`` and add an ``upgrade_from_N`` on change):
+- version 1: first format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from harness import schema
+from harness.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+META_KEY = b"harness.run"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Run:
+    path: str
+    meta: dict
+    ops: pd.DataFrame
+
+    @property
+    def tokens(self) -> pd.DataFrame:
+        return load_tokens(self.meta)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")[:60] or "x"
+
+
+def run_filename(label: str, model_stem: str, when: datetime | None = None) -> str:
+    when = when or datetime.now(timezone.utc)
+    return f"{when:%Y%m%dT%H%M%SZ}_{_slug(label)}_{_slug(model_stem)}.parquet"
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the output folder if needed and prove it is writable, before any heavy work."""
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"output path is not a folder: {d}")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f"{TMP_PREFIX}probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"output folder is not writable ({e.strerror}): {d}") from None
+    return d
+
+
+def _check_meta(meta: dict) -> None:
+    for ctx in meta.get("contexts", []):
+        for k, v in ctx.items():
+            if k.endswith(("_ms", "_us", "_s")) and isinstance(v, float) and (math.isnan(v) or v < 0):
+                raise ValueError(f"invalid metadata value {k}={v}")
+
+
+def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filename: str) -> Path:
+    """Write a run atomically; returns its path. Never overwrites: a taken name gets a suffix."""
+    d = check_out_dir(out_dir)
+    missing = [c for c in schema.OP_COLUMNS if c not in ops.columns]
+    if missing:
+        raise ValueError(f"op table lacks columns {missing}")
+    if (ops[schema.TIME_US] < 0).any() or ops[schema.TIME_US].isna().any():
+        raise ValueError("negative or NaN op times")
+    _check_meta(meta)
+    meta = {**meta, "schema_version": schema.SCHEMA_VERSION}
+    table = pa.Table.from_pandas(ops[list(schema.OP_COLUMNS)], preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}"
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        stem, n = filename[: -len(".parquet")], 0
+        while True:
+            final = d / (filename if n == 0 else f"{stem}-{n}.parquet")
+            try:
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                n += 1
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise UsageError(f"could not write the run ({e.strerror or e}): {d}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def _upgrade(meta: dict) -> dict:
+    v = meta.get("schema_version")
+    if not isinstance(v, int):
+        raise InputError("run metadata has no schema version")
+    if v > schema.SCHEMA_VERSION:
+        raise InputError(f"run has schema version {v}, newer than this harness supports "
+                         f"({schema.SCHEMA_VERSION}); upgrade the harness")
+    # older versions: meta = upgrade_from_N(meta) for each N from v up; none exist yet
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"run file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"expected a run file, got a folder: {p}")
+    try:
+        md = pq.read_schema(p).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"not a Parquet run ({str(e).splitlines()[0][:120]}): {p}") from None
+    if META_KEY not in md:
+        raise InputError(f"Parquet file is not a harness run (no {META_KEY.decode()} metadata): {p}")
+    try:
+        meta = json.loads(md[META_KEY])
+    except ValueError:
+        raise InputError(f"run metadata is not valid JSON: {p}") from None
+    return _upgrade(meta)
+
+
+def read_run(path: str | os.PathLike, columns: list[str] | None = None) -> Run:
+    meta = read_meta(path)
+    try:
+        ops = pd.read_parquet(path, columns=columns)
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        raise InputError(f"unreadable run table ({str(e).splitlines()[0][:120]}): {path}") from None
+    missing = [c for c in (columns or schema.OP_COLUMNS) if c not in ops.columns]
+    if missing:
+        raise InputError(f"run lacks columns {', '.join(missing)}: {path}")
+    return Run(path=str(path), meta=meta, ops=ops)
+
+
+def load_tokens(meta: dict) -> pd.DataFrame:
+    """Per-token wall times of both passes, from a run's metadata, as a table."""
+    rows = meta.get("tokens", [])
+    return pd.DataFrame(rows, columns=list(schema.TOKEN_COLUMNS))
+
+
+def clean_stale_temps(out_dir: str | os.PathLike) -> int:
+    """Remove temp files left by killed writers (whose process is gone). Returns how many."""
+    d = Path(out_dir)
+    n = 0
+    if not d.is_dir():
+        return 0
+    for f in d.glob(f"{TMP_PREFIX}*"):
+        m = re.match(rf"{re.escape(TMP_PREFIX)}(\d+)-", f.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            log.warning("removing stale temp file from a killed writer: %s", f)
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

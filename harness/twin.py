@@ -1,0 +1,224 @@
+"""Shape-faithful synthetic twins: GGUFs with a real model's architecture, shapes, quant types
+and metadata, filled with random weights.
+
+    python -m harness.twin --preset gemma-3n-e4b --quant q4_k_m -o models/gemma-3n-e4b-q4.gguf
+
+Quantized tensors are written as valid blocks directly: random payload bytes with small finite
+fp16 scales, so no float weights are ever materialised or requantized. Payload bytes come from
+a 16 MiB random pool read at a fresh random offset per chunk, which keeps generation at disk
+speed. Decode kernels do the same work whatever the values are; the text produced is noise.
+The file carries ``harness.synthetic = true``, and every run made on it says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from harness.errors import ArgParser, UsageError, run_cli
+from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
+from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, layout, type_nbytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path("models/gemma-3n-e4b-q4.gguf")
+DEFAULT_PRESET = "gemma-3n-e4b"
+DEFAULT_QUANT = "q4_k_m"
+N_SPECIAL = 4  # <pad> <eos> <bos> <unk>
+_POOL_BYTES = 16 << 20
+_CHUNK = 64 << 20
+# byte offset of each block's fp16 scale(s) inside a block, per quant type
+_SCALE_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,)}
+
+
+def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_toks = [f"<0x{b:02X}>" for b in range(256)]
+    n_normal = n_vocab - len(special) - len(byte_toks)
+    if n_normal < 1:
+        raise UsageError(f"vocab of {n_vocab} is too small for a synthetic tokenizer")
+    tokens = special + byte_toks + [f"\u2581t{i}" for i in range(n_normal)]
+    scores = [0.0] * (len(special) + len(byte_toks)) + [-float(i) for i in range(n_normal)]
+    types = ([gguf.TokenType.CONTROL] * 4 + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * n_normal)
+    return tokens, scores, [int(t) for t in types]
+
+
+def first_normal_token() -> int:
+    """Ids from here up are ordinary (non-special, non-byte) tokens in a twin's vocab."""
+    return N_SPECIAL + 256
+
+
+def _add_hparams(w: gguf.GGUFWriter, p: Preset, quant: str) -> None:
+    w.add_name(f"{p.name} synthetic twin ({quant})")
+    w.add_description(f"Synthetic shape-faithful twin of {p.description}; random weights, not a real model.")
+    w.add_file_type(int(FILE_TYPE[quant]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(p.n_ctx_train)
+    w.add_embedding_length(p.n_embd)
+    w.add_block_count(p.n_layer)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_key_length(p.head_dim)
+    w.add_value_length(p.head_dim)
+    w.add_rope_freq_base(p.rope_freq_base)
+    w.add_layer_norm_rms_eps(1e-6)
+    if p.arch == "gemma3n":
+        w.add_feed_forward_length([p.n_ff] * p.n_layer)
+        w.add_sliding_window(p.n_swa)
+        w.add_rope_freq_base_swa(p.rope_freq_base_swa)
+        w.add_final_logit_softcapping(p.final_logit_softcap)
+        w.add_altup_active_idx(0)
+        w.add_altup_num_inputs(p.n_altup)
+        w.add_embedding_length_per_layer_input(p.n_embd_altup)
+        w.add_shared_kv_layers(p.n_layer - p.n_layer_kv_from_start)
+        std_mul = 1.6448533535003662  # normal icdf(0.95), as the converter writes it
+        w.add_activation_sparsity_scale([std_mul if i < p.n_layer_sparsity else 0.0 for i in range(p.n_layer)])
+        w.add_sliding_window_pattern([p.is_swa(i) for i in range(p.n_layer)])
+    else:
+        w.add_feed_forward_length(p.n_ff)
+        w.add_rope_dimension_count(p.head_dim)
+        w.add_vocab_size(p.n_vocab)
+    tokens, scores, types = _vocab(p.n_vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_bool(SYNTHETIC_KEY, True)
+    w.add_string(SYNTHETIC_PRESET_KEY, p.name)
+
+
+class _Filler:
+    """Makes tensor payloads: random valid quant blocks, or small random floats."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.pool = self.rng.integers(0, 256, size=_POOL_BYTES, dtype=np.uint8)
+
+    def data(self, name: str, shape: tuple[int, ...], ggml_type: str) -> np.ndarray:
+        n = type_nbytes(ggml_type, shape)
+        if ggml_type == "F32":
+            is_norm = name.endswith("norm.weight") or name.endswith("correct_scale.weight")
+            return (np.ones(n // 4, np.float32) if is_norm
+                    else self.rng.standard_normal(n // 4, dtype=np.float32) * np.float32(0.02))
+        if ggml_type == "F16":
+            return (self.rng.standard_normal(n // 2, dtype=np.float32) * np.float32(0.02)).astype(np.float16)
+        out = np.empty(n, np.uint8)
+        for start in range(0, n, _CHUNK):
+            stop = min(n, start + _CHUNK)
+            pos = start
+            while pos < stop:
+                off = int(self.rng.integers(0, _POOL_BYTES // 2))
+                take = min(stop - pos, _POOL_BYTES - off)
+                out[pos:pos + take] = self.pool[off:off + take]
+                pos += take
+        block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]][1]
+        blocks = out.reshape(-1, block_bytes)
+        scale = np.frombuffer(np.float16(2.0 ** -10).tobytes(), np.uint8)
+        for o in _SCALE_OFFSETS[ggml_type]:
+            blocks[:, o:o + 2] = scale
+        return out
+
+
+def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a twin GGUF atomically (temp file, then rename). Returns the final path."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (choose from: {', '.join(PRESETS)})")
+    if quant not in QUANTS:
+        raise UsageError(f"unknown quant {quant!r} (choose from: {', '.join(QUANTS)})")
+    p = PRESETS[preset]
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"output path is a directory: {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {out.parent}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"output folder is not writable: {out.parent}")
+    tensors = layout(p, quant)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    w = gguf.GGUFWriter(str(tmp), p.arch)
+    try:
+        _add_hparams(w, p, quant)
+        raw = {"F32": None, "F16": None}
+        for name, shape, ty in tensors:
+            qtype = gguf.GGMLQuantizationType[ty]
+            nbytes = type_nbytes(ty, shape)
+            dtype = {"F32": np.float32, "F16": np.float16}.get(ty, np.uint8)
+            # add_tensor_info takes numpy (row-major) order, ne reversed; quant types in bytes per row
+            np_shape = list(reversed(shape))
+            if ty not in raw:
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                np_shape[-1] = np_shape[-1] // block * size
+            w.add_tensor_info(name, tuple(np_shape), np.dtype(dtype), nbytes,
+                              raw_dtype=None if ty in raw else qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        filler = _Filler(seed)
+        total = sum(type_nbytes(ty, s) for _, s, ty in tensors)
+        done, last_report = 0, 0.0
+        for name, shape, ty in tensors:
+            w.write_tensor_data(filler.data(name, shape, ty))
+            done += type_nbytes(ty, shape)
+            if time.perf_counter() - last_report > 5:
+                last_report = time.perf_counter()
+                log.info("  wrote %.2f / %.2f GB", done / 1e9, total / 1e9)
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UsageError(f"cannot write twin to {out}: {e.strerror or e}") from None
+    finally:
+        w.close()
+        if tmp.exists():
+            tmp.unlink()
+    log.info("twin %s (%s) -> %s: %.2f GB in %.1f s", preset, quant, out, out.stat().st_size / 1e9,
+             time.perf_counter() - t0)
+    return out
+
+
+def ensure_default_model(path: Path = DEFAULT_MODEL) -> Path:
+    """Make the default E4B Q4_K_M twin if it is missing."""
+    if not path.exists():
+        log.info("default model %s is missing: generating the %s %s twin (about 4.7 GB, under a minute)",
+                 path, DEFAULT_PRESET, DEFAULT_QUANT)
+        write_twin(DEFAULT_PRESET, DEFAULT_QUANT, path)
+    return path
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="python -m harness.twin", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+    ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"one of: {', '.join(QUANTS)}")
+    ap.add_argument("-o", "--out", default=None, help="output GGUF path (default models/<preset>-<quant>.gguf)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--list", action="store_true", help="list presets and exit")
+    a = ap.parse_args(argv)
+    if a.list:
+        for p in PRESETS.values():
+            log.info("%-14s %-8s %s", p.name, p.arch, p.description)
+        return 0
+    out = a.out or f"models/{a.preset}-{a.quant}.gguf"
+    write_twin(a.preset, a.quant, out, seed=a.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("harness.twin", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
