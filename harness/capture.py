@@ -50,6 +50,7 @@ class Capture:
         self.callback = EvalCallback(self._cb)
         self.nodes: list[GraphNode] = []
         self.stages: list[str] = []
+        self.layers: list[int] = []
         self._ask: list[bool] = []
         self._discovering = False
         self._found: list[GraphNode] = []
@@ -85,7 +86,9 @@ class Capture:
         finally:
             self._discovering = False
         self.nodes = self._found
-        self.stages = schema.classify_graph([(n.name, n.op, n.src0) for n in self.nodes])
+        triples = [(n.name, n.op, n.src0) for n in self.nodes]
+        self.stages = schema.classify_graph(triples)
+        self.layers = schema.classify_layers(triples)
         n = len(self.nodes)
         if self.mode == "ops":
             self._ask = [True] * n

@@ -46,7 +46,7 @@ TOKEN_COLUMNS = (CONTEXT, DEPTH, REPEAT, STEP, PASS, WALL_US)
 # ---------------------------------------------------------------- rules
 _WEIGHT_OPS = {"MUL_MAT", "MUL_MAT_ID", "GET_ROWS"}
 _STORE_OPS = {"SET_ROWS", "CPY"}
-_CACHE_RE = re.compile(r"^cache_[kv]_l\d+")
+_CACHE_RE = re.compile(r"^cache_[kv]_l(\d+)")
 _SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
 _LAYER_RE = re.compile(r"-(\d+)$")
 _UNNAMED_RE = re.compile(r"^(node_\d+|leaf_\d+)?$")
@@ -146,5 +146,32 @@ def classify_graph(nodes: list[tuple[str, str, str]]) -> list[str]:
     return out
 
 
+_BLK_RE = re.compile(r"^blk\.(\d+)\.")
+
+
 def layer_of(name: str) -> int:
     return base_name(name)[1]
+
+
+def classify_layers(nodes: list[tuple[str, str, str]]) -> list[int]:
+    """Layer per node: the name's ``-N`` suffix, else the ``blk.N.`` of a weight source, else (for
+    unnamed and generic nodes) the layer of the next node that has one; -1 when none applies."""
+    out = [-1] * len(nodes)
+    nxt = -1
+    for i in range(len(nodes) - 1, -1, -1):
+        name, op, src0 = nodes[i]
+        cache = _CACHE_RE.match(name)
+        layer = layer_of(name) if not cache else -1
+        if cache and op in _STORE_OPS:
+            layer = int(cache.group(1))  # the store into cache_k_l<N>
+        if layer < 0:
+            m = _BLK_RE.match(src0)
+            layer = int(m.group(1)) if m else -1
+        base = base_name(name)[0]
+        # unnamed, generic and cache-view nodes (a shared-KV layer reads another layer's cache)
+        if layer < 0 and (cache or _UNNAMED_RE.match(base) or base in GENERIC_NAMES):
+            layer = nxt
+        if layer >= 0:
+            nxt = layer
+        out[i] = layer
+    return out

@@ -166,7 +166,7 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path) -> Path:
                     for seg in p.segments:
                         node = cap.nodes[seg.node_last]
                         rows.append((label, prof.n_past, rep, s, seg.node_first, seg.node_last, node.name,
-                                     schema.layer_of(node.name), node.op, cap.stages[seg.node_last],
+                                     cap.layers[seg.node_last], node.op, cap.stages[seg.node_last],
                                      seg.time_ns / 1000.0))
                     rows.append((label, prof.n_past, rep, s, -1, -1, "host", -1, "HOST", schema.HOST,
                                  p.host_ns / 1000.0))
