@@ -130,6 +130,16 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     version = int.from_bytes(head[4:8], "little")
     if version not in SUPPORTED_VERSIONS:
         raise InputError(f"unsupported GGUF version {version} (supported: 2, 3): {p}")
+    with open(p, "rb") as f:
+        f.seek(8)
+        counts = f.read(16)
+    if len(counts) < 16:
+        raise InputError(f"truncated GGUF header ({size} bytes): {p}")
+    n_tensors, n_kv = int.from_bytes(counts[:8], "little"), int.from_bytes(counts[8:], "little")
+    # every tensor info takes >= 24 bytes and every KV pair >= 13: larger counts cannot fit the file
+    if n_tensors > size // 24 or n_kv > size // 13:
+        raise InputError(f"corrupt or truncated GGUF: the header declares {n_tensors} tensors and {n_kv} "
+                         f"metadata keys, which cannot fit in {size} bytes: {p}")
     return p
 
 
@@ -141,8 +151,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     try:
         reader = GGUFReader(p, "r")
     except (ValueError, IndexError, OverflowError, MemoryError, TypeError, UnicodeDecodeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"corrupt or truncated GGUF ({msg}): {p}") from None
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:100]
+        raise InputError(f"corrupt or truncated GGUF: parsing {p.stat().st_size} bytes failed ({msg}): {p}") from None
 
     file_bytes = p.stat().st_size
     kv = {}

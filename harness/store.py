@@ -88,7 +88,7 @@ def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filenam
     meta = {**meta, "schema_version": schema.SCHEMA_VERSION}
     table = pa.Table.from_pandas(ops[list(schema.OP_COLUMNS)], preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}"
+    tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}.partial"  # hidden, and not *.parquet to globbers
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, compression="zstd")

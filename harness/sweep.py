@@ -19,12 +19,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+import psutil
 
 from harness import __version__, device, engine, report, schema, store
 from harness.capture import MODES, Capture
-from harness.errors import ArgParser, InputError, UsageError, run_cli
+from harness.errors import ArgParser, HarnessError, InputError, UsageError, run_cli
 from harness.gguf_model import content_hash, read_model
+from harness.runner import ContextResult, LoopSettings, StopFlag, measure_context
 from harness.twin import DEFAULT_MODEL, ensure_default_model, first_normal_token
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def build_parser() -> ArgParser:
     ap.add_argument("-o", "--out", default="runs", help="output folder (default runs/)")
     ap.add_argument("--label", default=None, help="device label (default: CPU model and cores)")
     ap.add_argument("--no-probe", action="store_true", help="skip the memory bandwidth probe")
+    ap.add_argument("--resume", default=None, metavar="RUN", help="continue an incomplete (interrupted) run")
+    ap.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds available RAM")
     return ap
 
 
@@ -111,7 +114,39 @@ def default_label(dev: dict) -> str:
     return f"{dev['cpu_model']} {dev['physical_cores']}c"
 
 
-def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path) -> Path:
+class Interrupted(HarnessError):
+    """The sweep was stopped by a signal; the completed contexts were saved."""
+
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.exit_code = code
+
+
+def estimate_memory_bytes(info, n_ctx: int, cache_type_k: str, cache_type_v: str) -> int:
+    """Model weights + two contexts' KV caches (plain and profiled) + ~0.5 GiB compute buffers."""
+    hp = info.hparams
+    n_layer = info.n_layer
+    kv_layers = min(n_layer, 20) if info.arch == "gemma3n" else n_layer
+    n_kv = int(hp.get("attention.head_count_kv", hp.get("attention.head_count", 1)) or 1)
+    if isinstance(hp.get("attention.head_count_kv"), list):
+        n_kv = max(hp["attention.head_count_kv"])
+    k_len = int(hp.get("attention.key_length", 128))
+    v_len = int(hp.get("attention.value_length", k_len))
+    bpe = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32,
+           "q5_1": 24 / 32}
+    kv = kv_layers * n_ctx * n_kv * (k_len * bpe[cache_type_k] + v_len * bpe[cache_type_v])
+    return int(info.tensor_bytes + 2 * kv + (512 << 20))
+
+
+def check_memory(info, n_ctx: int, a) -> None:
+    need = estimate_memory_bytes(info, n_ctx, a.cache_type_k, a.cache_type_v)
+    avail = psutil.virtual_memory().available
+    if need > avail and not a.force:
+        raise InputError(f"model and KV cache need about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB "
+                         f"is available (use --force to try anyway): {info.path}")
+
+
+def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: store.Run | None = None) -> Path:
     info = read_model(model_path)  # validates the GGUF before llama.cpp sees it
     if info.arch not in KNOWN_ARCHS:
         raise InputError(f"architecture {info.arch!r} is not one llama.cpp knows: {model_path}")
@@ -120,6 +155,11 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path) -> Path:
     if info.n_ctx_train and n_ctx > info.n_ctx_train:
         raise UsageError(f"context {max_depth} (+1 decoded token) exceeds the model's context length "
                          f"{info.n_ctx_train}: {model_path}")
+    model_hash = content_hash(model_path)
+    if resume is not None and resume.meta["model"]["content_hash"] != model_hash:
+        raise UsageError(f"cannot resume: model {model_path} is not the one the run was made on "
+                         f"(content hash differs): {resume.path}")
+    check_memory(info, n_ctx, a)
     out_dir = store.check_out_dir(a.out)
     store.clean_stale_temps(out_dir)
     dev = device.device_info()
@@ -130,87 +170,98 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path) -> Path:
     bandwidth = None if a.no_probe else device.measure_bandwidth(threads)
     if bandwidth:
         log.info("memory read bandwidth: %.1f GB/s (%d threads)", bandwidth["read_gbps"], threads)
+    done = {c["context"] for c in resume.meta["contexts"]} if resume else set()
+    loop = LoopSettings(tokens=a.tokens, repeats=a.repeats, warmup=a.warmup, batch_size=a.batch_size)
     t_start = time.perf_counter()
     cap = Capture(a.mode)
-    rows: list[tuple] = []
-    toks: list[tuple] = []
-    summaries: list[dict] = []
-    with engine.Model(model_path, a.n_gpu_layers) as model, \
+    results: list[ContextResult] = []
+    with StopFlag() as stop, engine.Model(model_path, a.n_gpu_layers) as model, \
             engine.Context(model, cfg) as plain, engine.Context(model, cfg, cap.callback) as prof:
         load_s = time.perf_counter() - t_start
         log.info("loaded %s (%s, %.2f B params) in %.1f s%s", model_path.name, model.desc, model.n_params / 1e9,
                  load_s, " [SYNTHETIC TWIN: random weights]" if info.synthetic else "")
         prompt = prompt_tokens(model, info.synthetic, max_depth)
-        step_tok = prompt[-1]
         for label, depth in contexts:
-            sensors_before = device.sample_sensors()
-            new = prompt[plain.n_past:depth]
-            with tqdm(total=len(new), desc=f"prefill {label} ({depth})", unit="tok", leave=False,
-                      disable=None) as bar:
-                t0 = time.perf_counter()
-                for i in range(0, len(new), a.batch_size):
-                    plain.prefill(new[i:i + a.batch_size])
-                    bar.update(len(new[i:i + a.batch_size]))
-                prefill_s = time.perf_counter() - t0
-            prof.copy_state_from(plain)
-            n_nodes = cap.discover(prof, step_tok)
-            for _ in range(a.warmup):
-                plain.step(step_tok)
-                cap.step(prof, step_tok)
-            for rep in range(a.repeats):
-                for s in tqdm(range(a.tokens), desc=f"decode {label} rep {rep + 1}/{a.repeats}", unit="tok",
-                              leave=False, disable=None):
-                    toks.append((label, plain.n_past, rep, s, "plain", plain.step(step_tok) / 1000.0))
-                    p = cap.step(prof, step_tok)
-                    toks.append((label, prof.n_past, rep, s, "profiled", p.wall_ns / 1000.0))
-                    for seg in p.segments:
-                        node = cap.nodes[seg.node_last]
-                        rows.append((label, prof.n_past, rep, s, seg.node_first, seg.node_last, node.name,
-                                     cap.layers[seg.node_last], node.op, cap.stages[seg.node_last],
-                                     seg.time_ns / 1000.0))
-                    rows.append((label, prof.n_past, rep, s, -1, -1, "host", -1, "HOST", schema.HOST,
-                                 p.host_ns / 1000.0))
-            ops_df = pd.DataFrame(rows, columns=list(schema.OP_COLUMNS))
-            tok_df = pd.DataFrame(toks, columns=list(schema.TOKEN_COLUMNS))
-            summ = report.context_summary(ops_df, tok_df, label)
-            summ.update(prefill_s=prefill_s, n_nodes=n_nodes, syncs_per_token=cap.syncs_per_token,
-                        sensors_before=sensors_before, sensors_after=device.sample_sensors())
-            summaries.append(summ)
-            log.info("%-6s depth %5d: plain %.2f ms/token, profiled x%.3f, ffn %.1f%%, attn_kv %.1f%%",
-                     label, depth, summ["plain_ms"], summ["overhead_ratio"], summ["stage_pct"]["ffn"],
-                     summ["stage_pct"]["attn_kv"])
-        model_meta = {"desc": model.desc, "n_params": model.n_params, "size_bytes": model.size_bytes}
+            if label in done:
+                continue
+            r = measure_context(plain, prof, cap, prompt, label, depth, loop, stop)
+            if r is None:
+                break
+            results.append(r)
+        model_desc, model_params = model.desc, model.n_params
     sweep_s = time.perf_counter() - t_start
     label = a.label or default_label(dev)
+    rows = [row for r in results for row in r.op_rows]
+    ops_df = pd.DataFrame(rows, columns=list(schema.OP_COLUMNS))
+    tokens = [list(t) for r in results for t in r.token_rows]
+    summaries = [r.summary for r in results]
+    if resume is not None:
+        ops_df = pd.concat([resume.ops[list(schema.OP_COLUMNS)], ops_df], ignore_index=True)
+        tokens = resume.meta["tokens"] + tokens
+        summaries = resume.meta["contexts"] + summaries
+    if not summaries:
+        raise Interrupted(f"stopped by {stop.reason} before any context completed; no run written",
+                          130 if stop.reason == "SIGINT" else 143)
     meta = {
         "harness_version": __version__, "engine": "llama.cpp via llama-cpp-python",
         "engine_version": engine.engine_version(), "system_info": engine.system_info(),
-        "backend_devices": engine.backend_devices(), "complete": True, "label": label,
-        "synthetic": info.synthetic,
+        "backend_devices": engine.backend_devices(), "complete": not stop, "stop_reason": stop.reason,
+        "resumed_from": resume.path if resume else None, "label": label, "synthetic": info.synthetic,
         "params": {"contexts": [{"label": k, "depth": v} for k, v in contexts], "tokens": a.tokens,
                    "repeats": a.repeats, "warmup": a.warmup, "threads": threads, "flash_attn": a.flash_attn,
                    "cache_type_k": a.cache_type_k, "cache_type_v": a.cache_type_v, "n_gpu_layers": a.n_gpu_layers,
                    "n_batch": a.batch_size, "n_ubatch": a.ubatch_size, "mode": a.mode, "n_ctx": n_ctx,
                    "depth_control": "rollback"},
-        "model": {"path": str(model_path), "file_bytes": info.file_bytes, "content_hash": content_hash(model_path),
+        "model": {"path": str(model_path), "file_bytes": info.file_bytes, "content_hash": model_hash,
                   "arch": info.arch, "name": info.name, "synthetic": info.synthetic, "twin_preset": info.twin_preset,
-                  "type_summary": info.type_summary(), "engine_desc": model_meta["desc"],
-                  "n_params": model_meta["n_params"], "gguf": info.to_dict()},
+                  "type_summary": info.type_summary(), "engine_desc": model_desc, "n_params": model_params,
+                  "gguf": info.to_dict()},
         "device": {**dev, "bandwidth": bandwidth, "peak_rss_bytes": device.peak_rss_bytes()},
         "timing": {"load_s": load_s, "sweep_s": sweep_s, "prefill_tokens": max_depth},
+        "units": {"time_us": "microseconds", "wall_us": "microseconds", "*_ms": "milliseconds",
+                  "*_s": "seconds", "*_bytes": "bytes", "read_gbps": "1e9 bytes per second"},
         "contexts": summaries,
-        "tokens": [list(t) for t in toks],
+        "tokens": tokens,
     }
-    ops_df = pd.DataFrame(rows, columns=list(schema.OP_COLUMNS))
     path = store.write_run(ops_df, meta, out_dir, store.run_filename(label, model_path.stem))
     sys.stdout.write(report.format_summary(summaries, a.mode) + "\n")
     log.info("run written: %s (%d rows, sweep %.1f s%s)", path, len(ops_df), sweep_s,
              "; SYNTHETIC model" if info.synthetic else "")
+    if stop:
+        raise Interrupted(f"stopped by {stop.reason}: the {len(summaries)} completed context(s) were saved as an "
+                          f"incomplete run; continue it with --resume {path}", 130 if stop.reason == "SIGINT" else 143)
     return path
 
 
+RESUMABLE = ("tokens", "repeats", "warmup", "threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers",
+             "mode")
+
+
+def resume_args(a, defaults) -> tuple[store.Run, list[tuple[str, int]], Path]:
+    """Take an incomplete run's parameters; refuse explicit flags that contradict them."""
+    run = store.read_run(a.resume)
+    if run.meta.get("complete", True):
+        raise UsageError(f"run is already complete, nothing to resume: {a.resume}")
+    p = run.meta["params"]
+    for key in RESUMABLE:
+        given = getattr(a, key)
+        if given != getattr(defaults, key) and given != p[key]:
+            raise UsageError(f"cannot resume with --{key.replace('_', '-')} {given}: the run used {p[key]}")
+        setattr(a, key, p[key])
+    a.batch_size, a.ubatch_size = p["n_batch"], p["n_ubatch"]
+    a.label = a.label or run.meta["label"]
+    contexts = sorted(((c["label"], c["depth"]) for c in p["contexts"]), key=lambda kv: kv[1])
+    return run, contexts, Path(a.model or run.meta["model"]["path"])
+
+
 def _main(argv: list[str] | None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.resume:
+        run, contexts, model_path = resume_args(a, parser.parse_args([]))
+        validate(a)
+        run_sweep(a, contexts, model_path, resume=run)
+        return 0
     contexts = validate(a)
     if a.model is None:
         model_path = ensure_default_model()

@@ -1,0 +1,249 @@
+"""Compare devices: one table per context, one row per device group (device x model x settings).
+
+    python -m analysis.compare runs/ other-runs/*.parquet [--baseline LABEL] [--format md|csv] [--plots DIR]
+
+- Groups: runs with the same device label, model (content hash, else name + quant) and
+  work-changing settings (threads, flash_attn, cache_type_k/v, n_gpu_layers) are pooled; the row
+  label shows the model and every setting that differs between groups. Incomplete runs form
+  their own groups, marked INCOMPLETE.
+- Main table from the per-context summaries in each run's metadata (no op table read):
+  plain ms/token (mean over tokens, pooled token-weighted over runs; +/- is the std across runs when
+  a group has >= 2 runs, else across tokens), tokens/s, stage ms/token and share of profiled
+  time, achieved GB/s of ffn and attn_kv (read-model bytes / stage time), the device's measured
+  read bandwidth, x roofline (plain ms / (read-model bytes per token / bandwidth)), and speedup vs
+  the baseline device (baseline ms / row ms, same model; a differing setting is named in base_note).
+- Default baseline: the alphabetically first label that has a complete, non-reference run.
+- Slopes: per group and stage, least-squares ms/token vs depth over every timed token (op table
+  read, needed columns only), in ms per 1,000 KV tokens with a 95 % t interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis import fleet, slope
+from harness import schema
+from harness.errors import ArgParser, UsageError, run_cli
+
+log = logging.getLogger(__name__)
+GBPS_STAGES = (schema.FFN, schema.ATTN_KV)
+NAN = float("nan")
+
+
+def choose_baseline(groups: list[fleet.Group], requested: str | None) -> str:
+    labels = sorted({g.label for g in groups})
+    if requested is not None:
+        if requested not in labels:
+            raise UsageError(f"unknown baseline label {requested!r}; labels: {', '.join(labels)}")
+        return requested
+    good = sorted({g.label for g in groups if g.complete and not g.reference})
+    return (good or labels)[0]
+
+
+def _wmean(values: list[float], weights: list[int]) -> float:
+    pairs = [(v, w) for v, w in zip(values, weights, strict=True) if not math.isnan(v)]
+    if len(pairs) < len(values) or not pairs:  # a stage missing from any pooled run stays blank
+        return NAN
+    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+
+def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
+    """One row per (context, depth) of a group, pooling its runs."""
+    by_ctx: dict[tuple[str, int], list[tuple[fleet.RunInfo, fleet.ContextSummary]]] = {}
+    for r in g.runs:
+        for c in r.contexts:
+            by_ctx.setdefault((c.context, c.depth), []).append((r, c))
+    bws = [r.bandwidth_gbps for r in g.runs if r.bandwidth_gbps]
+    bw = float(np.mean(bws)) if bws else NAN
+    rm0 = next((r.read_model for r in g.runs if r.read_model is not None), None)
+    rows = []
+    for (ctx, depth), items in by_ctx.items():
+        rm = rm0 if depth >= 0 else None
+        w = [c.timed_tokens for _, c in items]
+        plain = _wmean([c.plain_ms for _, c in items], w)
+        if len(items) > 1:
+            sd, sd_over = float(np.std([c.plain_ms for _, c in items], ddof=1)), "runs"
+        else:
+            sd, sd_over = items[0][1].plain_sd_ms, "tokens"
+        row = {"context": ctx, "depth": depth, "device": g.label, "group": name, "group_index": gi, "runs": len(items),
+               "complete": g.complete, "reference": g.reference, "model_key": g.model_key,
+               "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
+               "tokens_per_s": 1000.0 / plain if plain > 0 else NAN}
+        for s in schema.STAGES:
+            row[f"{s}_ms"] = _wmean([c.stage_ms.get(s, NAN) for _, c in items], w)
+            row[f"{s}_pct"] = _wmean([c.stage_pct.get(s, NAN) for _, c in items], w)
+        nbytes = rm.bytes_per_token(depth) if rm is not None else {}
+        for s in GBPS_STAGES:
+            ms = row[f"{s}_ms"]
+            row[f"{s}_gbps"] = nbytes[s] / ms / 1e6 if s in nbytes and ms > 0 else NAN
+        total = rm.total_bytes_per_token(depth) if rm is not None else NAN
+        row["bandwidth_gbps"] = bw
+        row["x_roofline"] = plain / (total / bw / 1e6) if total > 0 and bw > 0 else NAN
+        rows.append(row)
+    return rows
+
+
+def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list[str]:
+    """Fill base_speedup / base_note in place (same model required; differing settings named);
+    returns notes on the rows left without a baseline, saying what differs."""
+    base_rows = df[df["device"] == base]
+    by_key = {k: sub for k, sub in base_rows.groupby(["context", "depth", "model_key"], sort=False)}
+    base_models = {g.model_key: g.model_name for g in groups if g.label == base}
+    speed, note, missing = [], [], {}
+    for r in df.itertuples(index=False):
+        cand = by_key.get((r.context, r.depth, r.model_key))
+        if cand is None:
+            why = (f"baseline {base!r} ran this model, not at these contexts"
+                   if r.model_key in base_models else
+                   f"baseline {base!r} ran a different model ({', '.join(sorted(base_models.values()))})")
+            speed.append(NAN)
+            note.append("no baseline: " + ("context" if r.model_key in base_models else "model") + " differs")
+            missing.setdefault((r.device, r.group, why), []).append(r.context)
+            continue
+        mine = groups[r.group_index].setting
+        diffs = {int(i): [k for k in fleet.SETTINGS if groups[i].setting.get(k) != mine.get(k)]
+                 for i in cand["group_index"]}
+        bi = min(diffs, key=lambda i: (not groups[i].complete, len(diffs[i]), i))
+        b = cand[cand["group_index"] == bi].iloc[0]
+        speed.append(b["plain_ms"] / r.plain_ms if r.plain_ms > 0 else NAN)
+        note.append("; ".join([f"base {k}={groups[bi].setting.get(k)}" for k in diffs[bi]]
+                              + (["base INCOMPLETE"] if not groups[bi].complete else [])))
+    df["base_speedup"] = speed
+    df["base_note"] = note
+    return [f"no speedup for {dev} | {grp} at {', '.join(ctx)}: {why}" for (dev, grp, why), ctx in missing.items()]
+
+
+def _ops_tokens(i: int, path: str) -> pa.Table | None:
+    """Per-token per-stage time_us sums of one run (arrow group-by; only the needed columns are read)."""
+    try:
+        t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+        log.warning("no op table for slopes in %s: %s", path, str(e).splitlines()[0][:120])
+        return None
+    if t.num_rows == 0:
+        return None
+    keys = [c for c in slope.NEEDED_COLUMNS if c != schema.TIME_US]
+    t = t.group_by(keys).aggregate([(schema.TIME_US, "sum")]).rename_columns([*keys, schema.TIME_US])
+    return t.append_column(slope.RUN, pa.array(np.full(t.num_rows, i, dtype=np.int64)))
+
+
+def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
+    """Long table: device, group, stage + slope.SLOPE_COLUMNS, pooling every timed token of a group's runs."""
+    runs = [(gi, r.path) for gi, g in enumerate(groups) for r in g.runs]
+    parts = [t for t in (_ops_tokens(i, p) for i, (_, p) in enumerate(runs)) if t is not None]
+    cols = ["device", "group", schema.STAGE, *slope.SLOPE_COLUMNS]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    tok = slope.token_stage_ms(pa.concat_tables(parts, promote_options="permissive").to_pandas())
+    run_group = np.array([gi for gi, _ in runs])
+    out = []
+    for gi, sub in tok.groupby(run_group[tok[slope.RUN].to_numpy()], sort=True):
+        fit = slope.fit_tokens(sub).reset_index()
+        fit = fit[fit[schema.STAGE].map(lambda s, sub=sub: bool((sub[s] != 0).any()))]
+        out.append(fit.assign(device=groups[gi].label, group=names[gi]))
+    return pd.concat(out, ignore_index=True)[cols]
+
+
+def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(table, slopes, notes): table has one row per group and context, slope columns merged in."""
+    names = fleet.group_names(groups)
+    df = pd.DataFrame([row for gi, (g, n) in enumerate(zip(groups, names, strict=True))
+                       for row in pooled_rows(g, n, gi)])
+    df = df.sort_values(["depth", "context", "device", "group"], kind="stable", ignore_index=True)
+    notes = add_baseline(df, groups, baseline)
+    sl = group_slopes(groups, names) if slopes else pd.DataFrame(columns=["device", "group", schema.STAGE])
+    if not sl.empty:
+        wide = sl.pivot_table(index=["device", "group"], columns=schema.STAGE, aggfunc="first", dropna=False,
+                              values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
+        wide.columns = [f"{s}_slope_ms_per_1k" if v == "slope_ms_per_1k" else f"{s}_slope_{v}"
+                        for v, s in wide.columns]
+        order = [c for s in schema.STAGES for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k",
+                                                    f"{s}_slope_ci95_high_ms_per_1k") if c in wide.columns]
+        df = df.merge(wide[order].reset_index(), on=["device", "group"], how="left")
+    return df, sl, notes
+
+
+def _f(v: float, fmt: str = ".2f") -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: str, n_runs: int) -> str:
+    stages = [s for s in schema.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
+    out = [f"# Decode compare: {n_runs} runs, {df['device'].nunique()} devices, "
+           f"{df[['device', 'group']].drop_duplicates().shape[0]} groups; baseline: {baseline}", "",
+           "ms/token: plain pass (no profiler); stage ms (% of profiled time); GB/s: read-model bytes / stage time; "
+           "x roofline: plain ms / (bytes per token / measured bandwidth); speedup: baseline ms / row ms."]
+    for (depth, ctx), sub in df.groupby(["depth", "context"], sort=True):
+        head = ["device", "group", "runs", "ms/tok", "±", "tok/s", *(f"{s} ms (%)" for s in stages),
+                "ffn GB/s", "attn_kv GB/s", "bw GB/s", "x roofline", "speedup", "base note"]
+        rows = [[r["device"], r["group"], str(r["runs"]), _f(r["plain_ms"]),
+                 f"{_f(r['plain_sd_ms'])} ({r['sd_over']})" if _f(r["plain_sd_ms"]) else "",
+                 _f(r["tokens_per_s"], ".1f"),
+                 *(f"{_f(r[f'{s}_ms'])} ({_f(r[f'{s}_pct'], '.1f')})" if not math.isnan(r[f"{s}_ms"]) else ""
+                   for s in stages),
+                 _f(r["ffn_gbps"], ".1f"), _f(r["attn_kv_gbps"], ".1f"), _f(r["bandwidth_gbps"], ".1f"),
+                 _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"]] for _, r in sub.iterrows()]
+        out += ["", f"## context {ctx} (depth {depth})", "", *_md_table(head, rows)]
+    if not sl.empty:
+        st = [s for s in schema.STAGES if s in set(sl[schema.STAGE])]
+        out += ["", "## slope: stage ms/token per 1,000 KV tokens [95 % CI], least squares over timed tokens", ""]
+        rows = []
+        for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
+            by = sub.set_index(schema.STAGE)
+            cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
+                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
+            rows.append([dev, grp, str(int(by["n_tokens"].max())), str(int(by["n_depths"].max())), *cells])
+        out += _md_table(["device", "group", "tokens", "depths", *st], rows)
+    if notes:
+        out += ["", "## notes", "", *(f"- {n}" for n in notes)]
+    return "\n".join(out)
+
+
+def build_parser() -> ArgParser:
+    ap = ArgParser(prog="python -m analysis.compare", description=__doc__.split("\n")[0])
+    ap.add_argument("paths", nargs="+", metavar="RUN_OR_DIR", help="run files or folders (searched recursively)")
+    ap.add_argument("--baseline", default=None, help="baseline device label (default: first complete label A-Z)")
+    ap.add_argument("--format", choices=("md", "csv"), default="md")
+    ap.add_argument("--plots", default=None, metavar="DIR", help="write PNG + SVG plots here")
+    ap.add_argument("--hostname", action="store_true", help="append @hostname to automatic (CPU-derived) labels")
+    ap.add_argument("--no-slopes", action="store_true", help="skip the slope fit (reads no op tables)")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    runs = fleet.load_runs(a.paths, with_hostname=a.hostname)
+    groups = fleet.group_runs(runs)
+    baseline = choose_baseline(groups, a.baseline)
+    df, sl, notes = compare(groups, baseline, slopes=not a.no_slopes)
+    if a.format == "csv":
+        for n in notes:
+            log.warning("note: %s", n)
+        df.drop(columns=["model_key", "group_index"]).to_csv(sys.stdout, index=False, float_format="%.6g")
+    else:
+        sys.stdout.write(format_md(df, sl, notes, baseline, len(runs)) + "\n")
+    if a.plots:
+        from analysis import compare_plots
+        for p in compare_plots.write_plots(df, a.plots):
+            log.info("plot written: %s", p)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("analysis.compare", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

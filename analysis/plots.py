@@ -1,0 +1,188 @@
+"""The four FFN-vs-KV figures of a run, as PNG and SVG.
+
+    python -m analysis.plots RUN.parquet -o DIR [--model-variant auto|exact|exact_padded|seed] [--model GGUF]
+
+1. ``read_per_token``: modelled FFN and attention-KV MiB read per token against context depth.
+2. ``stage_shares``: measured decode stage shares (% of the profiled wall time) against depth.
+3. ``stage_ms``: stacked measured ms/token of every stage per context, with the plain decode time.
+4. ``roofline``: measured stage ms/token against modelled bytes/token per stage, with the
+   device's measured read bandwidth as the roofline (omitted, and said so, when not measured).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from analysis import table
+from analysis.readmodel import ReadModel
+from harness import schema, store
+from harness.errors import ArgParser, UsageError, run_cli
+
+log = logging.getLogger(__name__)
+MIB = table.MIB
+COLORS = {schema.FFN: "#1f77b4", schema.ATTN_KV: "#d62728", schema.KV_STORE: "#ff9896",
+          schema.ATTN_PROJ: "#ff7f0e", schema.LM_HEAD: "#2ca02c", schema.GEMMA3N_EXTRA: "#9467bd",
+          schema.NORM: "#8c564b", schema.OTHER: "#7f7f7f", schema.HOST: "#bcbd22"}
+FIGURES = ("read_per_token", "stage_shares", "stage_ms", "roofline")
+
+
+def _subplots(figsize: tuple[float, float]):
+    """A standalone Figure (no pyplot state, no backend switch): Jupyter displays it, savefig writes it."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def _title_suffix(meta: dict) -> str:
+    tags = [meta.get("label", "")]
+    if meta.get("reference"):
+        tags.append("recorded reference")
+    if meta.get("synthetic"):
+        tags.append("synthetic twin")
+    if meta.get("complete") is False:
+        tags.append("INCOMPLETE")
+    return "\n" + ", ".join(t for t in tags if t)
+
+
+def plot_read_per_token(meta: dict, model: ReadModel) -> Figure:
+    df = table.build_table(meta, model)
+    fig, ax = _subplots(figsize=(7.5, 4.5))
+    d_max = max(int(df["input_tokens"].max()) if len(df) else 1, 1)
+    grid = np.unique(np.linspace(0, d_max * 1.15, 300).astype(int))
+    ffn = [model.bytes_per_token(int(d))[schema.FFN] / MIB for d in grid]
+    kv = [model.bytes_per_token(int(d))[schema.ATTN_KV] / MIB for d in grid]
+    ax.plot(grid, ffn, color=COLORS[schema.FFN], lw=1.5, label="FFN weights (model)")
+    ax.plot(grid, kv, color=COLORS[schema.ATTN_KV], lw=1.5, label="Attention KV cache (model)")
+    ax.plot(df["input_tokens"], df["ffn_read_mib"], "o", color=COLORS[schema.FFN], label="FFN at swept contexts")
+    ax.plot(df["input_tokens"], df["attn_read_mib"], "o", color=COLORS[schema.ATTN_KV],
+            label="Attention KV at swept contexts")
+    ax.set_yscale("log")
+    ax.set_title(f"Per-token memory read estimate ({model.variant} read model){_title_suffix(meta)}", fontsize=10)
+    ax.set_xlabel("Context depth (tokens already in the KV cache)")
+    ax.set_ylabel("MiB read per decoded token (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage_shares(meta: dict) -> Figure:
+    ctxs = sorted(meta.get("contexts", []), key=lambda c: c["depth"])
+    depths = [c["depth"] for c in ctxs]
+    fig, ax = _subplots(figsize=(7.5, 4.5))
+    for s in schema.STAGES:
+        vals = [float(c.get("stage_pct", {}).get(s, 0.0)) for c in ctxs]
+        if not any(v > 0 for v in vals):
+            continue
+        bold = s in (schema.FFN, schema.ATTN_KV)
+        ax.plot(depths, vals, marker="o", lw=2.2 if bold else 1.0, alpha=1.0 if bold else 0.8, color=COLORS[s],
+                label=s)
+    ax.set_xticks(depths, [f"{c['depth']}\n{c['context']}" for c in ctxs], fontsize=8)
+    ax.set_title(f"Measured decode stage shares{_title_suffix(meta)}", fontsize=10)
+    ax.set_xlabel("Context depth (tokens)")
+    ax.set_ylabel("% of profiled decode wall time")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage_ms(meta: dict) -> Figure:
+    ctxs = sorted(meta.get("contexts", []), key=lambda c: c["depth"])
+    labels = [f"{c['context']}\n({c['depth']})" for c in ctxs]
+    x = np.arange(len(ctxs))
+    fig, ax = _subplots(figsize=(7.5, 4.5))
+    bottom = np.zeros(len(ctxs))
+    for s in schema.STAGES:
+        vals = np.array([float(c.get("stage_ms", {}).get(s, 0.0)) for c in ctxs])
+        if not (vals > 0).any():
+            continue
+        ax.bar(x, vals, 0.6, bottom=bottom, color=COLORS[s], label=s)
+        bottom += vals
+    ax.plot(x, [c["plain_ms"] for c in ctxs], "k_", markersize=30, mew=2, label="decode (plain pass)")
+    ax.set_xticks(x, labels)
+    ax.set_title(f"Measured ms/token by stage{_title_suffix(meta)}", fontsize=10)
+    ax.set_xlabel("Context (depth in tokens)")
+    ax.set_ylabel("ms per decoded token")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roofline(meta: dict, model: ReadModel) -> Figure:
+    sb = table.stage_bytes_table(meta, model)
+    sb = sb[(sb["bytes_read"] > 0) & (sb["measured_ms"] > 0)]
+    bw = table.bandwidth_gbps(meta)
+    fig, ax = _subplots(figsize=(7.5, 4.8))
+    markers = "osD^v<>p*h"
+    ctx_order = list(dict.fromkeys(sb.sort_values("depth")["context"]))
+    for s in schema.STAGES:
+        part = sb[sb["stage"] == s]
+        for _, r in part.iterrows():
+            ax.scatter(r["bytes_read"] / MIB, r["measured_ms"], color=COLORS[s],
+                       marker=markers[ctx_order.index(r["context"]) % len(markers)], s=40, zorder=3)
+        if len(part):
+            ax.scatter([], [], color=COLORS[s], marker="o", label=s)
+    for i, c in enumerate(ctx_order):
+        ax.scatter([], [], color="k", marker=markers[i % len(markers)], label=f"context {c}")
+    if bw and len(sb):
+        xs = np.geomspace(sb["bytes_read"].min() / MIB / 2, sb["bytes_read"].max() / MIB * 2, 50)
+        ax.plot(xs, xs * MIB / (bw * 1e9) * 1e3, "k--", lw=1, label=f"roofline {bw:.1f} GB/s")
+        note = ""
+    else:
+        note = "; no bandwidth measured: no roofline"
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(f"Stage time vs modelled bytes ({model.variant} read model){_title_suffix(meta)}{note}", fontsize=10)
+    ax.set_xlabel("Modelled MiB read per token (log)")
+    ax.set_ylabel("Measured ms per token (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def make_figures(meta: dict, model: ReadModel) -> dict[str, Figure]:
+    return {"read_per_token": plot_read_per_token(meta, model), "stage_shares": plot_stage_shares(meta),
+            "stage_ms": plot_stage_ms(meta), "roofline": plot_roofline(meta, model)}
+
+
+def write_plots(meta: dict, model: ReadModel, out_dir: str | Path) -> list[Path]:
+    d = store.check_out_dir(out_dir)
+    written = []
+    for name, fig in make_figures(meta, model).items():
+        for ext in ("png", "svg"):
+            p = d / f"{name}.{ext}"
+            try:
+                fig.savefig(p, dpi=120)
+            except OSError as e:
+                raise UsageError(f"could not write {p}: {e.strerror or e}") from None
+            written.append(p)
+    return written
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="python -m analysis.plots", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="a run Parquet file")
+    ap.add_argument("-o", "--out", required=True, help="output folder for the PNG and SVG files")
+    ap.add_argument("--model-variant", default="auto", choices=table.VARIANT_CHOICES)
+    ap.add_argument("--model", default=None, help="GGUF whose tensor table to use when the run lacks one")
+    a = ap.parse_args(argv)
+    run, model = table.load(a.run, a.model_variant, a.model)
+    for p in write_plots(run.meta, model, a.out):
+        sys.stdout.write(f"{p}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("analysis.plots", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

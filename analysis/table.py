@@ -1,0 +1,203 @@
+"""The FFN-vs-KV table of a run: modelled reads per token beside measured stage times, per context.
+
+    python -m analysis.table RUN.parquet [--model-variant auto|exact|exact_padded|seed]
+                                         [--format md|csv] [--model GGUF]
+
+Columns (one row per context): the seed notebook's (context, input tokens, KV-cache MiB, FFN and
+attention KV read/token MiB, their ratio, measured FFN and attention %) and FFN, attention and
+decode ms/token; then total modelled read/token, achieved GB/s of FFN and attention (modelled
+bytes / measured stage time), the roofline ms/token (total bytes / the run's measured read
+bandwidth; blank when the probe was skipped), measured / roofline, and the other stages' shares.
+
+Measured numbers: decode ms/token is the plain pass (no callback); stage ms/token and shares come
+from the profiled pass (``stage_pct`` = share of the profiled wall time, host gaps included), so
+all shares add to 100 %. MB in the headers is MiB (2^20 bytes), as in the seed; GB/s is 10^9 B/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import readmodel
+from analysis.readmodel import ReadModel
+from harness import schema, store
+from harness.errors import ArgParser, UsageError, run_cli
+
+log = logging.getLogger(__name__)
+MIB = 1024**2
+REST_STAGES = (schema.LM_HEAD, schema.ATTN_PROJ, schema.GEMMA3N_EXTRA, schema.NORM, schema.KV_STORE, schema.OTHER,
+               schema.HOST)
+VARIANT_CHOICES = ("auto", *readmodel.VARIANTS)
+
+# (column, markdown header, format); the first eight are the seed notebook's table
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("context", "Context", "{}"),
+    ("input_tokens", "Input tokens", "{:d}"),
+    ("kv_cache_mib", "KV-cache MB", "{:.2f}"),
+    ("ffn_read_mib", "FFN read/token MB", "{:.1f}"),
+    ("attn_read_mib", "Attention read/token MB", "{:.2f}"),
+    ("attn_ffn_read_ratio", "Attention/FFN read ratio", "{:.3f}"),
+    ("ffn_pct", "Measured FFN %", "{:.1f}"),
+    ("attn_pct", "Measured attention %", "{:.1f}"),
+    ("ffn_ms", "FFN ms/token", "{:.2f}"),
+    ("attn_ms", "Attention ms/token", "{:.2f}"),
+    ("decode_ms", "Decode ms/token", "{:.2f}"),
+    ("total_read_mib", "Total read/token MB", "{:.1f}"),
+    ("ffn_gbps", "FFN GB/s", "{:.1f}"),
+    ("attn_gbps", "Attention GB/s", "{:.1f}"),
+    ("roofline_ms", "Roofline ms/token", "{:.2f}"),
+    ("measured_over_roofline", "Measured/roofline", "{:.2f}"),
+    *((f"{s}_pct", f"{s} %", "{:.1f}") for s in REST_STAGES),
+)
+
+
+def bandwidth_gbps(meta: dict) -> float | None:
+    bw = ((meta.get("device") or {}).get("bandwidth") or {}).get("read_gbps")
+    return float(bw) if bw else None
+
+
+def resolve_variant(meta: dict, variant: str, model_path: str | None = None) -> str:
+    """``auto``: exact when a tensor table is at hand (run metadata or --model), seed otherwise."""
+    if variant != "auto":
+        return variant
+    return "exact" if (model_path or readmodel.has_tensor_table(meta)) else "seed"
+
+
+def load_read_model(meta: dict, variant: str = "auto", model_path: str | None = None) -> ReadModel:
+    """The run's read model: from its own tensor table, else from ``model_path``."""
+    variant = resolve_variant(meta, variant, model_path)
+    if variant not in readmodel.VARIANTS:
+        raise UsageError(f"unknown read-model variant {variant!r} (choose from: {', '.join(VARIANT_CHOICES)})")
+    if variant == "seed":
+        return readmodel.seed_model()
+    if readmodel.has_tensor_table(meta):
+        return readmodel.from_run(meta, variant)
+    if model_path is None:
+        raise UsageError(f"the {variant} read model needs the model's tensor table: the run has none, "
+                         "pass --model GGUF (or --model-variant seed)")
+    params = meta.get("params") or {}
+    return readmodel.from_gguf(model_path, variant, params.get("cache_type_k", "f16"),
+                               params.get("cache_type_v", "f16"))
+
+
+def load(run_path: str | Path, variant: str = "auto", model_path: str | None = None) -> tuple[store.Run, ReadModel]:
+    run = store.read_run(run_path)
+    return run, load_read_model(run.meta, variant, model_path)
+
+
+def _div(a: float, b: float | None) -> float:
+    return a / b if b else math.nan
+
+
+def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
+    """One row per context (in depth order) of modelled reads and measured times."""
+    bw = bandwidth_gbps(meta)
+    rows = []
+    for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
+        depth = int(c["depth"])
+        b = model.bytes_per_token(depth)
+        total = sum(b.values())
+        ms, pct = c.get("stage_ms", {}), c.get("stage_pct", {})
+        ffn_ms, attn_ms, decode_ms = float(ms.get(schema.FFN, 0.0)), float(ms.get(schema.ATTN_KV, 0.0)), c["plain_ms"]
+        roofline_ms = total / (bw * 1e9) * 1e3 if bw else math.nan
+        row = {
+            "context": str(c["context"]), "input_tokens": depth,
+            "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
+            "ffn_read_mib": b[schema.FFN] / MIB, "attn_read_mib": b[schema.ATTN_KV] / MIB,
+            "attn_ffn_read_ratio": _div(b[schema.ATTN_KV], b[schema.FFN]),
+            "ffn_pct": float(pct.get(schema.FFN, 0.0)), "attn_pct": float(pct.get(schema.ATTN_KV, 0.0)),
+            "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": float(decode_ms),
+            "total_read_mib": total / MIB,
+            "ffn_gbps": _div(b[schema.FFN], ffn_ms * 1e-3) / 1e9,
+            "attn_gbps": _div(b[schema.ATTN_KV], attn_ms * 1e-3) / 1e9,
+            "roofline_ms": roofline_ms, "measured_over_roofline": _div(decode_ms, roofline_ms),
+        }
+        row.update({f"{s}_pct": float(pct.get(s, 0.0)) for s in REST_STAGES})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=[c for c, _, _ in COLUMNS])
+    df["run_complete"] = meta.get("complete") is not False
+    return df
+
+
+def stage_bytes_table(meta: dict, model: ReadModel) -> pd.DataFrame:
+    """Long table: context, depth, stage, modelled bytes/token, measured ms/token (for the roofline plot)."""
+    rows = []
+    for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
+        b = model.bytes_per_token(int(c["depth"]))
+        for stage in schema.STAGES:
+            rows.append({"context": str(c["context"]), "depth": int(c["depth"]), "stage": stage,
+                         "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == schema.OTHER else 0.0),
+                         "measured_ms": float(c.get("stage_ms", {}).get(stage, 0.0))})
+    return pd.DataFrame(rows)
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return spec.format(v)
+
+
+def format_markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * (len(COLUMNS) - 1)
+    lines = [head, sep]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c], f) for c, _, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def describe(meta: dict, model: ReadModel) -> list[str]:
+    """Header lines: what the run is and how the table was made."""
+    m = meta.get("model") or {}
+    lines = [f"Run: {meta.get('label', '?')} | model: {m.get('name') or m.get('arch', '?')} | "
+             f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB)"]
+    if meta.get("complete") is False:
+        lines.append("**INCOMPLETE RUN**: the sweep stopped early; only the contexts below were measured.")
+    if meta.get("reference"):
+        lines.append("Reference run: the seed's recorded figures from the original device, not measured here.")
+    if meta.get("synthetic"):
+        lines.append("Synthetic twin (random weights): timings are real, the text it produced is noise.")
+    bw = bandwidth_gbps(meta)
+    lines.append(f"Device read bandwidth: {bw:.1f} GB/s" if bw else "Device read bandwidth: not measured "
+                 "(no roofline)")
+    return lines
+
+
+NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/token: plain pass. Stage ms and "
+         "shares: profiled pass, shares of its wall time (host included), so they add to 100 %. Attention read = "
+         "KV-cache reads only (projections are attn_proj).")
+
+
+def render(meta: dict, model: ReadModel, fmt: str = "md") -> str:
+    df = build_table(meta, model)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    return "\n".join([*describe(meta, model), "", format_markdown(df), "", NOTES]) + "\n"
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="python -m analysis.table", description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="a run Parquet file")
+    ap.add_argument("--model-variant", default="auto", choices=VARIANT_CHOICES,
+                    help="read model (default auto: exact when a tensor table is available, else seed)")
+    ap.add_argument("--format", default="md", choices=("md", "csv"))
+    ap.add_argument("--model", default=None, help="GGUF whose tensor table to use when the run lacks one")
+    a = ap.parse_args(argv)
+    run, model = load(a.run, a.model_variant, a.model)
+    if run.meta.get("complete") is False:
+        log.warning("warning: %s is an incomplete run", a.run)
+    sys.stdout.write(render(run.meta, model, a.format))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("analysis.table", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

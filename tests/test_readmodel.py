@@ -1,0 +1,156 @@
+"""The read model against hand-worked arithmetic on the E4B Q4_K_M twin's tensor table, and the seed baseline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from analysis import readmodel as rm
+from analysis import seed
+from harness import schema
+from harness.errors import InputError, UsageError
+from harness.gguf_model import read_model
+
+ROOT = Path(__file__).resolve().parent.parent
+E4B_FILE = ROOT / "models" / "gemma-3n-e4b-q4.gguf"
+MIB = 1024**2
+
+# ggml block sizes: Q4_K 256 elements -> 144 bytes, Q6_K 256 -> 210, F16 2 bytes, F32 4 bytes
+Q4K, Q6K = 144 / 256, 210 / 256
+E, FF, VOCAB, ALT, N_LAYER = 2048, 16384, 262400, 256, 35
+# llama.cpp's Q4_K_M gives ffn_down and attn_v Q6_K in "more bits" layers: the first and last eighth
+# (0-3, 30-34) and every third layer between ((il - 4) % 3 == 2: 6, 9, ..., 27)
+MORE_BITS = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34]
+KV_OWNERS = 20  # gemma3n: layers 0-19 own a cache, 20-34 reuse layer 18's or 19's
+GLOBAL_LAYERS = [4, 9, 14, 19, 24, 29, 34]  # il % 5 == 4; the other 28 slide over 512 cells
+CELL = 2 * 256 * 2 * 2  # n_head_kv x head_dim x (K and V) x f16 bytes, per layer and cached token
+
+
+def e4b_exact(variant: str = "exact", **kw) -> rm.ReadModel:
+    return rm.from_model_info(rm.preset_model_info("gemma-3n-e4b", "q4_k_m"), variant, **kw)
+
+
+@pytest.mark.skipif(not (E4B_FILE.exists() and os.environ.get("HARNESS_E4B_TESTS")),
+                    reason="set HARNESS_E4B_TESTS=1 with models/gemma-3n-e4b-q4.gguf present (parsing it takes ~10 s)")
+def test_preset_model_info_matches_the_twin_file():
+    info = read_model(E4B_FILE)
+    assert info.tensors == rm.preset_model_info("gemma-3n-e4b").tensors
+    a, b = rm.from_model_info(info), e4b_exact()
+    assert a.weight_bytes == b.weight_bytes and a.kv_layers == b.kv_layers
+
+
+def test_e4b_weight_stages_by_hand():
+    b = e4b_exact().bytes_per_token(13)
+    n_more = len(MORE_BITS)
+    ffn = N_LAYER * 2 * E * FF * Q4K + n_more * FF * E * Q6K + (N_LAYER - n_more) * FF * E * Q4K
+    assert b[schema.FFN] == ffn == 2128871424  # 2030.25 MiB
+    v_more = sum(il in MORE_BITS for il in range(KV_OWNERS))  # 9 of the 20 KV-owning layers
+    attn_proj = (N_LAYER * 2 * E * E * Q4K  # attn_q and attn_output in every layer
+                 + KV_OWNERS * E * 512 * Q4K  # attn_k in KV-owning layers
+                 + v_more * E * 512 * Q6K + (KV_OWNERS - v_more) * E * 512 * Q4K)  # attn_v
+    assert b[schema.ATTN_PROJ] == attn_proj == 191176704
+    assert b[schema.LM_HEAD] == E * VOCAB * Q6K == 440832000  # tied token_embd, Q6_K
+    assert b[rm.EMBED] == E * Q6K + ALT * N_LAYER * Q6K  # one row of each embedding table
+    per_layer_extra = (2 * E * ALT * Q4K  # inp_gate, proj
+                       + (4 * 4 + 4 * 16 + E * 4) * 2  # altup correct/predict coefs, router (F16)
+                       + 2 * E * 64 * 2)  # laurel_l, laurel_r (F16, rank 64)
+    extra = E * ALT * N_LAYER * 2 + 2 * E * E * 3 * 2 + N_LAYER * per_layer_extra  # model_proj, altup projs
+    assert b[schema.GEMMA3N_EXTRA] == extra == 126604768
+    per_layer_norm = 8 * E * 4 + 256 * 4  # 8 hidden-size norms incl. altup_correct_scale, attn_q_norm
+    assert b[schema.NORM] == N_LAYER * per_layer_norm + KV_OWNERS * 256 * 4 + ALT * 4 + E * 4
+    assert b[schema.OTHER] == 0
+    assert b[schema.KV_STORE] == KV_OWNERS * CELL
+
+
+@pytest.mark.parametrize(("depth", "expected"), [
+    (13, 35 * 14 * CELL),
+    (172, 35 * 173 * CELL),
+    (658, 7 * 659 * CELL + 28 * 512 * CELL),
+    (4096, 7 * 4097 * CELL + 28 * 512 * CELL),
+])
+def test_e4b_kv_read_by_hand(depth, expected):
+    m = e4b_exact()
+    assert len(m.kv_layers) == 35 and m.n_kv_owners == KV_OWNERS
+    assert [lay.layer for lay in m.kv_layers if not lay.sliding] == GLOBAL_LAYERS
+    assert m.window_cells == 512
+    assert m.bytes_per_token(depth)[schema.ATTN_KV] == expected
+    assert m.total_bytes_per_token(depth) == pytest.approx(sum(m.bytes_per_token(depth).values()))
+
+
+def test_e4b_kv_variants_and_cache_types():
+    padded = e4b_exact("exact_padded")
+    assert padded.bytes_per_token(13)[schema.ATTN_KV] == 35 * 256 * CELL  # 14 cells padded to 256
+    assert padded.bytes_per_token(658)[schema.ATTN_KV] == 7 * 768 * CELL + 28 * 512 * CELL  # window cap 512
+    q8 = e4b_exact(cache_type_k="q8_0", cache_type_v="q8_0")
+    assert q8.bytes_per_token(13)[schema.ATTN_KV] == 35 * 14 * (2 * 256 * 2 * 34 / 32)
+    mixed = e4b_exact(cache_type_k="f32", cache_type_v="q4_0")
+    assert mixed.kv_layers[0].cell_bytes == 2 * 256 * (4 + 18 / 32)
+    assert e4b_exact().kv_cache_bytes(658) == 4 * 658 * CELL + 16 * 512 * CELL  # only KV-owning layers hold cells
+    with pytest.raises(UsageError):
+        e4b_exact(cache_type_k="q9_9")
+    with pytest.raises(UsageError):
+        e4b_exact("bogus")
+
+
+def test_weight_bytes_sum_to_the_tensors_read_each_token():
+    info = rm.preset_model_info("gemma-3n-e4b", "q4_k_m")
+    m = rm.from_model_info(info)
+    b = m.bytes_per_token(0)
+    weights = sum(v for k, v in b.items() if k not in (schema.ATTN_KV, schema.KV_STORE))
+    tables = {"token_embd.weight", "per_layer_token_embd.weight"}
+    shared = {f"blk.{il}.{n}.weight" for il in range(KV_OWNERS, N_LAYER) for n in ("attn_k", "attn_v", "attn_k_norm")}
+    read = sum(t.n_bytes for t in info.tensors if t.name not in tables | shared)
+    rows = sum(t.n_bytes / t.shape[1] for t in info.tensors if t.name in tables)
+    tied_head = info.tensor("token_embd.weight").n_bytes
+    assert weights == pytest.approx(read + rows + tied_head, abs=1e-6)
+    assert m.footprint_bytes == info.tensor_bytes
+
+
+def test_plain_architecture_reduces_to_the_plain_formula():
+    info = rm.preset_model_info("tiny-llama", "q8_0")
+    m = rm.from_model_info(info)
+    assert m.window_cells == 0 and m.n_kv_owners == 2 and not any(lay.sliding for lay in m.kv_layers)
+    cell = 1 * 128 * 2 * 2
+    for depth in (0, 13, 1000):
+        assert m.bytes_per_token(depth)[schema.ATTN_KV] == 2 * (depth + 1) * cell
+    b = m.bytes_per_token(5)
+    assert b[schema.LM_HEAD] == info.tensor("output.weight").n_bytes
+    assert b[rm.EMBED] == info.tensor("token_embd.weight").n_bytes / 1024
+    assert b[schema.GEMMA3N_EXTRA] == 0
+
+
+def test_from_run_uses_the_runs_tensor_table(tiny_run, tiny_gguf):
+    from harness.store import read_meta
+
+    meta = read_meta(tiny_run)
+    a, b = rm.from_run(meta), rm.from_gguf(tiny_gguf)
+    assert a.weight_bytes == b.weight_bytes and a.kv_layers == b.kv_layers
+    assert a.n_kv_owners == 20 and len(a.kv_layers) == 25 and a.window_cells == 32
+    assert a.bytes_per_token(80)[schema.ATTN_KV] == sum(lay.cell_bytes * (81 if not lay.sliding else 32)
+                                                        for lay in a.kv_layers)
+    assert rm.from_run(meta, "seed") == rm.seed_model()
+    with pytest.raises(InputError):
+        rm.from_run({"model": {}})
+
+
+def test_seed_reproduces_the_seed_notebook():
+    m = rm.seed_model()
+    assert m.variant == "seed"
+    for depth, kv_mb, ratio in ((13, 0.89, 0.001), (172, 11.76, 0.007), (658, 44.98, 0.027)):
+        b = m.bytes_per_token(depth)
+        assert round(b[schema.ATTN_KV] / MIB, 2) == kv_mb
+        assert round(m.kv_cache_bytes(depth) / MIB, 2) == kv_mb
+        assert round(b[schema.FFN] / MIB, 1) == 1680.0
+        assert round(b[schema.ATTN_KV] / b[schema.FFN], 3) == ratio
+        assert b[schema.ATTN_KV] == 2 * 35 * 2 * 256 * depth * 2  # L cells, not L + 1
+        assert m.total_bytes_per_token(depth) == b[schema.FFN] + b[schema.ATTN_KV]
+    assert round(m.footprint_bytes / MIB) == 1855
+    assert seed.FFN_BYTES == 35 * 2048 * 16384 * 3 * 0.5
+
+
+def test_readmodel_is_frozen():
+    m = rm.seed_model()
+    with pytest.raises(AttributeError):
+        m.variant = "exact"  # type: ignore[misc]

@@ -1,0 +1,246 @@
+"""Bad inputs get one-line errors and non-zero exits; runs are never half-written or touched."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import pytest
+from conftest import ROOT, run_cli
+
+from harness import store
+from harness.store import read_meta, read_run
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.fixture()
+def runs_dir(tmp_path, tiny_run) -> Path:
+    """A runs folder that already holds one earlier run."""
+    d = tmp_path / "runs"
+    d.mkdir()
+    shutil.copy(tiny_run, d / tiny_run.name)
+    return d
+
+
+def _assert_clean_error(r: subprocess.CompletedProcess, code: int, needle: str):
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ": error: " in ln]
+    assert len(errors) == 1 and errors[0] == lines[-1], r.stderr  # progress may precede; one error line ends it
+    assert needle.lower() in errors[0].lower(), errors[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def broken(tiny_gguf, tmp_path_factory) -> dict[str, Path]:
+    """Broken GGUFs made from the tiny twin."""
+    d = tmp_path_factory.mktemp("broken")
+    data = tiny_gguf.read_bytes()
+    r = gguf.GGUFReader(tiny_gguf)
+    kv_mid = list(r.fields.values())[len(r.fields) // 2].offset
+    cases = {
+        "empty": b"",
+        "text": b"this is not a model\n" * 10,
+        "magic": b"GGUX" + data[4:],
+        "version": data[:4] + struct.pack("<I", 99) + data[8:],
+        "cut_header": data[:20],
+        "cut_kv": data[: kv_mid + 3],
+        "cut_tensor_info": data[: r.tensors[5].field.offset + 5],
+        "cut_tensor_data": data[: r.data_offset + (len(data) - r.data_offset) // 2],
+        "n_tensors": data[:8] + struct.pack("<Q", 2**60) + data[16:],
+        "n_kv": data[:16] + struct.pack("<Q", 2**60) + data[24:],
+    }
+    out = {}
+    for name, blob in cases.items():
+        out[name] = d / f"{name}.gguf"
+        out[name].write_bytes(blob)
+    w = gguf.GGUFWriter(str(d / "arch.gguf"), "notanarch")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    out["arch"] = d / "arch.gguf"
+    w = gguf.GGUFWriter(str(d / "notensors.gguf"), "llama")  # parses, but llama.cpp cannot load it
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    out["notensors"] = d / "notensors.gguf"
+    out["dir"] = d
+    out["missing"] = d / "nope.gguf"
+    return out
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "not found"), ("dir", "directory"), ("empty", "empty"), ("text", "bad magic"),
+    ("magic", "bad magic"), ("version", "unsupported GGUF version 99"), ("cut_header", "truncated"),
+    ("cut_kv", "truncated"), ("cut_tensor_info", "truncated"), ("cut_tensor_data", "truncated"),
+    ("n_tensors", "cannot fit"), ("n_kv", "cannot fit"), ("arch", "architecture 'notanarch'"),
+    ("notensors", "llama.cpp could not load"),
+])
+def test_bad_model_files(broken, runs_dir, case, needle):
+    before = _snapshot(runs_dir)
+    r = run_cli("harness.sweep", "--model", str(broken[case]), "-c", "13", "--no-probe", "--out", str(runs_dir))
+    _assert_clean_error(r, 1, needle)
+    assert _snapshot(runs_dir) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-c", "0"], "context must be > 0"), (["-c", "-5"], "context must be > 0"),
+    (["-c", "abc"], "neither a number"), (["-c", "huge"], "neither a number"),
+    (["-c", "5000"], "exceeds the model's context length 4096"),
+    (["-n", "0"], "tokens must be >= 1"), (["-r", "0"], "repeats must be >= 1"),
+    (["-t", "0"], "threads must be >= 1"), (["-n", "x"], "invalid int value"),
+    (["-fa", "maybe"], "flash-attention"), (["-ctk", "q9_9"], "unknown cache type"),
+    (["--mode", "fast"], "unknown mode"), (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_arguments(tiny_gguf, runs_dir, args, needle):
+    before = _snapshot(runs_dir)
+    r = run_cli("harness.sweep", "--model", str(tiny_gguf), "--no-probe", "--out", str(runs_dir), *args)
+    _assert_clean_error(r, 2, needle)
+    assert _snapshot(runs_dir) == before
+
+
+def test_unwritable_output_folder(tiny_gguf, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    r = run_cli("harness.sweep", "--model", str(tiny_gguf), "--no-probe", "-c", "13", "--out", str(blocker / "runs"))
+    _assert_clean_error(r, 2, "not writable")
+
+
+def test_disk_full_during_write_leaves_nothing(tiny_gguf, runs_dir):
+    """RLIMIT_FSIZE makes the Parquet write fail part-way (EFBIG), as a full disk would."""
+    before = _snapshot(runs_dir)
+    limit = 64 * 1024
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(tiny_gguf), "-c", "13,40", "-n", "3",
+                        "--no-probe", "--out", str(runs_dir)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       preexec_fn=cap, timeout=300)
+    _assert_clean_error(r, 2, "could not write the run")
+    assert _snapshot(runs_dir) == before  # no temp file, no partial run, earlier run untouched
+
+
+def test_memory_guard_refuses(tiny_gguf, runs_dir, monkeypatch):
+    from harness import sweep
+
+    class A:
+        cache_type_k = cache_type_v = "f16"
+        force = False
+
+    info = sweep.read_model(tiny_gguf)
+    monkeypatch.setattr(sweep.psutil, "virtual_memory", lambda: type("V", (), {"available": 1000})())
+    with pytest.raises(sweep.InputError, match="use --force"):
+        sweep.check_memory(info, 128, A)
+    A.force = True
+    sweep.check_memory(info, 128, A)
+    assert sweep.estimate_memory_bytes(info, 4096, "f16", "f16") > info.tensor_bytes
+
+
+def test_sigint_saves_completed_contexts_and_resume_completes(tiny_gguf, tmp_path):
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "harness.sweep", "--model", str(tiny_gguf), "-c", "13,40",
+                          "-n", "400", "-r", "1", "--warmup", "1", "--no-probe", "--out", str(out), "--label", "sig"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 240
+    seen = []
+    while time.time() < deadline:  # wait until the first context is done, then interrupt mid-decode
+        line = p.stderr.readline()
+        seen.append(line)
+        if line.startswith("short"):
+            break
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, "".join(seen) + err
+    assert "incomplete run" in err and "Traceback" not in err
+    (part,) = sorted(out.glob("*.parquet"))
+    meta = read_meta(part)
+    assert meta["complete"] is False and meta["stop_reason"] == "SIGINT"
+    assert [c["context"] for c in meta["contexts"]] == ["short"]
+    assert set(read_run(part).ops["context"]) == {"short"}
+    part_bytes = part.read_bytes()
+
+    r = run_cli("harness.sweep", "--resume", str(part), "--out", str(out), "--model", str(tiny_gguf), "--no-probe")
+    assert r.returncode == 0, r.stderr
+    runs = sorted(out.glob("*.parquet"))
+    assert len(runs) == 2 and part.read_bytes() == part_bytes  # the incomplete run is never touched
+    full = read_run(next(x for x in runs if x != part))
+    assert full.meta["complete"] is True and full.meta["resumed_from"] == str(part)
+    assert [c["context"] for c in full.meta["contexts"]] == ["short", "40"]
+    assert full.meta["params"]["tokens"] == 400 and full.meta["label"] == "sig"
+    assert set(full.ops["context"]) == {"short", "40"}
+
+    again = run_cli("harness.sweep", "--resume", str(runs[-1] if runs[-1] != part else runs[0]), "--out", str(out))
+    _assert_clean_error(again, 2, "already complete")
+    wrong = run_cli("harness.sweep", "--resume", str(part), "--out", str(out), "-n", "7")
+    _assert_clean_error(wrong, 2, "cannot resume with --tokens 7")
+
+
+def test_killed_writer_leaves_nothing_visible(tiny_run, tmp_path):
+    """Kill a writer between the temp write and the rename: no run appears; the next start cleans up."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    code = (
+        "import os, sys\n"
+        "from harness import store\n"
+        "os.link = lambda *a, **k: os.kill(os.getpid(), 9)  # die right before the rename\n"
+        "run = store.read_run(sys.argv[1])\n"
+        "store.write_run(run.ops, run.meta, sys.argv[2], 'x.parquet')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_run), str(out)], env=env, cwd=ROOT)
+    assert r.returncode == -9
+    assert not list(out.glob("*.parquet"))  # nothing half-visible
+    assert len(list(out.glob(".tmp-*"))) == 1
+    assert store.clean_stale_temps(out) == 1
+    assert not list(out.iterdir())
+
+
+def test_concurrent_writers_both_land(tiny_run, tmp_path):
+    run = read_run(tiny_run)
+    a = store.write_run(run.ops, run.meta, tmp_path, "same.parquet")
+    b = store.write_run(run.ops, run.meta, tmp_path, "same.parquet")
+    assert a != b and a.read_bytes() and b.read_bytes()
+    assert read_meta(a)["label"] == read_meta(b)["label"]
+
+
+def test_newer_schema_and_non_runs_are_refused(tiny_run, tiny_gguf, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_run)
+    meta = json.loads(t.schema.metadata[store.META_KEY])
+    meta["schema_version"] = 99
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), tmp_path / "new.parquet")
+    with pytest.raises(store.InputError, match="newer"):
+        read_meta(tmp_path / "new.parquet")
+    pq.write_table(t.replace_schema_metadata({}), tmp_path / "plain.parquet")
+    with pytest.raises(store.InputError, match="not a harness run"):
+        read_meta(tmp_path / "plain.parquet")
+    with pytest.raises(store.InputError, match="not a Parquet run"):
+        read_meta(tiny_gguf)
+    (tmp_path / "cut.parquet").write_bytes(tiny_run.read_bytes()[:1000])
+    with pytest.raises(store.InputError):
+        read_meta(tmp_path / "cut.parquet")
+    r = run_cli("harness.sweep", "--model", str(tiny_run), "--no-probe", "--out", str(tmp_path))
+    _assert_clean_error(r, 1, "bad magic")

@@ -1,0 +1,183 @@
+"""analysis.table and analysis.plots: the seed table digit for digit, real runs, the shipped reference run
+and bad input (as subprocesses: exit code, one line on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli
+
+from analysis import seed, table
+from analysis.readmodel import seed_model
+from harness import schema, store
+
+REF = seed.reference_run_path()
+
+# the seed notebook's markdown table, copied verbatim
+SEED_HEADER = ("| Context | Input tokens | KV-cache MB | FFN read/token MB | Attention read/token MB "
+               "| Attention/FFN read ratio | Measured FFN % | Measured attention % |")
+SEED_ROWS = (
+    "| short | 13 | 0.89 | 1680.0 | 0.89 | 0.001 | 75.3 | 0.9 |",
+    "| medium | 172 | 11.76 | 1680.0 | 11.76 | 0.007 | 68.0 | 6.7 |",
+    "| long | 658 | 44.98 | 1680.0 | 44.98 | 0.027 | 49.1 | 28.9 |",
+)
+
+
+def test_reference_run_is_shipped_and_flagged():
+    meta = store.read_meta(REF)
+    assert meta["schema_version"] == schema.SCHEMA_VERSION
+    assert meta["reference"] is True and meta["synthetic"] is False and meta["label"] == "seed-reference"
+    assert "original device" in meta["note"]
+    rec = {c["context"]: c for c in meta["contexts"]}
+    assert rec["short"]["stage_pct"]["ffn"] == 75.3 and rec["long"]["stage_ms"]["attn_kv"] == 311.3
+    assert rec["medium"]["plain_ms"] == 1103.8
+
+
+def test_reference_run_regenerates_identically(tmp_path):
+    path = seed.write_reference_run(tmp_path)
+    new, shipped = store.read_run(path), store.read_run(REF)
+    assert new.meta == shipped.meta
+    pd.testing.assert_frame_equal(new.ops, shipped.ops)
+    with pytest.raises(store.UsageError):
+        seed.write_reference_run(tmp_path)
+    assert seed.write_reference_run(tmp_path, replace=True) == path
+    assert [p.name for p in tmp_path.iterdir()] == [seed.REFERENCE_FILENAME]
+
+
+def test_seed_table_digit_for_digit():
+    r = run_cli("analysis.table", str(REF), "--model-variant", "seed")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| Context |"))
+    assert lines[head].startswith(SEED_HEADER[:-1])
+    assert lines[head + 1].startswith("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for got, want in zip(lines[head + 2:head + 5], SEED_ROWS, strict=True):
+        assert got.startswith(want), (got, want)
+    assert lines[head + 2].startswith(SEED_ROWS[0] + " 993.80 | 11.80 | 1372.10 |")
+    assert "Reference run" in r.stdout and "1,855 MB" in r.stdout
+    # auto picks the seed model for the reference run (it carries no tensor table)
+    assert run_cli("analysis.table", str(REF)).stdout == r.stdout
+
+
+def test_table_on_tiny_run(tiny_run):
+    meta = store.read_meta(tiny_run)
+    df = table.build_table(meta, table.load_read_model(meta))
+    assert list(df["input_tokens"]) == [13, 40, 80] and df["run_complete"].all()
+    shares = df[["ffn_pct", "attn_pct", *(f"{s}_pct" for s in table.REST_STAGES)]].sum(axis=1)
+    assert shares.to_numpy() == pytest.approx([c["attributed_pct"] for c in meta["contexts"]])
+    assert shares.to_numpy() == pytest.approx(100.0, abs=1e-6)
+    assert df["roofline_ms"].isna().all()  # the fixture skips the bandwidth probe
+    assert (df["ffn_gbps"] > 0).all() and (df["attn_read_mib"].diff().dropna() > 0).all()
+
+    r = run_cli("analysis.table", str(tiny_run))
+    assert r.returncode == 0, r.stderr
+    assert "read model: exact" in r.stdout and "| 40 |" in r.stdout and "Synthetic twin" in r.stdout
+    assert "not measured (no roofline)" in r.stdout
+
+    r = run_cli("analysis.table", str(tiny_run), "--format", "csv", "--model-variant", "exact_padded")
+    assert r.returncode == 0, r.stderr
+    csv = pd.read_csv(io.StringIO(r.stdout))
+    assert list(csv.columns[:3]) == ["context", "input_tokens", "kv_cache_mib"] and len(csv) == 3
+    assert (csv["attn_read_mib"] >= df["attn_read_mib"]).all()
+
+
+def test_table_exact_on_reference_run_with_model_file(tiny_gguf):
+    r = run_cli("analysis.table", str(REF), "--model-variant", "exact", "--model", str(tiny_gguf))
+    assert r.returncode == 0, r.stderr
+    assert "read model: exact" in r.stdout
+
+
+def test_incomplete_run_is_marked(tiny_run, tmp_path):
+    run = store.read_run(tiny_run)
+    path = store.write_run(run.ops, {**run.meta, "complete": False}, tmp_path, "partial.parquet")
+    r = run_cli("analysis.table", str(path))
+    assert r.returncode == 0 and "INCOMPLETE RUN" in r.stdout and "incomplete" in r.stderr
+    csv = pd.read_csv(io.StringIO(run_cli("analysis.table", str(path), "--format", "csv").stdout))
+    assert not csv["run_complete"].any()
+
+
+def test_plots_on_tiny_run(tiny_run, tmp_path):
+    r = run_cli("analysis.plots", str(tiny_run), "-o", str(tmp_path / "figs"))
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert names == sorted(f"{n}.{e}" for n in ("read_per_token", "stage_shares", "stage_ms", "roofline")
+                           for e in ("png", "svg"))
+    assert all((tmp_path / "figs" / n).stat().st_size > 1000 for n in names)
+
+
+def test_plots_roofline_title_says_when_no_bandwidth():
+    from analysis import plots
+
+    meta = store.read_meta(REF)
+    assert "no roofline" in plots.plot_roofline(meta, seed_model()).axes[0].get_title()
+    meta["device"] = {"bandwidth": {"read_gbps": 40.0}}
+    ax = plots.plot_roofline(meta, seed_model()).axes[0]
+    assert "no roofline" not in ax.get_title()
+    assert any("roofline 40.0 GB/s" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+# ------------------------------------------------------------------ bad input
+def _future_run(tiny_run, tmp_path):
+    t = pq.read_table(tiny_run)
+    meta = json.loads(t.schema.metadata[store.META_KEY])
+    meta["schema_version"] = schema.SCHEMA_VERSION + 1
+    p = tmp_path / "future.parquet"
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), p)
+    return p
+
+
+def _bad_inputs(tiny_run, tiny_gguf, tmp_path):
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), plain)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    trunc = tmp_path / "trunc.parquet"
+    shutil.copy(tiny_run, trunc)
+    with open(trunc, "r+b") as f:
+        f.truncate(trunc.stat().st_size // 2)
+    return {
+        "plain parquet": ([str(plain)], 1),
+        "gguf as run": ([str(tiny_gguf)], 1),
+        "text file": ([str(text)], 1),
+        "missing file": ([str(tmp_path / "nope.parquet")], 1),
+        "future schema": ([str(_future_run(tiny_run, tmp_path))], 1),
+        "truncated": ([str(trunc)], 1),
+        "exact without model": ([str(REF), "--model-variant", "exact"], 2),
+        "missing model file": ([str(REF), "--model-variant", "exact", "--model", str(tmp_path / "x.gguf")], 1),
+        "text as model": ([str(REF), "--model-variant", "exact", "--model", str(text)], 1),
+        "bad variant": ([str(REF), "--model-variant", "approx"], 2),
+    }
+
+
+@pytest.mark.parametrize("module", ["analysis.table", "analysis.plots"])
+def test_bad_input_is_one_line(module, tiny_run, tiny_gguf, tmp_path):
+    out = ["-o", str(tmp_path / "figs")] if module == "analysis.plots" else []
+    cases = _bad_inputs(tiny_run, tiny_gguf, tmp_path)
+    if module == "analysis.plots":  # same loader as the table: a sample is enough (matplotlib start-up is slow)
+        cases = {k: cases[k] for k in ("plain parquet", "truncated", "exact without model")}
+    for case, (args, code) in cases.items():
+        r = run_cli(module, *args, *out)
+        assert r.returncode == code, (case, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, case
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(f"{module}: error:"), (case, r.stderr)
+        assert r.stdout == "", case
+    r = run_cli(module, "--format", "xml", str(REF), *out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(module)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_analysis_modules_do_not_import_the_engine():
+    code = ("import sys, analysis.readmodel, analysis.seed, analysis.table, analysis.plots; "
+            "bad = [m for m in ('llama_cpp', 'harness.engine', 'harness.capture', 'harness.sweep', 'harness.twin') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REF.parents[2])
+    assert r.returncode == 0, r.stdout + r.stderr
