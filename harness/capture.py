@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from harness import schema
-from harness.engine import Context, EvalCallback, GraphNode, read_node
+from harness.engine import Context, EvalCallback, GraphNode, NativeHook, read_node
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
@@ -41,13 +41,16 @@ class StepProfile:
 
 
 class Capture:
-    """Owns the eval callback of one context and turns its calls into timed segments."""
+    """Owns the eval callback of one context and turns its calls into timed segments.
 
-    def __init__(self, mode: str = "stages"):
+    ``native`` (default when a C compiler is available) uses engine.NativeHook: no Python runs per
+    node while timing. Otherwise a Python ctypes callback does the same bookkeeping.
+    """
+
+    def __init__(self, mode: str = "stages", native: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown capture mode {mode!r}")
         self.mode = mode
-        self.callback = EvalCallback(self._cb)
         self.nodes: list[GraphNode] = []
         self.stages: list[str] = []
         self.layers: list[int] = []
@@ -57,6 +60,12 @@ class Capture:
         self._i = 0
         self._t_first = 0
         self._marks: list[tuple[int, int]] = []
+        self._py_callback = EvalCallback(self._cb)
+        use_native = NativeHook.available() if native is None else native
+        self.hook = NativeHook(self._py_callback) if use_native else None
+        self.callback = self.hook.callback if self.hook else self._py_callback
+        self.user_data = self.hook.user_data if self.hook else None
+        self.backend = "native" if self.hook else "python"
 
     # The callback runs on llama.cpp's thread, in the middle of graph compute: keep it tiny and
     # never let an exception escape (ctypes would print it and return False, aborting compute).
@@ -76,15 +85,21 @@ class Capture:
         self._marks.append((self._i - 1, time.perf_counter_ns()))
         return True
 
+    def _reset(self, discovering: bool) -> None:
+        self._i = 0
+        self._marks = []
+        self._discovering = discovering
+        if self.hook:
+            self.hook.reset(discovering)
+
     def discover(self, ctx: Context, token: int) -> int:
         """Decode one untimed token reading every node; build the stage and ask tables."""
         self._found = []
-        self._discovering = True
-        self._i = 0
+        self._reset(discovering=True)
         try:
             ctx.step(token)
         finally:
-            self._discovering = False
+            self._reset(discovering=False)
         self.nodes = self._found
         triples = [(n.name, n.op, n.src0) for n in self.nodes]
         self.stages = schema.classify_graph(triples)
@@ -94,7 +109,9 @@ class Capture:
             self._ask = [True] * n
         else:
             self._ask = [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
-        log.debug("graph: %d nodes, %d boundaries asked per token", n, sum(self._ask))
+        if self.hook:
+            self.hook.set_ask(self._ask)
+        log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(self._ask), self.backend)
         return n
 
     @property
@@ -104,19 +121,22 @@ class Capture:
     def step(self, ctx: Context, token: int) -> StepProfile:
         """Decode one timed token (rolled back afterwards). Rediscovers if the graph changed."""
         for _attempt in range(2):
-            self._i = 0
-            self._marks = []
+            self._reset(discovering=False)
             wall = ctx.step(token)
-            if self._i == len(self.nodes) and self._marks:
+            if self.hook:
+                seen, marks, t_first = self.hook.n_seen, self.hook.marks(), self.hook.t_first
+            else:
+                seen, marks, t_first = self._i, self._marks, self._t_first
+            if seen == len(self.nodes) and marks:
                 break
-            log.info("decode graph changed (%d nodes, expected %d): rediscovering", self._i, len(self.nodes))
+            log.info("decode graph changed (%d nodes, expected %d): rediscovering", seen, len(self.nodes))
             self.discover(ctx, token)
         else:
             raise RuntimeError("decode graph is not stable between steps")
         segs = []
-        prev_node, prev_t = -1, self._t_first
-        for node, t in self._marks:
+        prev_node, prev_t = -1, t_first
+        for node, t in marks:
             segs.append(Segment(prev_node + 1, node, t - prev_t))
             prev_node, prev_t = node, t
-        covered = prev_t - self._t_first
+        covered = prev_t - t_first
         return StepProfile(wall_ns=wall, host_ns=max(0, wall - covered), segments=tuple(segs))

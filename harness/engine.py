@@ -7,8 +7,11 @@ ships), then thin wrappers (``Model``, ``Context``, ``GraphNode``), used by capt
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -112,6 +115,124 @@ def backend_devices() -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- native eval hook
+# A C version of the eval callback: the ask phase is a table lookup and the observe phase a
+# clock read into a preallocated array, so no Python runs per graph node while timing. It is
+# compiled once with the system C compiler into a per-user cache; without a compiler the
+# capture falls back to the Python callback (and the run records which one it used).
+_HOOK_SRC = r"""
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+typedef bool (*eval_cb)(void *, bool, void *);
+struct hook {
+    const uint8_t *ask; int64_t n_ask; int64_t i; int64_t t_first;
+    int64_t *mark_node; int64_t *mark_t; int64_t n_marks; int64_t cap_marks;
+    int32_t discovering; eval_cb py_cb;
+};
+static inline int64_t now_ns(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+bool harness_eval_hook(void *t, bool ask, void *ud) {
+    struct hook *h = (struct hook *) ud;
+    if (h->discovering) { if (ask && h->i++ == 0) h->t_first = now_ns(); return h->py_cb(t, ask, 0); }
+    if (ask) {
+        int64_t i = h->i++;
+        if (i == 0) h->t_first = now_ns();
+        return i < h->n_ask ? h->ask[i] != 0 : true;
+    }
+    if (h->n_marks < h->cap_marks) {
+        h->mark_node[h->n_marks] = h->i - 1; h->mark_t[h->n_marks] = now_ns(); h->n_marks++;
+    }
+    return true;
+}
+"""
+
+
+class _Hook(ctypes.Structure):
+    _fields_ = [("ask", ctypes.POINTER(ctypes.c_uint8)), ("n_ask", ctypes.c_int64), ("i", ctypes.c_int64),
+                ("t_first", ctypes.c_int64), ("mark_node", ctypes.POINTER(ctypes.c_int64)),
+                ("mark_t", ctypes.POINTER(ctypes.c_int64)), ("n_marks", ctypes.c_int64),
+                ("cap_marks", ctypes.c_int64), ("discovering", ctypes.c_int32), ("py_cb", EvalCallback)]
+
+
+def _load_hook_library():
+    if os.environ.get("HARNESS_PYTHON_CALLBACK"):
+        return None
+    digest = hashlib.sha256(_HOOK_SRC.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "decode-harness"
+    lib = cache / f"eval_hook_{digest}.so"
+    if not lib.exists():
+        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            log.info("no C compiler found: using the Python eval callback (higher capture overhead)")
+            return None
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            src = cache / f"eval_hook_{digest}.c"
+            src.write_text(_HOOK_SRC)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
+                           capture_output=True, timeout=60)
+            os.replace(tmp, lib)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.info("could not build the native eval hook (%s): using the Python callback", e)
+            return None
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError as e:
+        log.info("could not load the native eval hook (%s): using the Python callback", e)
+        return None
+
+
+class NativeHook:
+    """The C eval callback plus its state; ``discover_cb`` is called for every node while discovering."""
+
+    _lib = None
+    _tried = False
+
+    @classmethod
+    def available(cls) -> bool:
+        if not cls._tried:
+            cls._lib, cls._tried = _load_hook_library(), True
+        return cls._lib is not None
+
+    def __init__(self, discover_cb: EvalCallback, max_marks: int = 1 << 16):
+        if not self.available():
+            raise RuntimeError("native eval hook unavailable")
+        self._py_cb = discover_cb
+        self._nodes = (ctypes.c_int64 * max_marks)()
+        self._times = (ctypes.c_int64 * max_marks)()
+        self._ask = (ctypes.c_uint8 * 1)()
+        self.state = _Hook(ask=self._ask, n_ask=0, mark_node=self._nodes, mark_t=self._times, cap_marks=max_marks,
+                           py_cb=discover_cb)
+        self.callback = ctypes.cast(self._lib.harness_eval_hook, EvalCallback)
+        self.user_data = ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p)
+
+    def set_ask(self, ask: list[bool]) -> None:
+        self._ask = (ctypes.c_uint8 * max(1, len(ask)))(*[1 if a else 0 for a in ask])
+        self.state.ask = self._ask
+        self.state.n_ask = len(ask)
+
+    def reset(self, discovering: bool = False) -> None:
+        self.state.i = 0
+        self.state.n_marks = 0
+        self.state.discovering = 1 if discovering else 0
+
+    @property
+    def n_seen(self) -> int:
+        return int(self.state.i)
+
+    @property
+    def t_first(self) -> int:
+        return int(self.state.t_first)
+
+    def marks(self) -> list[tuple[int, int]]:
+        n = int(self.state.n_marks)
+        return list(zip(self._nodes[:n], self._times[:n], strict=True))
+
+
 # ---------------------------------------------------------------- thin wrappers
 @dataclass(frozen=True)
 class EngineConfig:
@@ -196,7 +317,8 @@ class Model:
 class Context:
     """A llama.cpp context with its own KV cache; decodes teacher-forced tokens on sequence 0."""
 
-    def __init__(self, model: Model, cfg: EngineConfig, eval_callback: EvalCallback | None = None):
+    def __init__(self, model: Model, cfg: EngineConfig, eval_callback: EvalCallback | None = None,
+                 user_data: ctypes.c_void_p | None = None):
         cfg.validate()
         self.model, self.cfg = model, cfg
         p = llama_cpp.llama_context_default_params()
@@ -214,7 +336,7 @@ class Context:
         self._callback = eval_callback  # keep the ctypes thunk alive as long as the context
         if eval_callback is not None:
             p.cb_eval = eval_callback
-            p.cb_eval_user_data = None
+            p.cb_eval_user_data = user_data
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, p)
         if not self.ptr:
             raise EngineError(f"llama.cpp could not create a context with n_ctx={cfg.n_ctx} "

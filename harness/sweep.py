@@ -69,6 +69,16 @@ def prompt_tokens(model: engine.Model, synthetic: bool, n: int, seed: int = 0) -
     return ids[:n]
 
 
+def parse_threads(spec: str) -> list[int]:
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"threads must be integers, got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise UsageError(f"threads must be >= 1, got {spec!r}")
+    return out
+
+
 def build_parser() -> ArgParser:
     ap = ArgParser(prog="python -m harness.sweep", description=__doc__.split("\n")[0])
     ap.add_argument("-m", "--model", default=None,
@@ -78,7 +88,8 @@ def build_parser() -> ArgParser:
     ap.add_argument("-n", "--tokens", type=int, default=8, help="timed tokens per context and repeat")
     ap.add_argument("-r", "--repeats", type=int, default=2, help="repeats of the timed tokens")
     ap.add_argument("--warmup", type=int, default=2, help="untimed tokens per context")
-    ap.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    ap.add_argument("-t", "--threads", type=parse_threads, default=None,
+                    help="threads, or a comma list to sweep (one run each), e.g. 1,2 (default: physical cores)")
     ap.add_argument("-fa", "--flash-attn", default="auto", help="on, off or auto")
     ap.add_argument("-ctk", "--cache-type-k", default="f16")
     ap.add_argument("-ctv", "--cache-type-v", default="f16")
@@ -101,11 +112,9 @@ def validate(a) -> list[tuple[str, int]]:
             raise UsageError(f"{name} must be >= 1, got {v}")
     if a.warmup < 0:
         raise UsageError(f"warmup must be >= 0, got {a.warmup}")
-    if a.threads is not None and a.threads < 1:
-        raise UsageError(f"threads must be >= 1, got {a.threads}")
     if a.mode not in MODES:
         raise UsageError(f"unknown mode {a.mode!r} (stages or ops)")
-    engine.EngineConfig(threads=a.threads or 1, n_ctx=1, flash_attn=a.flash_attn, cache_type_k=a.cache_type_k,
+    engine.EngineConfig(threads=1, n_ctx=1, flash_attn=a.flash_attn, cache_type_k=a.cache_type_k,
                         cache_type_v=a.cache_type_v, n_batch=a.batch_size, n_ubatch=a.ubatch_size).validate()
     return contexts
 
@@ -176,7 +185,7 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
     cap = Capture(a.mode)
     results: list[ContextResult] = []
     with StopFlag() as stop, engine.Model(model_path, a.n_gpu_layers) as model, \
-            engine.Context(model, cfg) as plain, engine.Context(model, cfg, cap.callback) as prof:
+            engine.Context(model, cfg) as plain, engine.Context(model, cfg, cap.callback, cap.user_data) as prof:
         load_s = time.perf_counter() - t_start
         log.info("loaded %s (%s, %.2f B params) in %.1f s%s", model_path.name, model.desc, model.n_params / 1e9,
                  load_s, " [SYNTHETIC TWIN: random weights]" if info.synthetic else "")
@@ -211,7 +220,8 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
                    "repeats": a.repeats, "warmup": a.warmup, "threads": threads, "flash_attn": a.flash_attn,
                    "cache_type_k": a.cache_type_k, "cache_type_v": a.cache_type_v, "n_gpu_layers": a.n_gpu_layers,
                    "n_batch": a.batch_size, "n_ubatch": a.ubatch_size, "mode": a.mode, "n_ctx": n_ctx,
-                   "depth_control": "rollback"},
+                   "depth_control": "rollback", "callback": cap.backend,
+                   "threads_source": "--threads" if a.threads else "physical cores"},
         "model": {"path": str(model_path), "file_bytes": info.file_bytes, "content_hash": model_hash,
                   "arch": info.arch, "name": info.name, "synthetic": info.synthetic, "twin_preset": info.twin_preset,
                   "type_summary": info.type_summary(), "engine_desc": model_desc, "n_params": model_params,
@@ -258,6 +268,9 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.resume:
+        if a.threads is not None and len(a.threads) != 1:
+            raise UsageError("--resume takes a single thread count")
+        a.threads = a.threads[0] if a.threads else None
         run, contexts, model_path = resume_args(a, parser.parse_args([]))
         validate(a)
         run_sweep(a, contexts, model_path, resume=run)
@@ -267,7 +280,12 @@ def _main(argv: list[str] | None) -> int:
         model_path = ensure_default_model()
     else:
         model_path = Path(a.model)
-    run_sweep(a, contexts, model_path)
+    thread_list = a.threads or [None]
+    for i, threads in enumerate(thread_list):
+        if len(thread_list) > 1:
+            log.info("thread sweep: %d threads (%d of %d)", threads, i + 1, len(thread_list))
+        a.threads = threads
+        run_sweep(a, contexts, model_path)
     return 0
 
 

@@ -122,3 +122,27 @@ def test_non_gemma_architecture_classifies(tiny_llama_gguf, tmp_path):
     assert {schema.FFN, schema.ATTN_KV, schema.ATTN_PROJ, schema.LM_HEAD, schema.NORM} <= stages
     assert schema.GEMMA3N_EXTRA not in stages
     assert set(ops.loc[ops[schema.NAME].str.match(r"^ffn_(up|gate|down)-\d+$"), schema.STAGE]) == {schema.FFN}
+
+
+def test_thread_list_makes_one_run_per_count(tiny_gguf, tmp_path):
+    r = run_cli("harness.sweep", "--model", str(tiny_gguf), "-c", "13", "-n", "2", "-r", "1", "--warmup", "0",
+                "--no-probe", "--out", str(tmp_path), "--threads", "1,2")
+    assert r.returncode == 0, r.stderr
+    runs = sorted(tmp_path.glob("*.parquet"))
+    assert sorted(read_meta(p)["params"]["threads"] for p in runs) == [1, 2]
+
+
+def test_python_callback_fallback_gives_the_same_structure(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_PYTHON_CALLBACK", "1")
+    path, _ = _sweep(tiny_gguf, tmp_path, "-c", "13", "--mode", "ops")
+    run = read_run(path)
+    assert run.meta["params"]["callback"] == "python"
+    one = run.ops[(run.ops[schema.STEP] == 0) & (run.ops[schema.STAGE] != schema.HOST)]
+    assert list(one[schema.NODE]) == list(range(run.meta["contexts"][0]["n_nodes"]))
+
+
+def test_native_callback_is_used_when_a_compiler_exists(tiny_run):
+    import shutil
+
+    expected = "native" if (shutil.which("cc") or shutil.which("gcc")) else "python"
+    assert read_meta(tiny_run)["params"]["callback"] == expected
