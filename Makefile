@@ -31,4 +31,4 @@ test: install-test
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install
-	$(BIN)/python bench/overhead.py $(ARGS)
+	$(BIN)/python bench/suite.py $(ARGS)

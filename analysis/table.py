@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis import readmodel
 from analysis.readmodel import ReadModel
+from analysis.slope import stage_slopes
 from harness import schema, store
 from harness.errors import ArgParser, UsageError, run_cli
 
@@ -173,11 +174,34 @@ NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/
          "KV-cache reads only (projections are attn_proj).")
 
 
-def render(meta: dict, model: ReadModel, fmt: str = "md") -> str:
+def slope_table(ops: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Per-stage ms/token slope against depth (ms per 1,000 KV tokens, 95 % CI), for runs with >= 3 depths."""
+    if ops is None or ops.empty or ops[schema.DEPTH].nunique() < 3:
+        return None
+    return stage_slopes(ops)
+
+
+def format_slopes(sl: pd.DataFrame) -> str:
+    lines = ["Stage slopes over all timed tokens (least squares, ms/token per 1,000 KV tokens, 95 % CI):", "",
+             "| Stage | Slope ms/1k tok | CI low | CI high | Tokens | Depths |", "|---|---:|---:|---:|---:|---:|"]
+    for stage, r in sl.iterrows():
+        lines.append(f"| {stage} | {_fmt(r['slope_ms_per_1k'], '{:.3f}')} | {_fmt(r['ci95_low_ms_per_1k'], '{:.3f}')} "
+                     f"| {_fmt(r['ci95_high_ms_per_1k'], '{:.3f}')} | {int(r['n_tokens'])} | {int(r['n_depths'])} |")
+    return "\n".join(lines)
+
+
+def render(meta: dict, model: ReadModel, fmt: str = "md", ops: pd.DataFrame | None = None) -> str:
     df = build_table(meta, model)
+    sl = slope_table(ops)
     if fmt == "csv":
+        if sl is not None:
+            for stage, r in sl.iterrows():
+                df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
         return df.to_csv(index=False)
-    return "\n".join([*describe(meta, model), "", format_markdown(df), "", NOTES]) + "\n"
+    parts = [*describe(meta, model), "", format_markdown(df), "", NOTES]
+    if sl is not None:
+        parts += ["", format_slopes(sl)]
+    return "\n".join(parts) + "\n"
 
 
 def _main(argv: list[str] | None) -> int:
@@ -191,7 +215,7 @@ def _main(argv: list[str] | None) -> int:
     run, model = load(a.run, a.model_variant, a.model)
     if run.meta.get("complete") is False:
         log.warning("warning: %s is an incomplete run", a.run)
-    sys.stdout.write(render(run.meta, model, a.format))
+    sys.stdout.write(render(run.meta, model, a.format, run.ops))
     return 0
 
 

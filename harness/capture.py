@@ -16,6 +16,7 @@ per graph from a discovery step that reads every node's name, op and first sourc
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from harness.engine import Context, EvalCallback, GraphNode, NativeHook, read_no
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
+NOOP_OPS = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,26 @@ class Capture:
             self.hook.set_ask(self._ask)
         log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(self._ask), self.backend)
         return n
+
+    def calibrate(self, ctx: Context, token: int, steps: int = 3) -> float:
+        """Per-sync cost in ns: the median time of segments that hold one no-op node (a view,
+        reshape, permute or transpose computes nothing, so its time is the ask/observe round trip
+        and the scheduler sync). Measured with every node asked, then the ask table is restored."""
+        saved = self._ask
+        self._ask = [True] * len(self.nodes)
+        if self.hook:
+            self.hook.set_ask(self._ask)
+        noop = {i for i, n in enumerate(self.nodes) if n.op in NOOP_OPS}
+        times: list[int] = []
+        try:
+            for _ in range(steps):
+                p = self.step(ctx, token)
+                times += [g.time_ns for g in p.segments if g.node_first == g.node_last and g.node_last in noop]
+        finally:
+            self._ask = saved
+            if self.hook:
+                self.hook.set_ask(saved)
+        return float(statistics.median(times)) if times else 0.0
 
     @property
     def syncs_per_token(self) -> int:

@@ -7,8 +7,15 @@ import pandas as pd
 from harness import schema
 
 
-def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str) -> dict:
-    """Plain and profiled ms/token, stage ms/token and shares, overhead and attribution for one context."""
+def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str, noop_sync_us: float = 0.0) -> dict:
+    """Plain and profiled ms/token, stage ms/token and shares, overhead and attribution for one context.
+
+    Calibration: every timed segment pays one capture sync. ``sync_us`` is the in-run cost per sync,
+    (profiled - plain ms/token) / segments per token; ``stage_ms_calibrated`` subtracts each stage's
+    segments-per-token x ``sync_us`` (never below zero) and ``stage_pct_calibrated`` gives shares of
+    the calibrated total. ``noop_sync_us`` (Capture.calibrate: segments of one no-op view node) is the
+    bare ask/observe round trip, kept as a diagnostic.
+    """
     o = ops[ops[schema.CONTEXT] == context]
     t = tokens[tokens[schema.CONTEXT] == context]
     plain = t[t[schema.PASS] == "plain"][schema.WALL_US] / 1000.0
@@ -18,6 +25,11 @@ def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str) -> di
     stage_ms = {s: float(stage_ms.get(s, 0.0)) for s in schema.STAGES}
     prof_ms = float(prof.mean())
     total = sum(stage_ms.values())
+    segs = (o[o[schema.STAGE] != schema.HOST].groupby(schema.STAGE).size() / n_tok).to_dict()
+    n_segs = sum(segs.values())
+    sync_us = max(0.0, prof_ms - float(plain.mean())) * 1000.0 / n_segs if n_segs else 0.0
+    cal = {s: max(0.0, v - segs.get(s, 0.0) * sync_us / 1000.0) for s, v in stage_ms.items()}
+    cal_total = sum(cal.values())
     return {
         "context": context,
         "depth": int(o[schema.DEPTH].iloc[0]) if len(o) else int(t[schema.DEPTH].iloc[0]),
@@ -29,6 +41,10 @@ def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str) -> di
         "overhead_ratio": prof_ms / float(plain.mean()),
         "stage_ms": stage_ms,
         "stage_pct": {s: 100.0 * v / prof_ms for s, v in stage_ms.items()},
+        "sync_us": sync_us,
+        "noop_sync_us": noop_sync_us,
+        "stage_ms_calibrated": cal,
+        "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal.items()} if cal_total else {},
         "covered_pct": 100.0 * (total - stage_ms[schema.HOST]) / prof_ms,
         "attributed_pct": 100.0 * total / prof_ms,
     }

@@ -79,6 +79,7 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
     prefill_s = time.perf_counter() - t0
     prof.copy_state_from(plain)
     n_nodes = cap.discover(prof, step_tok)
+    sync_us = cap.calibrate(prof, step_tok) / 1000.0
     for _ in range(s.warmup):
         plain.step(step_tok)
         cap.step(prof, step_tok)
@@ -98,7 +99,7 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
                              cap.layers[seg.node_last], node.op, cap.stages[seg.node_last], seg.time_ns / 1000.0))
             rows.append((label, prof.n_past, rep, k, -1, -1, "host", -1, "HOST", schema.HOST, p.host_ns / 1000.0))
     summ = report.context_summary(pd.DataFrame(rows, columns=list(schema.OP_COLUMNS)),
-                                  pd.DataFrame(toks, columns=list(schema.TOKEN_COLUMNS)), label)
+                                  pd.DataFrame(toks, columns=list(schema.TOKEN_COLUMNS)), label, sync_us)
     summ.update(prefill_s=prefill_s, n_nodes=n_nodes, syncs_per_token=cap.syncs_per_token,
                 sensors_before=sensors_before, sensors_after=device.sample_sensors())
     log.info("%-6s depth %5d: plain %.2f ms/token, profiled x%.3f, ffn %.1f%%, attn_kv %.1f%%", label, depth,

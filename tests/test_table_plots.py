@@ -181,3 +181,11 @@ def test_analysis_modules_do_not_import_the_engine():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REF.parents[2])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_table_has_slopes_with_three_depths(tiny_run):
+    r = run_cli("analysis.table", str(tiny_run))
+    assert r.returncode == 0, r.stderr
+    assert "Stage slopes" in r.stdout and "| attn_kv |" in r.stdout
+    csv = run_cli("analysis.table", str(tiny_run), "--format", "csv")
+    assert "attn_kv_slope_ms_per_1k" in csv.stdout.splitlines()[0]

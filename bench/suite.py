@@ -1,0 +1,182 @@
+"""Measurement-validity and performance suite: prints one table, saves it as JSON in bench/results/.
+
+    python bench/suite.py [--model GGUF] [--tokens 8] [--repeats 3] [--skip depth,twin]
+
+Every figure is a ratio or share measured within one run, with its spread over tokens:
+- capture overhead: profiled / plain decode ms/token per context, for stages and ops modes
+  (plain and profiled tokens are interleaved ABAB within each run; mean of per-token ratios
+  with a 95 % interval);
+- attribution: share of profiled wall time covered by ops, and by stages with host included;
+- mode agreement: |stage share in ops mode - in stages mode|, in percentage points (max over stages);
+- depth consistency: attn_kv ms/token rise from depth 13 to 4096 vs the plain wall-time rise;
+- roofline: plain ms/token / (read-model bytes per token / measured bandwidth), and achieved GB/s per stage;
+- sweep cost: wall time of the default 3-context sweep and prefill tokens spent;
+- twin generation: time and peak RSS of the E4B Q4_K_M twin.
+Nothing here is asserted: targets are compared in the printed table and in bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from analysis.readmodel import from_run  # noqa: E402
+from harness import schema  # noqa: E402
+from harness.store import read_run  # noqa: E402
+
+TARGETS = {"stages_overhead": 1.01, "ops_overhead": 1.10, "attributed_pct": 99.5, "mode_agreement_pp": 2.0,
+           "depth_consistency_pct": 15.0}
+
+
+def ratio_ci(tokens, context: str) -> tuple[float, float]:
+    t = tokens[tokens[schema.CONTEXT] == context]
+    idx = [schema.REPEAT, schema.STEP]
+    plain = t[t[schema.PASS] == "plain"].set_index(idx)[schema.WALL_US]
+    prof = t[t[schema.PASS] == "profiled"].set_index(idx)[schema.WALL_US]
+    r = (prof / plain).dropna().tolist()
+    half = 1.96 * statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")
+    return statistics.fmean(r), half
+
+
+def sweep(a, out: Path, tag: str, *extra: str):
+    cmd = [sys.executable, "-m", "harness.sweep", "-n", str(a.tokens), "-r", str(a.repeats), "--out", str(out),
+           "--label", f"bench-{tag}", *extra]
+    if a.model:
+        cmd += ["--model", a.model]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr)
+    wall = time.perf_counter() - t0
+    print(f"[{tag}] sweep took {wall:.1f} s", flush=True)
+    return read_run(max(out.glob(f"*bench-{tag}_*.parquet"))), wall
+
+
+def overhead_rows(run) -> list[dict]:
+    rows = []
+    for c in run.meta["contexts"]:
+        mean, half = ratio_ci(run.tokens, c["context"])
+        rows.append({"context": c["context"], "depth": c["depth"], "plain_ms": c["plain_ms"], "overhead": mean,
+                     "overhead_ci95": half, "syncs": c["syncs_per_token"], "covered_pct": c["covered_pct"],
+                     "attributed_pct": c["attributed_pct"], "stage_pct": c["stage_pct"],
+                     "stage_pct_cal": c["stage_pct_calibrated"], "sync_us": c["sync_us"],
+                     "noop_sync_us": c["noop_sync_us"]})
+    return rows
+
+
+def roofline_rows(run) -> list[dict]:
+    bw = (run.meta["device"].get("bandwidth") or {}).get("read_gbps")
+    model = from_run(run.meta, "exact")
+    rows = []
+    for c in run.meta["contexts"]:
+        b = model.bytes_per_token(c["depth"])
+        total = model.total_bytes_per_token(c["depth"])
+        roof_ms = total / (bw * 1e9) * 1e3 if bw else float("nan")
+        gbps = {s: b.get(s, 0) / (c["stage_ms"][s] / 1e3) / 1e9 for s in ("ffn", "attn_kv", "lm_head", "attn_proj",
+                                                                           "gemma3n_extra") if c["stage_ms"][s] > 0}
+        rows.append({"context": c["context"], "depth": c["depth"], "bytes_per_token": total, "bandwidth_gbps": bw,
+                     "roofline_ms": roof_ms, "measured_over_roofline": c["plain_ms"] / roof_ms, "stage_gbps": gbps})
+    return rows
+
+
+def twin_generation() -> dict:
+    with tempfile.TemporaryDirectory(dir=ROOT / "models") as d:
+        out = Path(d) / "twin.gguf"
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, "-m", "harness.twin", "--preset", "gemma-3n-e4b", "--quant", "q4_k_m",
+                              "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        return {"wall_s": time.perf_counter() - t0, "peak_rss_gib": usage.ru_maxrss / 2**20,
+                "file_gb": out.stat().st_size / 1e9 if status == 0 else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma list of: ops, depth, twin")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    res: dict = {"model": a.model or "models/gemma-3n-e4b-q4.gguf", "targets": TARGETS}
+    with tempfile.TemporaryDirectory() as d:
+        stages, wall = sweep(a, Path(d), "stages")
+        res["device"] = stages.meta["device"]
+        res["callback"] = stages.meta["params"].get("callback")
+        res["sweep_cost"] = {"wall_s": wall, "sweep_s": stages.meta["timing"]["sweep_s"],
+                             "load_s": stages.meta["timing"]["load_s"],
+                             "prefill_tokens": stages.meta["timing"]["prefill_tokens"]}
+        res["stages"] = overhead_rows(stages)
+        res["roofline"] = roofline_rows(stages)
+        if "ops" not in skip:
+            ops, _ = sweep(a, Path(d), "ops", "--mode", "ops", "--no-probe")
+            res["ops"] = overhead_rows(ops)
+            for key, field in (("mode_agreement_pp", "stage_pct"), ("mode_agreement_calibrated_pp", "stage_pct_cal")):
+                res[key] = [max(abs(o[field][s] - g[field][s]) for s in schema.STAGES)
+                            for o, g in zip(res["ops"], res["stages"], strict=True)]
+        if "depth" not in skip:
+            deep, _ = sweep(a, Path(d), "depth", "-c", "13,4096", "--no-probe")
+            c13, c4k = deep.meta["contexts"]
+            kv_rise = c4k["stage_ms"]["attn_kv"] - c13["stage_ms"]["attn_kv"]
+            wall_rise = c4k["plain_ms"] - c13["plain_ms"]
+            res["depth"] = {"attn_kv_rise_ms": kv_rise, "plain_rise_ms": wall_rise,
+                            "profiled_rise_ms": c4k["profiled_ms"] - c13["profiled_ms"],
+                            "disagreement_pct": 100 * (kv_rise - wall_rise) / wall_rise if wall_rise else None,
+                            "stage_rise_ms": {s: c4k["stage_ms"][s] - c13["stage_ms"][s] for s in schema.STAGES}}
+    if "twin" not in skip:
+        res["twin"] = twin_generation()
+    report(res)
+    out = ROOT / "bench" / "results" / f"suite-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(f"\nsaved {out.relative_to(ROOT)}")
+
+
+def report(res: dict) -> None:
+    p = print
+    bw = res["roofline"][0]["bandwidth_gbps"] or float("nan")
+    p(f"\ncallback: {res['callback']}; bandwidth probe: {bw:.1f} GB/s")
+    p(f"{'mode':7} {'context':8} {'depth':>5} {'plain ms':>9} {'overhead (95% CI)':>19} {'syncs':>6} "
+      f"{'ops %':>7} {'attrib %':>8}")
+    for mode in ("stages", "ops"):
+        for r in res.get(mode, []):
+            p(f"{mode:7} {r['context']:8} {r['depth']:5d} {r['plain_ms']:9.2f} x{r['overhead']:.3f} ± "
+              f"{r['overhead_ci95']:.3f}     {r['syncs']:6d} {r['covered_pct']:7.2f} {r['attributed_pct']:8.2f}")
+    for mode in ("stages", "ops"):
+        p(f"sync cost per segment, {mode}: in-run " + ", ".join(f"{r['sync_us']:.2f}" for r in res.get(mode, []))
+          + " us; no-op view " + ", ".join(f"{r['noop_sync_us']:.2f}" for r in res.get(mode, [])) + " us")
+    for key, what in (("mode_agreement_pp", "raw"), ("mode_agreement_calibrated_pp", "calibrated")):
+        if key in res:
+            p(f"mode agreement, {what} (max |ops - stages| stage share, pp): "
+              + ", ".join(f"{r['context']} {v:.2f}" for r, v in zip(res["stages"], res[key], strict=True)))
+    if "depth" in res:
+        dd = res["depth"]
+        p(f"depth 13->4096: attn_kv +{dd['attn_kv_rise_ms']:.2f} ms/token vs plain wall +{dd['plain_rise_ms']:.2f} "
+          f"ms/token (profiled +{dd['profiled_rise_ms']:.2f}); disagreement {dd['disagreement_pct']:+.1f} %")
+        p("  per-stage rise ms/token: " + " ".join(f"{k}={v:+.2f}" for k, v in dd["stage_rise_ms"].items()))
+    for r in res["roofline"]:
+        gb = " ".join(f"{k}={v:.1f}" for k, v in r["stage_gbps"].items())
+        p(f"roofline {r['context']:7}: {r['bytes_per_token'] / 2**20:7.1f} MiB/token -> {r['roofline_ms']:.2f} ms; "
+          f"measured/roofline {r['measured_over_roofline']:.2f}; achieved GB/s {gb}")
+    sc = res["sweep_cost"]
+    p(f"sweep cost: {sc['wall_s']:.1f} s wall for the default sweep (load {sc['load_s']:.1f} s), "
+      f"{sc['prefill_tokens']} prefill tokens")
+    if "twin" in res:
+        t = res["twin"]
+        p(f"twin generation (E4B Q4_K_M): {t['wall_s']:.1f} s, peak RSS {t['peak_rss_gib']:.2f} GiB, "
+          f"{t['file_gb']:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
