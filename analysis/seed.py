@@ -108,6 +108,8 @@ def reference_tables() -> tuple[pd.DataFrame, dict]:
         "seed_model": {"num_layers": NUM_LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "hidden_dim": HIDDEN_DIM,
                        "ffn_dim": FFN_DIM, "kv_bytes_per_elem": KV_BYTES_PER_ELEM,
                        "weight_bytes_per_elem": WEIGHT_BYTES_PER_ELEM},
+        "units": {"time_us": "microseconds", "wall_us": "microseconds", "*_ms": "milliseconds",
+                  "*_pct": "percent of decode time"},
         "contexts": summaries,
         "tokens": toks,
     }

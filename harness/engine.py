@@ -102,17 +102,20 @@ def engine_version() -> str:
 
 
 def backend_devices() -> list[str]:
-    """Names and descriptions of the ggml backend devices llama.cpp sees."""
-    out = []
+    """Names and descriptions of the ggml backend devices llama.cpp sees (e.g. 'CPU: AMD EPYC')."""
+    lib = _ggml
     try:
-        for i in range(llama_cpp.ggml_backend_dev_count()):
-            dev = llama_cpp.ggml_backend_dev_get(i)
-            name = llama_cpp.ggml_backend_dev_name(dev).decode()
-            desc = llama_cpp.ggml_backend_dev_description(dev).decode()
-            out.append(f"{name}: {desc}")
-    except AttributeError:  # older bindings without the device API
-        pass
-    return out
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+            fn.argtypes = [ctypes.c_void_p]
+            fn.restype = ctypes.c_char_p
+        devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+        return [f"{lib.ggml_backend_dev_name(d).decode()}: {lib.ggml_backend_dev_description(d).decode()}"
+                for d in devs]
+    except AttributeError:  # a ggml without the device registry
+        return []
 
 
 # ---------------------------------------------------------------- native eval hook

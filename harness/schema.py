@@ -24,7 +24,7 @@ LM_HEAD, GEMMA3N_EXTRA, NORM, OTHER, HOST = "lm_head", "gemma3n_extra", "norm", 
 STAGES = (FFN, ATTN_KV, KV_STORE, ATTN_PROJ, LM_HEAD, GEMMA3N_EXTRA, NORM, OTHER, HOST)
 
 # ---------------------------------------------------------------- op/segment table columns
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # format history and upgrades: harness/store.py
 CONTEXT = "context"  # context label: short / medium / long / an integer's string
 DEPTH = "depth"  # n_past when the token was decoded (KV cells before it)
 REPEAT = "repeat"

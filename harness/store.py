@@ -9,6 +9,9 @@
 
 Format history (bump ``schema.SCHEMA_VERSION`` and add an ``upgrade_from_N`` on change):
 - version 1: first format.
+- version 2: per-context sync calibration (``sync_us``, ``noop_sync_us``, ``stage_ms_calibrated``,
+  ``stage_pct_calibrated``), ``params.callback`` (native or python) and ``params.threads_source``.
+  ``upgrade_from_1`` fills them: calibrated = raw, sync costs unknown (None), callback python.
 """
 
 from __future__ import annotations
@@ -69,11 +72,22 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     return d
 
 
-def _check_meta(meta: dict) -> None:
-    for ctx in meta.get("contexts", []):
-        for k, v in ctx.items():
-            if k.endswith(("_ms", "_us", "_s")) and isinstance(v, float) and (math.isnan(v) or v < 0):
-                raise ValueError(f"invalid metadata value {k}={v}")
+_TIMED = ("_ms", "_us", "_s", "_bytes", "_gbps", "_pct")
+
+
+def _check_meta(meta, where: str = "", timed: bool = False) -> None:
+    """No negative or NaN durations, sizes or rates anywhere (keys ending in a unit, or values of a
+    dict whose key does, like ``stage_ms``); units must be declared."""
+    if not where and "units" not in meta:
+        raise ValueError("run metadata lacks its units table")
+    items = meta.items() if isinstance(meta, dict) else enumerate(meta) if isinstance(meta, list) else ()
+    for k, v in items:
+        key = f"{where}.{k}" if where else str(k)
+        is_timed = timed or str(k).endswith(_TIMED)
+        if isinstance(v, (dict, list)):
+            _check_meta(v, key, is_timed and isinstance(v, dict))
+        elif is_timed and isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isnan(v) or v < 0):
+            raise ValueError(f"invalid metadata value {key}={v}")
 
 
 def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filename: str) -> Path:
@@ -115,14 +129,31 @@ def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filenam
     return final
 
 
-def _upgrade(meta: dict) -> dict:
+def upgrade_from_1(meta: dict) -> dict:
+    for c in meta.get("contexts", []):
+        c.setdefault("sync_us", None)
+        c.setdefault("noop_sync_us", None)
+        c.setdefault("stage_ms_calibrated", dict(c.get("stage_ms", {})))
+        c.setdefault("stage_pct_calibrated", dict(c.get("stage_pct", {})))
+    params = meta.setdefault("params", {})
+    params.setdefault("callback", "python")
+    params.setdefault("threads_source", "unknown")
+    meta["schema_version"] = 2
+    return meta
+
+
+UPGRADES = {1: upgrade_from_1}
+
+
+def _upgrade(meta: dict, path: str = "") -> dict:
     v = meta.get("schema_version")
-    if not isinstance(v, int):
-        raise InputError("run metadata has no schema version")
+    if not isinstance(v, int) or v < 1:
+        raise InputError(f"run metadata has no valid schema version: {path}")
     if v > schema.SCHEMA_VERSION:
         raise InputError(f"run has schema version {v}, newer than this harness supports "
-                         f"({schema.SCHEMA_VERSION}); upgrade the harness")
-    # older versions: meta = upgrade_from_N(meta) for each N from v up; none exist yet
+                         f"({schema.SCHEMA_VERSION}); upgrade the harness: {path}")
+    while meta["schema_version"] < schema.SCHEMA_VERSION:
+        meta = UPGRADES[meta["schema_version"]](meta)
     return meta
 
 
@@ -142,7 +173,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(md[META_KEY])
     except ValueError:
         raise InputError(f"run metadata is not valid JSON: {p}") from None
-    return _upgrade(meta)
+    return _upgrade(meta, str(p))
 
 
 def read_run(path: str | os.PathLike, columns: list[str] | None = None) -> Run:

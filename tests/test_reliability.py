@@ -244,3 +244,36 @@ def test_newer_schema_and_non_runs_are_refused(tiny_run, tiny_gguf, tmp_path):
         read_meta(tmp_path / "cut.parquet")
     r = run_cli("harness.sweep", "--model", str(tiny_run), "--no-probe", "--out", str(tmp_path))
     _assert_clean_error(r, 1, "bad magic")
+
+
+def test_older_schema_is_upgraded_on_read(tiny_run, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_run)
+    meta = json.loads(t.schema.metadata[store.META_KEY])
+    meta["schema_version"] = 1
+    for c in meta["contexts"]:
+        for k in ("sync_us", "noop_sync_us", "stage_ms_calibrated", "stage_pct_calibrated"):
+            c.pop(k)
+    del meta["params"]["callback"]
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), tmp_path / "v1.parquet")
+    up = read_meta(tmp_path / "v1.parquet")
+    assert up["schema_version"] == 2 and up["params"]["callback"] == "python"
+    c = up["contexts"][0]
+    assert c["stage_ms_calibrated"] == c["stage_ms"] and c["sync_us"] is None
+
+
+def test_metadata_is_validated_on_write(tiny_run, tmp_path):
+    run = read_run(tiny_run)
+    bad = {**run.meta, "contexts": [{**run.meta["contexts"][0], "plain_ms": float("nan")}]}
+    with pytest.raises(ValueError, match="plain_ms"):
+        store.write_run(run.ops, bad, tmp_path, "x.parquet")
+    bad = {**run.meta, "contexts": [{**run.meta["contexts"][0], "stage_ms": {"ffn": -1.0}}]}
+    with pytest.raises(ValueError, match="stage_ms.ffn"):
+        store.write_run(run.ops, bad, tmp_path, "x.parquet")
+    no_units = {k: v for k, v in run.meta.items() if k != "units"}
+    with pytest.raises(ValueError, match="units"):
+        store.write_run(run.ops, no_units, tmp_path, "x.parquet")
+    assert not list(tmp_path.iterdir())
