@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from harness import schema
 from harness.engine import Context, EvalCallback, GraphNode, NativeHook, read_node
+from harness.errors import EngineError
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
@@ -62,6 +63,7 @@ class Capture:
         self._i = 0
         self._t_first = 0
         self._marks: list[tuple[int, int]] = []
+        self._generation = 0  # bumped by every discovery
         self._py_callback = EvalCallback(self._cb)
         use_native = NativeHook.available() if native is None else native
         self.hook = NativeHook(self._py_callback) if use_native else None
@@ -103,24 +105,28 @@ class Capture:
         finally:
             self._reset(discovering=False)
         self.nodes = self._found
+        self._generation += 1
         triples = [(n.name, n.op, n.src0) for n in self.nodes]
         self.stages = schema.classify_graph(triples)
         self.layers = schema.classify_layers(triples)
         n = len(self.nodes)
-        if self.mode == "ops":
-            self._ask = [True] * n
-        else:
-            self._ask = [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+        self._ask = self._ask_table()
         if self.hook:
             self.hook.set_ask(self._ask)
         log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(self._ask), self.backend)
         return n
 
+    def _ask_table(self) -> list[bool]:
+        n = len(self.nodes)
+        if self.mode == "ops":
+            return [True] * n
+        return [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+
     def calibrate(self, ctx: Context, token: int, steps: int = 3) -> float:
         """Per-sync cost in ns: the median time of segments that hold one no-op node (a view,
         reshape, permute or transpose computes nothing, so its time is the ask/observe round trip
         and the scheduler sync). Measured with every node asked, then the ask table is restored."""
-        saved = self._ask
+        saved, generation = self._ask, self._generation
         self._ask = [True] * len(self.nodes)
         if self.hook:
             self.hook.set_ask(self._ask)
@@ -131,9 +137,12 @@ class Capture:
                 p = self.step(ctx, token)
                 times += [g.time_ns for g in p.segments if g.node_first == g.node_last and g.node_last in noop]
         finally:
-            self._ask = saved
+            if self._generation == generation:
+                self._ask = saved
+            else:  # the graph changed and was rediscovered meanwhile: rebuild for the new graph
+                self._ask = self._ask_table()
             if self.hook:
-                self.hook.set_ask(saved)
+                self.hook.set_ask(self._ask)
         return float(statistics.median(times)) if times else 0.0
 
     @property
@@ -154,7 +163,7 @@ class Capture:
             log.info("decode graph changed (%d nodes, expected %d): rediscovering", seen, len(self.nodes))
             self.discover(ctx, token)
         else:
-            raise RuntimeError("decode graph is not stable between steps")
+            raise EngineError("the decode graph changes from step to step; cannot time it")
         segs = []
         prev_node, prev_t = -1, t_first
         for node, t in marks:

@@ -173,12 +173,13 @@ def _load_hook_library():
             return None
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            src = cache / f"eval_hook_{digest}.c"
+            src = cache / f"eval_hook_{digest}.{os.getpid()}.c"  # per process: concurrent builds never mix
             src.write_text(_HOOK_SRC)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
             subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
                            capture_output=True, timeout=60)
             os.replace(tmp, lib)
+            src.unlink()
         except (OSError, subprocess.SubprocessError) as e:
             log.info("could not build the native eval hook (%s): using the Python callback", e)
             return None

@@ -113,7 +113,13 @@ def _field_value(field):
 
 def check_gguf_file(path: str | os.PathLike) -> Path:
     """Cheap checks before the full parse: exists, is a file, non-empty, GGUF magic, known version."""
-    p = Path(path)
+    try:
+        return _check_gguf_file(Path(path))
+    except OSError as e:
+        raise InputError(f"cannot read model file ({e.strerror or e}): {path}") from None
+
+
+def _check_gguf_file(p: Path) -> Path:
     if not p.exists():
         raise InputError(f"model file not found: {p}")
     if p.is_dir():
@@ -150,7 +156,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     p = check_gguf_file(path)
     try:
         reader = GGUFReader(p, "r")
-    except (ValueError, IndexError, OverflowError, MemoryError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, TypeError, UnicodeDecodeError,
+            OSError) as e:
         msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:100]
         raise InputError(f"corrupt or truncated GGUF: parsing {p.stat().st_size} bytes failed ({msg}): {p}") from None
 
@@ -195,10 +202,13 @@ def content_hash(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
     (header + tensor table + data samples) and costs milliseconds.
     """
     p = Path(path)
-    size = p.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(p, "rb") as f:
-        for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
-            f.seek(off)
-            h.update(f.read(sample_bytes))
+    try:
+        size = p.stat().st_size
+        h = hashlib.sha256(str(size).encode())
+        with open(p, "rb") as f:
+            for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                f.seek(off)
+                h.update(f.read(sample_bytes))
+    except OSError as e:
+        raise InputError(f"cannot read model file ({e.strerror or e}): {p}") from None
     return "sha256s:" + h.hexdigest()[:32]

@@ -77,6 +77,8 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
             plain.prefill(new[i:i + s.batch_size])
             bar.update(len(new[i:i + s.batch_size]))
     prefill_s = time.perf_counter() - t0
+    if stop:
+        return None
     prof.copy_state_from(plain)
     n_nodes = cap.discover(prof, step_tok)
     sync_us = cap.calibrate(prof, step_tok) / 1000.0

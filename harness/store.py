@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from harness import schema
 from harness.errors import InputError, UsageError
+from harness.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
 META_KEY = b"harness.run"
@@ -64,7 +65,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         raise UsageError(f"output path is not a folder: {d}")
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / f"{TMP_PREFIX}probe-{os.getpid()}"
+        probe = d / f"{TMP_PREFIX}{os.getpid()}-probe"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -202,18 +203,9 @@ def clean_stale_temps(out_dir: str | os.PathLike) -> int:
         return 0
     for f in d.glob(f"{TMP_PREFIX}*"):
         m = re.match(rf"{re.escape(TMP_PREFIX)}(\d+)-", f.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             log.warning("removing stale temp file from a killed writer: %s", f)
             f.unlink(missing_ok=True)
             n += 1
     return n
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -11,6 +11,7 @@ KV cache (copied after each prefill), so the overhead ratio profiled/plain is me
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -136,11 +137,12 @@ def estimate_memory_bytes(info, n_ctx: int, cache_type_k: str, cache_type_v: str
     hp = info.hparams
     n_layer = info.n_layer
     kv_layers = min(n_layer, 20) if info.arch == "gemma3n" else n_layer
-    n_kv = int(hp.get("attention.head_count_kv", hp.get("attention.head_count", 1)) or 1)
-    if isinstance(hp.get("attention.head_count_kv"), list):
-        n_kv = max(hp["attention.head_count_kv"])
-    k_len = int(hp.get("attention.key_length", 128))
-    v_len = int(hp.get("attention.value_length", k_len))
+    def scalar(v, default):
+        return max(v) if isinstance(v, list) and v else (default if v is None else v)
+
+    n_kv = int(scalar(hp.get("attention.head_count_kv"), scalar(hp.get("attention.head_count"), 1)) or 1)
+    k_len = int(scalar(hp.get("attention.key_length"), 128))
+    v_len = int(scalar(hp.get("attention.value_length"), k_len))
     bpe = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32,
            "q5_1": 24 / 32}
     kv = kv_layers * n_ctx * n_kv * (k_len * bpe[cache_type_k] + v_len * bpe[cache_type_v])
@@ -190,10 +192,16 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
         log.info("loaded %s (%s, %.2f B params) in %.1f s%s", model_path.name, model.desc, model.n_params / 1e9,
                  load_s, " [SYNTHETIC TWIN: random weights]" if info.synthetic else "")
         prompt = prompt_tokens(model, info.synthetic, max_depth)
+        failure: HarnessError | None = None
         for label, depth in contexts:
             if label in done:
                 continue
-            r = measure_context(plain, prof, cap, prompt, label, depth, loop, stop)
+            try:
+                r = measure_context(plain, prof, cap, prompt, label, depth, loop, stop)
+            except HarnessError as e:  # keep the contexts that completed, then report the failure
+                failure = e
+                stop.reason = f"error: {e}"
+                break
             if r is None:
                 break
             results.append(r)
@@ -209,6 +217,8 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
         tokens = resume.meta["tokens"] + tokens
         summaries = resume.meta["contexts"] + summaries
     if not summaries:
+        if failure is not None:
+            raise failure
         raise Interrupted(f"stopped by {stop.reason} before any context completed; no run written",
                           130 if stop.reason == "SIGINT" else 143)
     meta = {
@@ -221,7 +231,8 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
                    "cache_type_k": a.cache_type_k, "cache_type_v": a.cache_type_v, "n_gpu_layers": a.n_gpu_layers,
                    "n_batch": a.batch_size, "n_ubatch": a.ubatch_size, "mode": a.mode, "n_ctx": n_ctx,
                    "depth_control": "rollback", "callback": cap.backend,
-                   "threads_source": "--threads" if a.threads else "physical cores"},
+                   "threads_source": getattr(a, "threads_source", None)
+                   or ("--threads" if a.threads else "physical cores")},
         "model": {"path": str(model_path), "file_bytes": info.file_bytes, "content_hash": model_hash,
                   "arch": info.arch, "name": info.name, "synthetic": info.synthetic, "twin_preset": info.twin_preset,
                   "type_summary": info.type_summary(), "engine_desc": model_desc, "n_params": model_params,
@@ -237,30 +248,54 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
     sys.stdout.write(report.format_summary(summaries, a.mode) + "\n")
     log.info("run written: %s (%d rows, sweep %.1f s%s)", path, len(ops_df), sweep_s,
              "; SYNTHETIC model" if info.synthetic else "")
+    if failure is not None:
+        raise type(failure)(f"{failure} (the {len(summaries)} completed context(s) were saved as an incomplete "
+                            f"run: {path})")
     if stop:
         raise Interrupted(f"stopped by {stop.reason}: the {len(summaries)} completed context(s) were saved as an "
                           f"incomplete run; continue it with --resume {path}", 130 if stop.reason == "SIGINT" else 143)
     return path
 
 
-RESUMABLE = ("tokens", "repeats", "warmup", "threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers",
-             "mode")
+RESUMABLE = {"tokens": "tokens", "repeats": "repeats", "warmup": "warmup", "threads": "threads",
+             "flash_attn": "flash_attn", "cache_type_k": "cache_type_k", "cache_type_v": "cache_type_v",
+             "n_gpu_layers": "n_gpu_layers", "mode": "mode", "batch_size": "n_batch", "ubatch_size": "n_ubatch"}
 
 
-def resume_args(a, defaults) -> tuple[store.Run, list[tuple[str, int]], Path]:
-    """Take an incomplete run's parameters; refuse explicit flags that contradict them."""
+def given_flags(argv: list[str] | None) -> dict:
+    """The options the user actually typed (defaults suppressed)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def resume_args(a, given: dict) -> tuple[store.Run, list[tuple[str, int]], Path]:
+    """Take an incomplete run's parameters; refuse typed flags, devices or engines that contradict them."""
     run = store.read_run(a.resume)
     if run.meta.get("complete", True):
         raise UsageError(f"run is already complete, nothing to resume: {a.resume}")
     p = run.meta["params"]
-    for key in RESUMABLE:
-        given = getattr(a, key)
-        if given != getattr(defaults, key) and given != p[key]:
-            raise UsageError(f"cannot resume with --{key.replace('_', '-')} {given}: the run used {p[key]}")
-        setattr(a, key, p[key])
-    a.batch_size, a.ubatch_size = p["n_batch"], p["n_ubatch"]
-    a.label = a.label or run.meta["label"]
+    for key, stored in RESUMABLE.items():
+        if key in given and getattr(a, key) != p[stored]:
+            flag = key.replace("_", "-")
+            raise UsageError(f"cannot resume with --{flag} {getattr(a, key)}: the run used {p[stored]}")
+        setattr(a, key, p[stored])
     contexts = sorted(((c["label"], c["depth"]) for c in p["contexts"]), key=lambda kv: kv[1])
+    if "contexts" in given and parse_contexts(a.contexts) != contexts:
+        raise UsageError(f"cannot resume with --contexts {a.contexts}: the run used "
+                         f"{','.join(str(d) for _, d in contexts)}")
+    if "label" in given and a.label != run.meta["label"]:
+        raise UsageError(f"cannot resume with --label {a.label}: the run used {run.meta['label']}")
+    a.label = run.meta["label"]
+    a.threads_source = p.get("threads_source")
+    dev, here = run.meta.get("device", {}), device.device_info()
+    for key, now in (("cpu_model", here["cpu_model"]), ("hostname", here["hostname"])):
+        if dev.get(key) not in (None, now):
+            raise UsageError(f"cannot resume on another device ({key} {now!r}, the run has {dev.get(key)!r})")
+    if run.meta.get("engine_version") not in (None, engine.engine_version()):
+        raise UsageError(f"cannot resume with llama-cpp-python {engine.engine_version()}: the run used "
+                         f"{run.meta['engine_version']}")
     return run, contexts, Path(a.model or run.meta["model"]["path"])
 
 
@@ -271,7 +306,7 @@ def _main(argv: list[str] | None) -> int:
         if a.threads is not None and len(a.threads) != 1:
             raise UsageError("--resume takes a single thread count")
         a.threads = a.threads[0] if a.threads else None
-        run, contexts, model_path = resume_args(a, parser.parse_args([]))
+        run, contexts, model_path = resume_args(a, given_flags(argv))
         validate(a)
         run_sweep(a, contexts, model_path, resume=run)
         return 0

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from harness.errors import ArgParser, UsageError, run_cli
+from harness.fsutil import pid_alive
 from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
 from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, layout, type_nbytes
 
@@ -129,6 +130,15 @@ class _Filler:
         return out
 
 
+def _clean_stale_twin_temps(out: Path) -> None:
+    """Remove half-written twins left by killed writers (their process is gone)."""
+    for f in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = f.name[len(out.name) + 2: -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            log.warning("removing a half-written twin left by a killed writer: %s", f)
+            f.unlink(missing_ok=True)
+
+
 def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a twin GGUF atomically (temp file, then rename). Returns the final path."""
     if preset not in PRESETS:
@@ -146,6 +156,7 @@ def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"output folder is not writable: {out.parent}")
     tensors = layout(p, quant)
+    _clean_stale_twin_temps(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     w = gguf.GGUFWriter(str(tmp), p.arch)

@@ -191,8 +191,13 @@ def test_sigint_saves_completed_contexts_and_resume_completes(tiny_gguf, tmp_pat
 
     again = run_cli("harness.sweep", "--resume", str(runs[-1] if runs[-1] != part else runs[0]), "--out", str(out))
     _assert_clean_error(again, 2, "already complete")
-    wrong = run_cli("harness.sweep", "--resume", str(part), "--out", str(out), "-n", "7")
-    _assert_clean_error(wrong, 2, "cannot resume with --tokens 7")
+    for flags, needle in ((["-n", "7"], "cannot resume with --tokens 7"),
+                          (["--mode", "ops"], "cannot resume with --mode ops"),
+                          (["-c", "13"], "cannot resume with --contexts 13"),
+                          (["--label", "other"], "cannot resume with --label other")):
+        wrong = run_cli("harness.sweep", "--resume", str(part), "--out", str(out), *flags)
+        _assert_clean_error(wrong, 2, needle)
+    assert len(list(out.glob("*.parquet"))) == 2
 
 
 def test_killed_writer_leaves_nothing_visible(tiny_run, tmp_path):
@@ -277,3 +282,13 @@ def test_metadata_is_validated_on_write(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="units"):
         store.write_run(run.ops, no_units, tmp_path, "x.parquet")
     assert not list(tmp_path.iterdir())
+
+
+def test_half_written_twin_of_a_dead_writer_is_removed(tmp_path):
+    from harness.twin import write_twin
+
+    stale = tmp_path / ".t.gguf.999999999.tmp"
+    stale.write_bytes(b"GGUF partial")
+    write_twin("tiny", "q4_k_m", tmp_path / "t.gguf")
+    assert not stale.exists() and (tmp_path / "t.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.gguf"]
