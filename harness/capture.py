@@ -26,7 +26,7 @@ from harness.errors import EngineError
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
-NOOP_OPS = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+NOOP_OPS = schema.NOOP_OPS
 
 
 @dataclass(frozen=True)

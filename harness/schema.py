@@ -8,9 +8,11 @@ This is the one place both live. A stage is decided per node, in this order:
    weight (``*.weight``) takes the stage of that weight (``blk.N.ffn_up.weight`` -> ffn, ...).
 3. **name rule**: the node's own name, with its ``-N`` layer suffix and ``(view)``-style
    suffixes stripped, looked up in ``NAME_STAGES`` (exact names, then prefixes).
-4. **propagation**: an unnamed node (``node_N`` or empty) or a generic one (bare ``norm``, the
-   RMS_NORM that ``build_norm`` emits before the named weight multiply) takes the stage of the
-   next node that rules 1-3 decide.
+0. **no-op nodes** (``VIEW``, ``RESHAPE``, ``PERMUTE``, ``TRANSPOSE``) compute nothing; they
+   propagate (rule 4), so a view joins its consumer's stage instead of splitting a stage run.
+4. **propagation**: an unnamed node (``node_N`` or empty), a generic one (bare ``norm``, the
+   RMS_NORM that ``build_norm`` emits before the named weight multiply) or a no-op node takes the
+   stage of the next node that rules 1-3 decide.
 5. Anything left is ``other``; no node is ever dropped.
 """
 
@@ -51,6 +53,7 @@ _SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
 _LAYER_RE = re.compile(r"-(\d+)$")
 _UNNAMED_RE = re.compile(r"^(node_\d+|leaf_\d+)?$")
 GENERIC_NAMES = {"norm"}
+NOOP_OPS = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "NONE"}
 
 # weight-name fragments -> stage (first match wins; names like "blk.3.ffn_down.weight")
 WEIGHT_STAGES: tuple[tuple[str, str], ...] = (
@@ -117,6 +120,8 @@ def classify_weight(weight: str, op: str) -> str | None:
 
 def classify_own(name: str, op: str, src0: str) -> str | None:
     """Stage from rules 1-3, or None when the node must take its stage from the next one."""
+    if op in NOOP_OPS:
+        return None  # computes nothing: plumbing for its consumer (saves a sync at stage edges)
     if op == "FLASH_ATTN_EXT":
         return ATTN_KV
     if _CACHE_RE.match(name):

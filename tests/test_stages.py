@@ -40,7 +40,7 @@ def test_gemma3n_layer_fragment():
     got = s.classify_graph(nodes)
     assert got == [
         s.OTHER, s.GEMMA3N_EXTRA, s.NORM, s.NORM, s.ATTN_PROJ, s.ATTN_PROJ, s.ATTN_PROJ, s.KV_STORE, s.ATTN_KV,
-        s.ATTN_KV, s.ATTN_KV, s.ATTN_PROJ, s.GEMMA3N_EXTRA, s.FFN, s.FFN, s.FFN, s.FFN, s.NORM, s.NORM,
+        s.ATTN_KV, s.ATTN_PROJ, s.ATTN_PROJ, s.GEMMA3N_EXTRA, s.FFN, s.FFN, s.FFN, s.FFN, s.NORM, s.NORM,
         s.GEMMA3N_EXTRA, s.OTHER, s.LM_HEAD, s.LM_HEAD, s.LM_HEAD, s.OTHER,
     ]
     layers = s.classify_layers(nodes)
@@ -67,3 +67,14 @@ def test_shared_kv_cache_view_takes_reader_layer():
     nodes = [("cache_k_l18 (view)", "VIEW", "cache_k_l18"), ("node_5", "FLASH_ATTN_EXT", "q"),
              ("kqv_out-23", "RESHAPE", "node_5")]
     assert s.classify_layers(nodes) == [23, 23, 23]
+
+
+def test_noop_views_join_their_consumer():
+    nodes = [
+        ("cache_k_l5 (view)", "SET_ROWS", "Kcur_pos-5 (view)"),
+        ("Vcur_normed-5 (view)", "VIEW", "Vcur_normed-5"),  # feeds the V store
+        ("cache_v_l5 (view)", "SET_ROWS", "Vcur_normed-5 (view)"),
+        ("Qcur_pos-5 (view) (permuted)", "PERMUTE", "Qcur_pos-5 (view)"),  # feeds attention
+        ("node_566", "FLASH_ATTN_EXT", "Qcur_pos-5 (view) (permuted)"),
+    ]
+    assert s.classify_graph(nodes) == [s.KV_STORE, s.KV_STORE, s.KV_STORE, s.ATTN_KV, s.ATTN_KV]
