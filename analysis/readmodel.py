@@ -25,11 +25,16 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import gguf
-
 from harness import schema
 from harness.errors import InputError, UsageError
-from harness.gguf_model import ModelInfo, TensorRecord, read_model
+from harness.gguf_model import (  # noqa: F401 - re-exported as part of this module's API
+    GEMMA3N_KV_FROM_START,
+    ModelInfo,
+    TensorRecord,
+    cache_type_bytes,
+    kv_owners,
+    read_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,6 @@ READ_STAGES = (schema.FFN, schema.ATTN_KV, schema.KV_STORE, schema.ATTN_PROJ, sc
                schema.GEMMA3N_EXTRA, schema.NORM, EMBED, schema.OTHER)
 VARIANTS = ("exact", "exact_padded", "seed")
 KV_PAD_CELLS = 256  # llama.cpp pads the KV view to this many cells without flash attention
-GEMMA3N_KV_FROM_START = 20  # llama.cpp src/models/gemma3n.cpp: hparams.n_layer_kv_from_start
 DEFAULT_SWA_PERIOD = {"gemma3n": 5, "gemma3": 6, "gemma2": 2}  # every Nth layer (il % N == N-1) is global
 _EMBED_TABLES = ("token_embd.weight", "per_layer_token_embd.weight")
 _EXTRA_FRAGMENTS = ("altup", "laurel", "per_layer_model_proj", ".inp_gate.", ".proj.")
@@ -114,15 +118,6 @@ def _pad(n: int, to: int) -> int:
     return int(math.ceil(n / to) * to)
 
 
-def cache_type_bytes(cache_type: str) -> float:
-    """Bytes per element of a KV-cache type: f16 -> 2, q8_0 -> 34/32, q4_0 -> 18/32."""
-    try:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[cache_type.upper()]]
-    except KeyError:
-        raise UsageError(f"unknown KV cache type {cache_type!r}") from None
-    return size / block
-
-
 def row_bytes(t: TensorRecord) -> float:
     """Bytes of one row (one token's entry) of a lookup table."""
     n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
@@ -163,12 +158,6 @@ def _swa_pattern(info: ModelInfo) -> list[bool]:
         log.warning("%s: sliding_window set but no pattern; treating every layer as sliding", info.arch)
         return [True] * n_layer
     return [il % period != period - 1 for il in range(n_layer)]
-
-
-def kv_owners(info: ModelInfo) -> list[bool]:
-    """Per layer: does it own a KV cache? (Gemma 3n: only layers below 20.)"""
-    n_from = min(GEMMA3N_KV_FROM_START, info.n_layer) if info.arch == "gemma3n" else info.n_layer
-    return [il < n_from for il in range(info.n_layer)]
 
 
 def _skipped(t: TensorRecord, owners: list[bool]) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import InputError
+from harness.errors import InputError, UsageError
 
 SYNTHETIC_KEY = "harness.synthetic"
 SYNTHETIC_PRESET_KEY = "harness.twin_preset"
@@ -23,6 +23,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+GEMMA3N_KV_FROM_START = 20  # llama.cpp src/models/gemma3n.cpp: hparams.n_layer_kv_from_start
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,23 @@ class ModelInfo:
             hparams=dict(d["hparams"]), tensors=tensors, synthetic=bool(d.get("synthetic", False)),
             twin_preset=d.get("twin_preset", ""),
         )
+
+
+def cache_type_bytes(cache_type: str) -> float:
+    """Bytes per element of a KV-cache type: f16 -> 2, q8_0 -> 34/32, q4_0 -> 18/32."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[cache_type.upper()]]
+    except KeyError:
+        raise UsageError(f"unknown KV cache type {cache_type!r}") from None
+    return size / block
+
+
+def kv_owners(info: ModelInfo) -> list[bool]:
+    """Per layer: does it own a KV cache? (Gemma 3n: only layers below 20; the rest reuse 18/19's.)"""
+    n_from = min(GEMMA3N_KV_FROM_START, info.n_layer) if info.arch == "gemma3n" else info.n_layer
+    return [il < n_from for il in range(info.n_layer)]
 
 
 def _field_value(field):

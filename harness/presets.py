@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import gguf
 
+from harness.gguf_model import GEMMA3N_KV_FROM_START
+
 T = gguf.MODEL_TENSOR
 
 
@@ -37,7 +39,7 @@ class Preset:
     n_altup: int = 4
     laurel_rank: int = 64
     n_layer_sparsity: int = 10
-    n_layer_kv_from_start: int = 20  # gemma3n: hard-coded in llama.cpp (src/models/gemma3n.cpp)
+    n_layer_kv_from_start: int = GEMMA3N_KV_FROM_START  # gemma3n: hard-coded in llama.cpp
     rope_freq_base: float = 1_000_000.0
     rope_freq_base_swa: float = 10_000.0
     final_logit_softcap: float = 30.0

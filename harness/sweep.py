@@ -25,7 +25,7 @@ import psutil
 from harness import __version__, device, engine, report, schema, store
 from harness.capture import MODES, Capture
 from harness.errors import ArgParser, HarnessError, InputError, UsageError, run_cli
-from harness.gguf_model import content_hash, read_model
+from harness.gguf_model import cache_type_bytes, content_hash, kv_owners, read_model
 from harness.runner import ContextResult, LoopSettings, StopFlag, measure_context
 from harness.twin import DEFAULT_MODEL, ensure_default_model, first_normal_token
 
@@ -135,17 +135,15 @@ class Interrupted(HarnessError):
 def estimate_memory_bytes(info, n_ctx: int, cache_type_k: str, cache_type_v: str) -> int:
     """Model weights + two contexts' KV caches (plain and profiled) + ~0.5 GiB compute buffers."""
     hp = info.hparams
-    n_layer = info.n_layer
-    kv_layers = min(n_layer, 20) if info.arch == "gemma3n" else n_layer
+
     def scalar(v, default):
         return max(v) if isinstance(v, list) and v else (default if v is None else v)
 
     n_kv = int(scalar(hp.get("attention.head_count_kv"), scalar(hp.get("attention.head_count"), 1)) or 1)
     k_len = int(scalar(hp.get("attention.key_length"), 128))
     v_len = int(scalar(hp.get("attention.value_length"), k_len))
-    bpe = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32,
-           "q5_1": 24 / 32}
-    kv = kv_layers * n_ctx * n_kv * (k_len * bpe[cache_type_k] + v_len * bpe[cache_type_v])
+    cell = n_kv * (k_len * cache_type_bytes(cache_type_k) + v_len * cache_type_bytes(cache_type_v))
+    kv = sum(kv_owners(info)) * n_ctx * cell
     return int(info.tensor_bytes + 2 * kv + (512 << 20))
 
 
