@@ -26,7 +26,6 @@ from harness.errors import EngineError
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
-NOOP_OPS = schema.NOOP_OPS
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ class Capture:
         self._ask = [True] * len(self.nodes)
         if self.hook:
             self.hook.set_ask(self._ask)
-        noop = {i for i, n in enumerate(self.nodes) if n.op in NOOP_OPS}
+        noop = {i for i, n in enumerate(self.nodes) if n.op in schema.NOOP_OPS}
         times: list[int] = []
         try:
             for _ in range(steps):
