@@ -29,11 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis import fleet, slope
-from harness import schema
-from harness.errors import ArgParser, UsageError, run_cli
+from harness import columns, stages
+from harness.cli import ArgParser, run_cli
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
-GBPS_STAGES = (schema.FFN, schema.ATTN_KV)
+GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
 NAN = float("nan")
 
 
@@ -76,7 +77,7 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
                "complete": g.complete, "reference": g.reference, "model_key": g.model_key,
                "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
                "tokens_per_s": 1000.0 / plain if plain > 0 else NAN}
-        for s in schema.STAGES:
+        for s in stages.STAGES:
             row[f"{s}_ms"] = _wmean([c.stage_ms.get(s, NAN) for _, c in items], w)
             row[f"{s}_pct"] = _wmean([c.stage_pct.get(s, NAN) for _, c in items], w)
         nbytes = rm.bytes_per_token(depth) if rm is not None else {}
@@ -129,8 +130,8 @@ def _ops_tokens(i: int, path: str) -> pa.Table | None:
         return None
     if t.num_rows == 0:
         return None
-    keys = [c for c in slope.NEEDED_COLUMNS if c != schema.TIME_US]
-    t = t.group_by(keys).aggregate([(schema.TIME_US, "sum")]).rename_columns([*keys, schema.TIME_US])
+    keys = [c for c in slope.NEEDED_COLUMNS if c != columns.TIME_US]
+    t = t.group_by(keys).aggregate([(columns.TIME_US, "sum")]).rename_columns([*keys, columns.TIME_US])
     return t.append_column(slope.RUN, pa.array(np.full(t.num_rows, i, dtype=np.int64)))
 
 
@@ -138,7 +139,7 @@ def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
     """Long table: device, group, stage + slope.SLOPE_COLUMNS, pooling every timed token of a group's runs."""
     runs = [(gi, r.path) for gi, g in enumerate(groups) for r in g.runs]
     parts = [t for t in (_ops_tokens(i, p) for i, (_, p) in enumerate(runs)) if t is not None]
-    cols = ["device", "group", schema.STAGE, *slope.SLOPE_COLUMNS]
+    cols = ["device", "group", columns.STAGE, *slope.SLOPE_COLUMNS]
     if not parts:
         return pd.DataFrame(columns=cols)
     tok = slope.token_stage_ms(pa.concat_tables(parts, promote_options="permissive").to_pandas())
@@ -146,7 +147,7 @@ def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
     out = []
     for gi, sub in tok.groupby(run_group[tok[slope.RUN].to_numpy()], sort=True):
         fit = slope.fit_tokens(sub).reset_index()
-        fit = fit[fit[schema.STAGE].map(lambda s, sub=sub: bool((sub[s] != 0).any()))]
+        fit = fit[fit[columns.STAGE].map(lambda s, sub=sub: bool((sub[s] != 0).any()))]
         out.append(fit.assign(device=groups[gi].label, group=names[gi]))
     return pd.concat(out, ignore_index=True)[cols]
 
@@ -158,13 +159,13 @@ def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tu
                        for row in pooled_rows(g, n, gi)])
     df = df.sort_values(["depth", "context", "device", "group"], kind="stable", ignore_index=True)
     notes = add_baseline(df, groups, baseline)
-    sl = group_slopes(groups, names) if slopes else pd.DataFrame(columns=["device", "group", schema.STAGE])
+    sl = group_slopes(groups, names) if slopes else pd.DataFrame(columns=["device", "group", columns.STAGE])
     if not sl.empty:
-        wide = sl.pivot_table(index=["device", "group"], columns=schema.STAGE, aggfunc="first", dropna=False,
+        wide = sl.pivot_table(index=["device", "group"], columns=columns.STAGE, aggfunc="first", dropna=False,
                               values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
         wide.columns = [f"{s}_slope_ms_per_1k" if v == "slope_ms_per_1k" else f"{s}_slope_{v}"
                         for v, s in wide.columns]
-        order = [c for s in schema.STAGES for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k",
+        order = [c for s in stages.STAGES for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k",
                                                     f"{s}_slope_ci95_high_ms_per_1k") if c in wide.columns]
         df = df.merge(wide[order].reset_index(), on=["device", "group"], how="left")
     return df, sl, notes
@@ -180,28 +181,28 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: str, n_runs: int) -> str:
-    stages = [s for s in schema.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
+    shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     out = [f"# Decode compare: {n_runs} runs, {df['device'].nunique()} devices, "
            f"{df[['device', 'group']].drop_duplicates().shape[0]} groups; baseline: {baseline}", "",
            "ms/token: plain pass (no profiler); stage ms (% of profiled time); GB/s: read-model bytes / stage time; "
            "x roofline: plain ms / (bytes per token / measured bandwidth); speedup: baseline ms / row ms."]
     for (depth, ctx), sub in df.groupby(["depth", "context"], sort=True):
-        head = ["device", "group", "runs", "ms/tok", "±", "tok/s", *(f"{s} ms (%)" for s in stages),
+        head = ["device", "group", "runs", "ms/tok", "±", "tok/s", *(f"{s} ms (%)" for s in shown),
                 "ffn GB/s", "attn_kv GB/s", "bw GB/s", "x roofline", "speedup", "base note"]
         rows = [[r["device"], r["group"], str(r["runs"]), _f(r["plain_ms"]),
                  f"{_f(r['plain_sd_ms'])} ({r['sd_over']})" if _f(r["plain_sd_ms"]) else "",
                  _f(r["tokens_per_s"], ".1f"),
                  *(f"{_f(r[f'{s}_ms'])} ({_f(r[f'{s}_pct'], '.1f')})" if not math.isnan(r[f"{s}_ms"]) else ""
-                   for s in stages),
+                   for s in shown),
                  _f(r["ffn_gbps"], ".1f"), _f(r["attn_kv_gbps"], ".1f"), _f(r["bandwidth_gbps"], ".1f"),
                  _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"]] for _, r in sub.iterrows()]
         out += ["", f"## context {ctx} (depth {depth})", "", *_md_table(head, rows)]
     if not sl.empty:
-        st = [s for s in schema.STAGES if s in set(sl[schema.STAGE])]
+        st = [s for s in stages.STAGES if s in set(sl[columns.STAGE])]
         out += ["", "## slope: stage ms/token per 1,000 KV tokens [95 % CI], least squares over timed tokens", ""]
         rows = []
         for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
-            by = sub.set_index(schema.STAGE)
+            by = sub.set_index(columns.STAGE)
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
                      f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
             rows.append([dev, grp, str(int(by["n_tokens"].max())), str(int(by["n_depths"].max())), *cells])

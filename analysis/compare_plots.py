@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import schema  # noqa: E402
+from harness import stages  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -70,20 +70,20 @@ def _maybe_log(ax, totals) -> None:
 
 def plot_stage_ms(df: pd.DataFrame, out: Path) -> list[Path]:
     keys = _keys(df)
-    stages = [s for s in schema.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
+    shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     ctxs = _contexts(df)
-    fig, axes = _panels(len(ctxs), max(4.5, 0.12 * len(stages) * len(keys) + 1.5))
+    fig, axes = _panels(len(ctxs), max(4.5, 0.12 * len(shown) * len(keys) + 1.5))
     width = 0.8 / max(1, len(keys))
-    x = np.arange(len(stages))
+    x = np.arange(len(shown))
     for ax, (depth, ctx) in zip(axes, ctxs, strict=True):
         sub = df[(df["depth"] == depth) & (df["context"] == ctx)]
         totals = []
         for i, k in enumerate(keys):
             r = sub[sub["device"] + " | " + sub["group"] == k]
-            vals = [float(r[f"{s}_ms"].iloc[0]) if len(r) else np.nan for s in stages]
+            vals = [float(r[f"{s}_ms"].iloc[0]) if len(r) else np.nan for s in shown]
             totals.append(np.nansum(vals))
             ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, label=k, color=f"C{i % 10}")
-        ax.set_xticks(x, stages, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, shown, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("ms / token")
         _maybe_log(ax, totals)
         ax.set_title(f"context {ctx} (depth {depth})", fontsize=10)
@@ -95,9 +95,9 @@ def plot_stage_ms(df: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_stage_share(df: pd.DataFrame, out: Path) -> list[Path]:
     keys = _keys(df)
-    stages = [s for s in schema.STAGES if (df[f"{s}_pct"].fillna(0) >= 1.0).any()]
-    fig, axes = _panels(len(stages), 4.2)
-    for ax, s in zip(axes, stages, strict=True):
+    shown = [s for s in stages.STAGES if (df[f"{s}_pct"].fillna(0) >= 1.0).any()]
+    fig, axes = _panels(len(shown), 4.2)
+    for ax, s in zip(axes, shown, strict=True):
         for i, k in enumerate(keys):
             r = df[df["device"] + " | " + df["group"] == k].sort_values("depth")
             ax.plot(r["depth"], r[f"{s}_pct"], marker="o", ms=4, label=k, color=f"C{i % 10}")

@@ -20,14 +20,15 @@ from matplotlib.figure import Figure
 
 from analysis import table
 from analysis.readmodel import ReadModel
-from harness import schema, store
-from harness.errors import ArgParser, UsageError, run_cli
+from harness import stages, store
+from harness.cli import ArgParser, run_cli
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
 MIB = table.MIB
-COLORS = {schema.FFN: "#1f77b4", schema.ATTN_KV: "#d62728", schema.KV_STORE: "#ff9896",
-          schema.ATTN_PROJ: "#ff7f0e", schema.LM_HEAD: "#2ca02c", schema.GEMMA3N_EXTRA: "#9467bd",
-          schema.NORM: "#8c564b", schema.OTHER: "#7f7f7f", schema.HOST: "#bcbd22"}
+COLORS = {stages.FFN: "#1f77b4", stages.ATTN_KV: "#d62728", stages.KV_STORE: "#ff9896",
+          stages.ATTN_PROJ: "#ff7f0e", stages.LM_HEAD: "#2ca02c", stages.GEMMA3N_EXTRA: "#9467bd",
+          stages.NORM: "#8c564b", stages.OTHER: "#7f7f7f", stages.HOST: "#bcbd22"}
 FIGURES = ("read_per_token", "stage_shares", "stage_ms", "roofline")
 
 
@@ -53,12 +54,12 @@ def plot_read_per_token(meta: dict, model: ReadModel) -> Figure:
     fig, ax = _subplots(figsize=(7.5, 4.5))
     d_max = max(int(df["input_tokens"].max()) if len(df) else 1, 1)
     grid = np.unique(np.linspace(0, d_max * 1.15, 300).astype(int))
-    ffn = [model.bytes_per_token(int(d))[schema.FFN] / MIB for d in grid]
-    kv = [model.bytes_per_token(int(d))[schema.ATTN_KV] / MIB for d in grid]
-    ax.plot(grid, ffn, color=COLORS[schema.FFN], lw=1.5, label="FFN weights (model)")
-    ax.plot(grid, kv, color=COLORS[schema.ATTN_KV], lw=1.5, label="Attention KV cache (model)")
-    ax.plot(df["input_tokens"], df["ffn_read_mib"], "o", color=COLORS[schema.FFN], label="FFN at swept contexts")
-    ax.plot(df["input_tokens"], df["attn_read_mib"], "o", color=COLORS[schema.ATTN_KV],
+    ffn = [model.bytes_per_token(int(d))[stages.FFN] / MIB for d in grid]
+    kv = [model.bytes_per_token(int(d))[stages.ATTN_KV] / MIB for d in grid]
+    ax.plot(grid, ffn, color=COLORS[stages.FFN], lw=1.5, label="FFN weights (model)")
+    ax.plot(grid, kv, color=COLORS[stages.ATTN_KV], lw=1.5, label="Attention KV cache (model)")
+    ax.plot(df["input_tokens"], df["ffn_read_mib"], "o", color=COLORS[stages.FFN], label="FFN at swept contexts")
+    ax.plot(df["input_tokens"], df["attn_read_mib"], "o", color=COLORS[stages.ATTN_KV],
             label="Attention KV at swept contexts")
     ax.set_yscale("log")
     ax.set_title(f"Per-token memory read estimate ({model.variant} read model){_title_suffix(meta)}", fontsize=10)
@@ -74,11 +75,11 @@ def plot_stage_shares(meta: dict) -> Figure:
     ctxs = sorted(meta.get("contexts", []), key=lambda c: c["depth"])
     depths = [c["depth"] for c in ctxs]
     fig, ax = _subplots(figsize=(7.5, 4.5))
-    for s in schema.STAGES:
+    for s in stages.STAGES:
         vals = [float(c.get("stage_pct", {}).get(s, 0.0)) for c in ctxs]
         if not any(v > 0 for v in vals):
             continue
-        bold = s in (schema.FFN, schema.ATTN_KV)
+        bold = s in (stages.FFN, stages.ATTN_KV)
         ax.plot(depths, vals, marker="o", lw=2.2 if bold else 1.0, alpha=1.0 if bold else 0.8, color=COLORS[s],
                 label=s)
     ax.set_xticks(depths, [f"{c['depth']}\n{c['context']}" for c in ctxs], fontsize=8)
@@ -98,7 +99,7 @@ def plot_stage_ms(meta: dict) -> Figure:
     x = np.arange(len(ctxs))
     fig, ax = _subplots(figsize=(7.5, 4.5))
     bottom = np.zeros(len(ctxs))
-    for s in schema.STAGES:
+    for s in stages.STAGES:
         vals = np.array([float(c.get("stage_ms", {}).get(s, 0.0)) for c in ctxs])
         if not (vals > 0).any():
             continue
@@ -122,7 +123,7 @@ def plot_roofline(meta: dict, model: ReadModel) -> Figure:
     fig, ax = _subplots(figsize=(7.5, 4.8))
     markers = "osD^v<>p*h"
     ctx_order = list(dict.fromkeys(sb.sort_values("depth")["context"]))
-    for s in schema.STAGES:
+    for s in stages.STAGES:
         part = sb[sb["stage"] == s]
         for _, r in part.iterrows():
             ax.scatter(r["bytes_read"] / MIB, r["measured_ms"], color=COLORS[s],

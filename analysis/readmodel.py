@@ -12,10 +12,10 @@ Variants (``ReadModel.variant``):
 - ``exact_padded``: as ``exact``, but the KV read covers the cell count padded up to a
   multiple of 256 (sliding layers capped at the padded window), as the non-flash-attention
   path multiplies over the whole padded cache view, masked cells included. An upper bound.
-- ``seed``: the seed notebook's simplified accounting (``analysis.seed``): INT4 FFN weights
+- ``seed``: the seed notebook's simplified accounting (``analysis.baseline``): INT4 FFN weights
   and an F16 KV cache over L cells in all 35 layers; nothing else.
 
-Stage keys are ``harness.schema`` stages plus ``embed`` (the two embedding-row lookups).
+Stage keys are ``harness.stages`` stages plus ``embed`` (the two embedding-row lookups).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from harness import schema
+from harness import stages
 from harness.errors import InputError, UsageError
 from harness.gguf_model import (  # noqa: F401 - re-exported as part of this module's API
     GEMMA3N_KV_FROM_START,
@@ -39,8 +39,8 @@ from harness.gguf_model import (  # noqa: F401 - re-exported as part of this mod
 log = logging.getLogger(__name__)
 
 EMBED = "embed"
-READ_STAGES = (schema.FFN, schema.ATTN_KV, schema.KV_STORE, schema.ATTN_PROJ, schema.LM_HEAD,
-               schema.GEMMA3N_EXTRA, schema.NORM, EMBED, schema.OTHER)
+READ_STAGES = (stages.FFN, stages.ATTN_KV, stages.KV_STORE, stages.ATTN_PROJ, stages.LM_HEAD,
+               stages.GEMMA3N_EXTRA, stages.NORM, EMBED, stages.OTHER)
 VARIANTS = ("exact", "exact_padded", "seed")
 KV_PAD_CELLS = 256  # llama.cpp pads the KV view to this many cells without flash attention
 DEFAULT_SWA_PERIOD = {"gemma3n": 5, "gemma3": 6, "gemma2": 2}  # every Nth layer (il % N == N-1) is global
@@ -102,8 +102,8 @@ class ReadModel:
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
         out = {s: float(self.weight_bytes.get(s, 0.0)) for s in READ_STAGES}
-        out[schema.ATTN_KV] = self.kv_read_bytes(depth)
-        out[schema.KV_STORE] = self.kv_store_bytes()
+        out[stages.ATTN_KV] = self.kv_read_bytes(depth)
+        out[stages.KV_STORE] = self.kv_store_bytes()
         return out
 
     def total_bytes_per_token(self, depth: int) -> float:
@@ -127,18 +127,18 @@ def row_bytes(t: TensorRecord) -> float:
 def weight_stage(name: str) -> str:
     """Read-model stage of a weight tensor (``embed`` for the lookup tables)."""
     if name.endswith("_norm.weight") or "altup_correct_scale" in name:
-        return schema.NORM
+        return stages.NORM
     if name in _EMBED_TABLES:
         return EMBED
     if ".ffn_" in name:
-        return schema.FFN
+        return stages.FFN
     if any(f".{p}." in name for p in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv")):
-        return schema.ATTN_PROJ
+        return stages.ATTN_PROJ
     if name.startswith("output.") or name == "output.weight":
-        return schema.LM_HEAD
+        return stages.LM_HEAD
     if any(f in name for f in _EXTRA_FRAGMENTS):
-        return schema.GEMMA3N_EXTRA
-    return schema.OTHER
+        return stages.GEMMA3N_EXTRA
+    return stages.OTHER
 
 
 def _per_layer(hp: dict, key: str, il: int, default: int = 0) -> int:
@@ -187,7 +187,7 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         if stage == EMBED:
             weights[EMBED] += row_bytes(t)
             if t.name == "token_embd.weight" and not has_output:
-                weights[schema.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
+                weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
         else:
             weights[stage] += t.n_bytes
     bk, bv = cache_type_bytes(cache_type_k), cache_type_bytes(cache_type_v)
@@ -258,6 +258,6 @@ def preset_model_info(preset: str, quant: str = "q4_k_m") -> ModelInfo:
 
 
 def seed_model() -> ReadModel:
-    from analysis import seed
+    from analysis import baseline
 
-    return seed.seed_read_model()
+    return baseline.seed_read_model()

@@ -18,10 +18,10 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from harness import schema
+from harness import columns, stages
 
-TOKEN_KEY = (schema.CONTEXT, schema.REPEAT, schema.STEP)
-NEEDED_COLUMNS = [schema.CONTEXT, schema.DEPTH, schema.REPEAT, schema.STEP, schema.STAGE, schema.TIME_US]
+TOKEN_KEY = (columns.CONTEXT, columns.REPEAT, columns.STEP)
+NEEDED_COLUMNS = [columns.CONTEXT, columns.DEPTH, columns.REPEAT, columns.STEP, columns.STAGE, columns.TIME_US]
 RUN = "run"  # optional extra token-key column when several runs are pooled
 SLOPE_COLUMNS = ["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k", "intercept_ms", "n_tokens",
                  "n_depths"]
@@ -113,7 +113,7 @@ def fit_slope(depth: np.ndarray, ms: np.ndarray) -> SlopeFit:
 def token_stage_ms(ops: pd.DataFrame) -> pd.DataFrame:
     """One row per timed token (key columns + depth), one column per stage in ms; 0 where a token lacks a stage."""
     key = [c for c in (RUN, *TOKEN_KEY) if c in ops.columns]
-    wide = ops.pivot_table(index=[*key, schema.DEPTH], columns=schema.STAGE, values=schema.TIME_US,
+    wide = ops.pivot_table(index=[*key, columns.DEPTH], columns=columns.STAGE, values=columns.TIME_US,
                            aggfunc="sum", fill_value=0.0, observed=True) / 1000.0
     wide.columns = [str(c) for c in wide.columns]
     return wide.reset_index()
@@ -121,10 +121,10 @@ def token_stage_ms(ops: pd.DataFrame) -> pd.DataFrame:
 
 def fit_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
     """Slopes per stage from ``token_stage_ms`` output (index: stage, columns: SLOPE_COLUMNS)."""
-    stages = [s for s in schema.STAGES if s in tokens.columns]
-    stages += sorted(c for c in tokens.columns if c not in stages and c not in (RUN, *TOKEN_KEY, schema.DEPTH))
-    rows = {s: vars(fit_slope(tokens[schema.DEPTH].to_numpy(), tokens[s].to_numpy())) for s in stages}
-    return pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS).rename_axis(schema.STAGE)
+    shown = [s for s in stages.STAGES if s in tokens.columns]
+    shown += sorted(c for c in tokens.columns if c not in shown and c not in (RUN, *TOKEN_KEY, columns.DEPTH))
+    rows = {s: vars(fit_slope(tokens[columns.DEPTH].to_numpy(), tokens[s].to_numpy())) for s in shown}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS).rename_axis(columns.STAGE)
 
 
 def stage_slopes(ops_df: pd.DataFrame) -> pd.DataFrame:
@@ -136,5 +136,5 @@ def stage_slopes(ops_df: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"ops table lacks columns {missing}")
     if ops_df.empty:
-        return pd.DataFrame(columns=SLOPE_COLUMNS).rename_axis(schema.STAGE)
+        return pd.DataFrame(columns=SLOPE_COLUMNS).rename_axis(columns.STAGE)
     return fit_tokens(token_stage_ms(ops_df))

@@ -26,13 +26,14 @@ import pandas as pd
 from analysis import readmodel
 from analysis.readmodel import ReadModel
 from analysis.slope import stage_slopes
-from harness import schema, store
-from harness.errors import ArgParser, UsageError, run_cli
+from harness import columns, stages, store
+from harness.cli import ArgParser, run_cli
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
 MIB = 1024**2
-REST_STAGES = (schema.LM_HEAD, schema.ATTN_PROJ, schema.GEMMA3N_EXTRA, schema.NORM, schema.KV_STORE, schema.OTHER,
-               schema.HOST)
+REST_STAGES = (stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N_EXTRA, stages.NORM, stages.KV_STORE, stages.OTHER,
+               stages.HOST)
 VARIANT_CHOICES = ("auto", *readmodel.VARIANTS)
 
 # (column, markdown header, format); the first eight are the seed notebook's table
@@ -104,18 +105,18 @@ def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
         b = model.bytes_per_token(depth)
         total = sum(b.values())
         ms, pct = c.get("stage_ms", {}), c.get("stage_pct", {})
-        ffn_ms, attn_ms, decode_ms = float(ms.get(schema.FFN, 0.0)), float(ms.get(schema.ATTN_KV, 0.0)), c["plain_ms"]
+        ffn_ms, attn_ms, decode_ms = float(ms.get(stages.FFN, 0.0)), float(ms.get(stages.ATTN_KV, 0.0)), c["plain_ms"]
         roofline_ms = total / (bw * 1e9) * 1e3 if bw else math.nan
         row = {
             "context": str(c["context"]), "input_tokens": depth,
             "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
-            "ffn_read_mib": b[schema.FFN] / MIB, "attn_read_mib": b[schema.ATTN_KV] / MIB,
-            "attn_ffn_read_ratio": _div(b[schema.ATTN_KV], b[schema.FFN]),
-            "ffn_pct": float(pct.get(schema.FFN, 0.0)), "attn_pct": float(pct.get(schema.ATTN_KV, 0.0)),
+            "ffn_read_mib": b[stages.FFN] / MIB, "attn_read_mib": b[stages.ATTN_KV] / MIB,
+            "attn_ffn_read_ratio": _div(b[stages.ATTN_KV], b[stages.FFN]),
+            "ffn_pct": float(pct.get(stages.FFN, 0.0)), "attn_pct": float(pct.get(stages.ATTN_KV, 0.0)),
             "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": float(decode_ms),
             "total_read_mib": total / MIB,
-            "ffn_gbps": _div(b[schema.FFN], ffn_ms * 1e-3) / 1e9,
-            "attn_gbps": _div(b[schema.ATTN_KV], attn_ms * 1e-3) / 1e9,
+            "ffn_gbps": _div(b[stages.FFN], ffn_ms * 1e-3) / 1e9,
+            "attn_gbps": _div(b[stages.ATTN_KV], attn_ms * 1e-3) / 1e9,
             "roofline_ms": roofline_ms, "measured_over_roofline": _div(decode_ms, roofline_ms),
         }
         row.update({f"{s}_pct": float(pct.get(s, 0.0)) for s in REST_STAGES})
@@ -130,9 +131,9 @@ def stage_bytes_table(meta: dict, model: ReadModel) -> pd.DataFrame:
     rows = []
     for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
         b = model.bytes_per_token(int(c["depth"]))
-        for stage in schema.STAGES:
+        for stage in stages.STAGES:
             rows.append({"context": str(c["context"]), "depth": int(c["depth"]), "stage": stage,
-                         "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == schema.OTHER else 0.0),
+                         "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == stages.OTHER else 0.0),
                          "measured_ms": float(c.get("stage_ms", {}).get(stage, 0.0))})
     return pd.DataFrame(rows)
 
@@ -176,7 +177,7 @@ NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/
 
 def slope_table(ops: pd.DataFrame | None) -> pd.DataFrame | None:
     """Per-stage ms/token slope against depth (ms per 1,000 KV tokens, 95 % CI), for runs with >= 3 depths."""
-    if ops is None or ops.empty or ops[schema.DEPTH].nunique() < 3:
+    if ops is None or ops.empty or ops[columns.DEPTH].nunique() < 3:
         return None
     return stage_slopes(ops)
 

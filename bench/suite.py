@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.readmodel import from_run  # noqa: E402
-from harness import schema  # noqa: E402
+from harness import columns  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"stages_overhead": 1.01, "ops_overhead": 1.10, "attributed_pct": 99.5, "mode_agreement_pp": 2.0,
@@ -40,10 +40,10 @@ TARGETS = {"stages_overhead": 1.01, "ops_overhead": 1.10, "attributed_pct": 99.5
 
 
 def ratio_ci(tokens, context: str) -> tuple[float, float]:
-    t = tokens[tokens[schema.CONTEXT] == context]
-    idx = [schema.REPEAT, schema.STEP]
-    plain = t[t[schema.PASS] == "plain"].set_index(idx)[schema.WALL_US]
-    prof = t[t[schema.PASS] == "profiled"].set_index(idx)[schema.WALL_US]
+    t = tokens[tokens[columns.CONTEXT] == context]
+    idx = [columns.REPEAT, columns.STEP]
+    plain = t[t[columns.PASS] == "plain"].set_index(idx)[columns.WALL_US]
+    prof = t[t[columns.PASS] == "profiled"].set_index(idx)[columns.WALL_US]
     r = (prof / plain).dropna().tolist()
     half = 1.96 * statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")
     return statistics.fmean(r), half
@@ -123,7 +123,7 @@ def main() -> None:
             ops, _ = sweep(a, Path(d), "ops", "--mode", "ops", "--no-probe")
             res["ops"] = overhead_rows(ops)
             for key, field in (("mode_agreement_pp", "stage_pct"), ("mode_agreement_calibrated_pp", "stage_pct_cal")):
-                res[key] = [max(abs(o[field][s] - g[field][s]) for s in schema.STAGES)
+                res[key] = [max(abs(o[field][s] - g[field][s]) for s in stages.STAGES)
                             for o, g in zip(res["ops"], res["stages"], strict=True)]
         if "depth" not in skip:
             deep, _ = sweep(a, Path(d), "depth", "-c", "13,4096", "--no-probe")
@@ -133,7 +133,7 @@ def main() -> None:
             res["depth"] = {"attn_kv_rise_ms": kv_rise, "plain_rise_ms": wall_rise,
                             "profiled_rise_ms": c4k["profiled_ms"] - c13["profiled_ms"],
                             "disagreement_pct": 100 * (kv_rise - wall_rise) / wall_rise if wall_rise else None,
-                            "stage_rise_ms": {s: c4k["stage_ms"][s] - c13["stage_ms"][s] for s in schema.STAGES}}
+                            "stage_rise_ms": {s: c4k["stage_ms"][s] - c13["stage_ms"][s] for s in stages.STAGES}}
     if "twin" not in skip:
         res["twin"] = twin_generation()
     report(res)

@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from harness import schema
+from harness import stages
 from harness.engine import Context, EvalCallback, GraphNode, NativeHook, read_node
 from harness.errors import EngineError
 
@@ -106,8 +106,8 @@ class Capture:
         self.nodes = self._found
         self._generation += 1
         triples = [(n.name, n.op, n.src0) for n in self.nodes]
-        self.stages = schema.classify_graph(triples)
-        self.layers = schema.classify_layers(triples)
+        self.stages = stages.classify_graph(triples)
+        self.layers = stages.classify_layers(triples)
         n = len(self.nodes)
         self._ask = self._ask_table()
         if self.hook:
@@ -129,7 +129,7 @@ class Capture:
         self._ask = [True] * len(self.nodes)
         if self.hook:
             self.hook.set_ask(self._ask)
-        noop = {i for i, n in enumerate(self.nodes) if n.op in schema.NOOP_OPS}
+        noop = {i for i, n in enumerate(self.nodes) if n.op in stages.NOOP_OPS}
         times: list[int] = []
         try:
             for _ in range(steps):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 from tqdm import tqdm
 
-from harness import device, report, schema
+from harness import columns, device, stages, stats
 from harness.capture import Capture
 from harness.engine import Context
 
@@ -50,8 +50,8 @@ class StopFlag:
 class ContextResult:
     label: str
     depth: int
-    op_rows: list  # tuples in schema.OP_COLUMNS order
-    token_rows: list  # tuples in schema.TOKEN_COLUMNS order
+    op_rows: list  # tuples in columns.OP_COLUMNS order
+    token_rows: list  # tuples in columns.TOKEN_COLUMNS order
     summary: dict
 
 
@@ -99,9 +99,9 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
                 node = cap.nodes[seg.node_last]
                 rows.append((label, prof.n_past, rep, k, seg.node_first, seg.node_last, node.name,
                              cap.layers[seg.node_last], node.op, cap.stages[seg.node_last], seg.time_ns / 1000.0))
-            rows.append((label, prof.n_past, rep, k, -1, -1, "host", -1, "HOST", schema.HOST, p.host_ns / 1000.0))
-    summ = report.context_summary(pd.DataFrame(rows, columns=list(schema.OP_COLUMNS)),
-                                  pd.DataFrame(toks, columns=list(schema.TOKEN_COLUMNS)), label, sync_us)
+            rows.append((label, prof.n_past, rep, k, -1, -1, "host", -1, "HOST", stages.HOST, p.host_ns / 1000.0))
+    summ = stats.context_summary(pd.DataFrame(rows, columns=list(columns.OP_COLUMNS)),
+                                  pd.DataFrame(toks, columns=list(columns.TOKEN_COLUMNS)), label, sync_us)
     summ.update(prefill_s=prefill_s, n_nodes=n_nodes, syncs_per_token=cap.syncs_per_token,
                 sensors_before=sensors_before, sensors_after=device.sample_sensors())
     log.info("%-6s depth %5d: plain %.2f ms/token, profiled x%.3f, ffn %.1f%%, attn_kv %.1f%%", label, depth,

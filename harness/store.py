@@ -1,13 +1,13 @@
 """The Parquet run store: one run is one Parquet file, written atomically and never overwritten.
 
-- The table is the per-op/segment table (columns in ``harness.schema.OP_COLUMNS``); pandas,
+- The table is the per-op/segment table (columns in ``harness.columns.OP_COLUMNS``); pandas,
   DuckDB and polars read it as-is.
 - Run metadata (a JSON object) sits in the Parquet key-value metadata under ``harness.run``.
   It includes the per-token wall times of both passes (``tokens``), loaded by ``load_tokens``.
 - Writes go to a hidden temp file in the target folder, are fsynced, then hard-linked to the
   final name (which fails rather than overwrite an existing run) and the temp is removed.
 
-Format history (bump ``schema.SCHEMA_VERSION`` and add an ``upgrade_from_N`` on change):
+Format history (bump ``SCHEMA_VERSION`` and add an ``upgrade_from_N`` on change):
 - version 1: first format.
 - version 2: per-context sync calibration (``sync_us``, ``noop_sync_us``, ``stage_ms_calibrated``,
   ``stage_pct_calibrated``), ``params.callback`` (native or python) and ``params.threads_source``.
@@ -29,11 +29,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness import schema
-from harness.errors import InputError, UsageError
+from harness import columns
+from harness.errors import InputError, OutputError, UsageError
 from harness.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
+SCHEMA_VERSION = 2  # format history and upgrades: below
 META_KEY = b"harness.run"
 TMP_PREFIX = ".tmp-"
 
@@ -69,7 +70,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"output folder is not writable ({e.strerror}): {d}") from None
+        raise OutputError(f"output folder is not writable ({e.strerror}): {d}") from None
     return d
 
 
@@ -94,14 +95,14 @@ def _check_meta(meta, where: str = "", timed: bool = False) -> None:
 def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filename: str) -> Path:
     """Write a run atomically; returns its path. Never overwrites: a taken name gets a suffix."""
     d = check_out_dir(out_dir)
-    missing = [c for c in schema.OP_COLUMNS if c not in ops.columns]
+    missing = [c for c in columns.OP_COLUMNS if c not in ops.columns]
     if missing:
         raise ValueError(f"op table lacks columns {missing}")
-    if (ops[schema.TIME_US] < 0).any() or ops[schema.TIME_US].isna().any():
+    if (ops[columns.TIME_US] < 0).any() or ops[columns.TIME_US].isna().any():
         raise ValueError("negative or NaN op times")
     _check_meta(meta)
-    meta = {**meta, "schema_version": schema.SCHEMA_VERSION}
-    table = pa.Table.from_pandas(ops[list(schema.OP_COLUMNS)], preserve_index=False)
+    meta = {**meta, "schema_version": SCHEMA_VERSION}
+    table = pa.Table.from_pandas(ops[list(columns.OP_COLUMNS)], preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}.partial"  # hidden, and not *.parquet to globbers
     try:
@@ -123,7 +124,7 @@ def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filenam
         finally:
             os.close(dfd)
     except OSError as e:
-        raise UsageError(f"could not write the run ({e.strerror or e}): {d}") from None
+        raise OutputError(f"could not write the run ({e.strerror or e}): {d}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -150,10 +151,10 @@ def _upgrade(meta: dict, path: str = "") -> dict:
     v = meta.get("schema_version")
     if not isinstance(v, int) or v < 1:
         raise InputError(f"run metadata has no valid schema version: {path}")
-    if v > schema.SCHEMA_VERSION:
+    if v > SCHEMA_VERSION:
         raise InputError(f"run has schema version {v}, newer than this harness supports "
-                         f"({schema.SCHEMA_VERSION}); upgrade the harness: {path}")
-    while meta["schema_version"] < schema.SCHEMA_VERSION:
+                         f"({SCHEMA_VERSION}); upgrade the harness: {path}")
+    while meta["schema_version"] < SCHEMA_VERSION:
         meta = UPGRADES[meta["schema_version"]](meta)
     return meta
 
@@ -177,13 +178,13 @@ def read_meta(path: str | os.PathLike) -> dict:
     return _upgrade(meta, str(p))
 
 
-def read_run(path: str | os.PathLike, columns: list[str] | None = None) -> Run:
+def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:
     meta = read_meta(path)
     try:
-        ops = pd.read_parquet(path, columns=columns)
+        ops = pd.read_parquet(path, columns=only)
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"unreadable run table ({str(e).splitlines()[0][:120]}): {path}") from None
-    missing = [c for c in (columns or schema.OP_COLUMNS) if c not in ops.columns]
+    missing = [c for c in (only or columns.OP_COLUMNS) if c not in ops.columns]
     if missing:
         raise InputError(f"run lacks columns {', '.join(missing)}: {path}")
     return Run(path=str(path), meta=meta, ops=ops)
@@ -192,7 +193,7 @@ def read_run(path: str | os.PathLike, columns: list[str] | None = None) -> Run:
 def load_tokens(meta: dict) -> pd.DataFrame:
     """Per-token wall times of both passes, from a run's metadata, as a table."""
     rows = meta.get("tokens", [])
-    return pd.DataFrame(rows, columns=list(schema.TOKEN_COLUMNS))
+    return pd.DataFrame(rows, columns=list(columns.TOKEN_COLUMNS))
 
 
 def clean_stale_temps(out_dir: str | os.PathLike) -> int:

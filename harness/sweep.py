@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from harness import __version__, device, engine, report, schema, store
+from harness import __version__, columns, device, engine, stats, store
 from harness.capture import MODES, Capture
-from harness.errors import ArgParser, HarnessError, InputError, UsageError, run_cli
+from harness.cli import ArgParser, run_cli
+from harness.errors import HarnessError, InputError, UsageError
 from harness.gguf_model import cache_type_bytes, content_hash, kv_owners, read_model
 from harness.runner import ContextResult, LoopSettings, StopFlag, measure_context
 from harness.twin import DEFAULT_MODEL, ensure_default_model, first_normal_token
@@ -211,11 +212,11 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
                  bandwidth["read_gbps"], threads, *bandwidth["probes_gbps"])
     label = a.label or default_label(dev)
     rows = [row for r in results for row in r.op_rows]
-    ops_df = pd.DataFrame(rows, columns=list(schema.OP_COLUMNS))
+    ops_df = pd.DataFrame(rows, columns=list(columns.OP_COLUMNS))
     tokens = [list(t) for r in results for t in r.token_rows]
     summaries = [r.summary for r in results]
     if resume is not None:
-        ops_df = pd.concat([resume.ops[list(schema.OP_COLUMNS)], ops_df], ignore_index=True)
+        ops_df = pd.concat([resume.ops[list(columns.OP_COLUMNS)], ops_df], ignore_index=True)
         tokens = resume.meta["tokens"] + tokens
         summaries = resume.meta["contexts"] + summaries
     if not summaries:
@@ -247,7 +248,7 @@ def run_sweep(a, contexts: list[tuple[str, int]], model_path: Path, resume: stor
         "tokens": tokens,
     }
     path = store.write_run(ops_df, meta, out_dir, store.run_filename(label, model_path.stem))
-    sys.stdout.write(report.format_summary(summaries, a.mode) + "\n")
+    sys.stdout.write(stats.format_summary(summaries, a.mode) + "\n")
     log.info("run written: %s (%d rows, sweep %.1f s%s)", path, len(ops_df), sweep_s,
              "; SYNTHETIC model" if info.synthetic else "")
     if failure is not None:

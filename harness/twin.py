@@ -20,7 +20,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from harness.errors import ArgParser, UsageError, run_cli
+from harness.cli import ArgParser, run_cli
+from harness.errors import UsageError
 from harness.fsutil import pid_alive
 from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
 from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, layout, type_nbytes

@@ -64,7 +64,7 @@ def test_fit_slope_recovers_a_line_and_its_interval():
 
 
 def test_stage_slopes_on_a_real_run(tiny_run):
-    ops = read_run(tiny_run, columns=slope.NEEDED_COLUMNS).ops
+    ops = read_run(tiny_run, only=slope.NEEDED_COLUMNS).ops
     s = slope.stage_slopes(ops)
     assert list(s.columns) == slope.SLOPE_COLUMNS
     assert {"ffn", "attn_kv"} <= set(s.index)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis import baseline
 from analysis import readmodel as rm
-from analysis import seed
-from harness import schema
+from harness import stages
 from harness.errors import InputError, UsageError
 from harness.gguf_model import read_model
 
@@ -45,23 +45,23 @@ def test_e4b_weight_stages_by_hand():
     b = e4b_exact().bytes_per_token(13)
     n_more = len(MORE_BITS)
     ffn = N_LAYER * 2 * E * FF * Q4K + n_more * FF * E * Q6K + (N_LAYER - n_more) * FF * E * Q4K
-    assert b[schema.FFN] == ffn == 2128871424  # 2030.25 MiB
+    assert b[stages.FFN] == ffn == 2128871424  # 2030.25 MiB
     v_more = sum(il in MORE_BITS for il in range(KV_OWNERS))  # 9 of the 20 KV-owning layers
     attn_proj = (N_LAYER * 2 * E * E * Q4K  # attn_q and attn_output in every layer
                  + KV_OWNERS * E * 512 * Q4K  # attn_k in KV-owning layers
                  + v_more * E * 512 * Q6K + (KV_OWNERS - v_more) * E * 512 * Q4K)  # attn_v
-    assert b[schema.ATTN_PROJ] == attn_proj == 191176704
-    assert b[schema.LM_HEAD] == E * VOCAB * Q6K == 440832000  # tied token_embd, Q6_K
+    assert b[stages.ATTN_PROJ] == attn_proj == 191176704
+    assert b[stages.LM_HEAD] == E * VOCAB * Q6K == 440832000  # tied token_embd, Q6_K
     assert b[rm.EMBED] == E * Q6K + ALT * N_LAYER * Q6K  # one row of each embedding table
     per_layer_extra = (2 * E * ALT * Q4K  # inp_gate, proj
                        + (4 * 4 + 4 * 16 + E * 4) * 2  # altup correct/predict coefs, router (F16)
                        + 2 * E * 64 * 2)  # laurel_l, laurel_r (F16, rank 64)
     extra = E * ALT * N_LAYER * 2 + 2 * E * E * 3 * 2 + N_LAYER * per_layer_extra  # model_proj, altup projs
-    assert b[schema.GEMMA3N_EXTRA] == extra == 126604768
+    assert b[stages.GEMMA3N_EXTRA] == extra == 126604768
     per_layer_norm = 8 * E * 4 + 256 * 4  # 8 hidden-size norms incl. altup_correct_scale, attn_q_norm
-    assert b[schema.NORM] == N_LAYER * per_layer_norm + KV_OWNERS * 256 * 4 + ALT * 4 + E * 4
-    assert b[schema.OTHER] == 0
-    assert b[schema.KV_STORE] == KV_OWNERS * CELL
+    assert b[stages.NORM] == N_LAYER * per_layer_norm + KV_OWNERS * 256 * 4 + ALT * 4 + E * 4
+    assert b[stages.OTHER] == 0
+    assert b[stages.KV_STORE] == KV_OWNERS * CELL
 
 
 @pytest.mark.parametrize(("depth", "expected"), [
@@ -75,16 +75,16 @@ def test_e4b_kv_read_by_hand(depth, expected):
     assert len(m.kv_layers) == 35 and m.n_kv_owners == KV_OWNERS
     assert [lay.layer for lay in m.kv_layers if not lay.sliding] == GLOBAL_LAYERS
     assert m.window_cells == 512
-    assert m.bytes_per_token(depth)[schema.ATTN_KV] == expected
+    assert m.bytes_per_token(depth)[stages.ATTN_KV] == expected
     assert m.total_bytes_per_token(depth) == pytest.approx(sum(m.bytes_per_token(depth).values()))
 
 
 def test_e4b_kv_variants_and_cache_types():
     padded = e4b_exact("exact_padded")
-    assert padded.bytes_per_token(13)[schema.ATTN_KV] == 35 * 256 * CELL  # 14 cells padded to 256
-    assert padded.bytes_per_token(658)[schema.ATTN_KV] == 7 * 768 * CELL + 28 * 512 * CELL  # window cap 512
+    assert padded.bytes_per_token(13)[stages.ATTN_KV] == 35 * 256 * CELL  # 14 cells padded to 256
+    assert padded.bytes_per_token(658)[stages.ATTN_KV] == 7 * 768 * CELL + 28 * 512 * CELL  # window cap 512
     q8 = e4b_exact(cache_type_k="q8_0", cache_type_v="q8_0")
-    assert q8.bytes_per_token(13)[schema.ATTN_KV] == 35 * 14 * (2 * 256 * 2 * 34 / 32)
+    assert q8.bytes_per_token(13)[stages.ATTN_KV] == 35 * 14 * (2 * 256 * 2 * 34 / 32)
     mixed = e4b_exact(cache_type_k="f32", cache_type_v="q4_0")
     assert mixed.kv_layers[0].cell_bytes == 2 * 256 * (4 + 18 / 32)
     assert e4b_exact().kv_cache_bytes(658) == 4 * 658 * CELL + 16 * 512 * CELL  # only KV-owning layers hold cells
@@ -98,7 +98,7 @@ def test_weight_bytes_sum_to_the_tensors_read_each_token():
     info = rm.preset_model_info("gemma-3n-e4b", "q4_k_m")
     m = rm.from_model_info(info)
     b = m.bytes_per_token(0)
-    weights = sum(v for k, v in b.items() if k not in (schema.ATTN_KV, schema.KV_STORE))
+    weights = sum(v for k, v in b.items() if k not in (stages.ATTN_KV, stages.KV_STORE))
     tables = {"token_embd.weight", "per_layer_token_embd.weight"}
     shared = {f"blk.{il}.{n}.weight" for il in range(KV_OWNERS, N_LAYER) for n in ("attn_k", "attn_v", "attn_k_norm")}
     read = sum(t.n_bytes for t in info.tensors if t.name not in tables | shared)
@@ -114,11 +114,11 @@ def test_plain_architecture_reduces_to_the_plain_formula():
     assert m.window_cells == 0 and m.n_kv_owners == 2 and not any(lay.sliding for lay in m.kv_layers)
     cell = 1 * 128 * 2 * 2
     for depth in (0, 13, 1000):
-        assert m.bytes_per_token(depth)[schema.ATTN_KV] == 2 * (depth + 1) * cell
+        assert m.bytes_per_token(depth)[stages.ATTN_KV] == 2 * (depth + 1) * cell
     b = m.bytes_per_token(5)
-    assert b[schema.LM_HEAD] == info.tensor("output.weight").n_bytes
+    assert b[stages.LM_HEAD] == info.tensor("output.weight").n_bytes
     assert b[rm.EMBED] == info.tensor("token_embd.weight").n_bytes / 1024
-    assert b[schema.GEMMA3N_EXTRA] == 0
+    assert b[stages.GEMMA3N_EXTRA] == 0
 
 
 def test_from_run_uses_the_runs_tensor_table(tiny_run, tiny_gguf):
@@ -128,7 +128,7 @@ def test_from_run_uses_the_runs_tensor_table(tiny_run, tiny_gguf):
     a, b = rm.from_run(meta), rm.from_gguf(tiny_gguf)
     assert a.weight_bytes == b.weight_bytes and a.kv_layers == b.kv_layers
     assert a.n_kv_owners == 20 and len(a.kv_layers) == 25 and a.window_cells == 32
-    assert a.bytes_per_token(80)[schema.ATTN_KV] == sum(lay.cell_bytes * (81 if not lay.sliding else 32)
+    assert a.bytes_per_token(80)[stages.ATTN_KV] == sum(lay.cell_bytes * (81 if not lay.sliding else 32)
                                                         for lay in a.kv_layers)
     assert rm.from_run(meta, "seed") == rm.seed_model()
     with pytest.raises(InputError):
@@ -140,14 +140,14 @@ def test_seed_reproduces_the_seed_notebook():
     assert m.variant == "seed"
     for depth, kv_mb, ratio in ((13, 0.89, 0.001), (172, 11.76, 0.007), (658, 44.98, 0.027)):
         b = m.bytes_per_token(depth)
-        assert round(b[schema.ATTN_KV] / MIB, 2) == kv_mb
+        assert round(b[stages.ATTN_KV] / MIB, 2) == kv_mb
         assert round(m.kv_cache_bytes(depth) / MIB, 2) == kv_mb
-        assert round(b[schema.FFN] / MIB, 1) == 1680.0
-        assert round(b[schema.ATTN_KV] / b[schema.FFN], 3) == ratio
-        assert b[schema.ATTN_KV] == 2 * 35 * 2 * 256 * depth * 2  # L cells, not L + 1
-        assert m.total_bytes_per_token(depth) == b[schema.FFN] + b[schema.ATTN_KV]
+        assert round(b[stages.FFN] / MIB, 1) == 1680.0
+        assert round(b[stages.ATTN_KV] / b[stages.FFN], 3) == ratio
+        assert b[stages.ATTN_KV] == 2 * 35 * 2 * 256 * depth * 2  # L cells, not L + 1
+        assert m.total_bytes_per_token(depth) == b[stages.FFN] + b[stages.ATTN_KV]
     assert round(m.footprint_bytes / MIB) == 1855
-    assert seed.FFN_BYTES == 35 * 2048 * 16384 * 3 * 0.5
+    assert baseline.FFN_BYTES == 35 * 2048 * 16384 * 3 * 0.5
 
 
 def test_readmodel_is_frozen():

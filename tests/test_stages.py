@@ -1,6 +1,6 @@
-"""Stage rules on hand-written node lists (pure unit tests of harness.schema)."""
+"""Stage rules on hand-written node lists (pure unit tests of harness.stages)."""
 
-from harness import schema as s
+from harness import stages as s
 
 
 def test_base_name_strips_layer_and_view_suffixes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from harness import schema
+from harness import columns, stages, store
 from harness.store import read_meta, read_run
 
 N_LAYER = 25  # the tiny preset: layers 0-19 own a KV cache, 20-24 reuse it
@@ -32,24 +32,24 @@ def ops_fa_off(tiny_gguf, tmp_path_factory):
 def test_stage_sweep_writes_readable_run(tiny_run, tiny_gguf):
     run = read_run(tiny_run)
     ops = run.ops
-    assert list(ops.columns) == list(schema.OP_COLUMNS)
+    assert list(ops.columns) == list(columns.OP_COLUMNS)
     assert len(ops) > 0
-    assert ops[schema.STAGE].notna().all() and set(ops[schema.STAGE]) <= set(schema.STAGES)
-    assert (ops[schema.TIME_US] >= 0).all()
+    assert ops[columns.STAGE].notna().all() and set(ops[columns.STAGE]) <= set(stages.STAGES)
+    assert (ops[columns.TIME_US] >= 0).all()
     # every timed token is decoded at exactly the requested depth
-    assert ops.groupby(schema.CONTEXT)[schema.DEPTH].unique().map(list).to_dict() == {
+    assert ops.groupby(columns.CONTEXT)[columns.DEPTH].unique().map(list).to_dict() == {
         "short": [13], "40": [40], "80": [80]}
     tokens = run.tokens
-    assert set(tokens[schema.PASS]) == {"plain", "profiled"}
+    assert set(tokens[columns.PASS]) == {"plain", "profiled"}
     assert len(tokens) == 3 * 2 * 3 * 2  # contexts x repeats x tokens x passes
-    assert (tokens[schema.WALL_US] > 0).all()
+    assert (tokens[columns.WALL_US] > 0).all()
     # one host row per profiled token
-    assert (ops[schema.STAGE] == schema.HOST).sum() == 3 * 2 * 3
+    assert (ops[columns.STAGE] == stages.HOST).sum() == 3 * 2 * 3
 
 
 def test_metadata_round_trips(tiny_run, tiny_gguf):
     meta = read_meta(tiny_run)
-    assert meta["schema_version"] == schema.SCHEMA_VERSION
+    assert meta["schema_version"] == store.SCHEMA_VERSION
     assert meta["complete"] is True and meta["synthetic"] is True and meta["model"]["synthetic"] is True
     assert meta["label"] == "tiny-2t"
     assert meta["params"]["threads"] == 2 and meta["params"]["mode"] == "stages"
@@ -77,39 +77,39 @@ def test_summary_printed(tiny_gguf, tmp_path):
 
 def test_every_layer_has_ffn_and_attention(ops_fa_on):
     ops = read_run(ops_fa_on).ops
-    ops = ops[ops[schema.CONTEXT] == "short"]
-    for stage in (schema.FFN, schema.ATTN_KV, schema.ATTN_PROJ):
-        layers = set(ops.loc[ops[schema.STAGE] == stage, schema.LAYER])
+    ops = ops[ops[columns.CONTEXT] == "short"]
+    for stage in (stages.FFN, stages.ATTN_KV, stages.ATTN_PROJ):
+        layers = set(ops.loc[ops[columns.STAGE] == stage, columns.LAYER])
         assert set(range(N_LAYER)) <= layers, (stage, sorted(set(range(N_LAYER)) - layers))
-    fa = ops[ops[schema.OP] == "FLASH_ATTN_EXT"]
-    assert sorted(set(fa[schema.LAYER])) == list(range(N_LAYER))  # shared-KV layers attend too
-    assert set(fa[schema.STAGE]) == {schema.ATTN_KV}
+    fa = ops[ops[columns.OP] == "FLASH_ATTN_EXT"]
+    assert sorted(set(fa[columns.LAYER])) == list(range(N_LAYER))  # shared-KV layers attend too
+    assert set(fa[columns.STAGE]) == {stages.ATTN_KV}
     # only the 20 KV-owning layers store into the cache
-    store = ops[ops[schema.STAGE] == schema.KV_STORE]
-    assert sorted(set(store[schema.LAYER])) == list(range(20))
-    assert set(ops.loc[ops[schema.NAME].str.startswith("ffn_out"), schema.STAGE]) == {schema.FFN}
-    lm = ops[ops[schema.STAGE] == schema.LM_HEAD]
-    assert "MUL_MAT" in set(lm[schema.OP]) and "result_output" in set(lm[schema.NAME])
-    assert len(ops[ops[schema.STAGE] == schema.GEMMA3N_EXTRA]) > 0
+    store = ops[ops[columns.STAGE] == stages.KV_STORE]
+    assert sorted(set(store[columns.LAYER])) == list(range(20))
+    assert set(ops.loc[ops[columns.NAME].str.startswith("ffn_out"), columns.STAGE]) == {stages.FFN}
+    lm = ops[ops[columns.STAGE] == stages.LM_HEAD]
+    assert "MUL_MAT" in set(lm[columns.OP]) and "result_output" in set(lm[columns.NAME])
+    assert len(ops[ops[columns.STAGE] == stages.GEMMA3N_EXTRA]) > 0
 
 
 def test_ops_mode_times_every_node(ops_fa_on):
     run = read_run(ops_fa_on)
-    ops = run.ops[run.ops[schema.STAGE] != schema.HOST]
+    ops = run.ops[run.ops[columns.STAGE] != stages.HOST]
     n_nodes = run.meta["contexts"][0]["n_nodes"]
-    one = ops[(ops[schema.CONTEXT] == "short") & (ops[schema.STEP] == 0)]
-    assert list(one[schema.NODE]) == list(range(n_nodes))
-    assert (one[schema.NODE_FIRST] == one[schema.NODE]).all()
+    one = ops[(ops[columns.CONTEXT] == "short") & (ops[columns.STEP] == 0)]
+    assert list(one[columns.NODE]) == list(range(n_nodes))
+    assert (one[columns.NODE_FIRST] == one[columns.NODE]).all()
 
 
 def test_flash_attention_off_names_kq(ops_fa_off):
     ops = read_run(ops_fa_off).ops
-    names = set(ops[schema.NAME])
+    names = set(ops[columns.NAME])
     for n in ("kq-0", "kq_soft_max-0", "kqv-0", "kq-24", "kqv_out-24"):
         assert n in names
-    kv = ops[ops[schema.NAME].str.match(r"^(kq|kq_soft_max|kqv)-\d+$")]
-    assert set(kv[schema.STAGE]) == {schema.ATTN_KV}
-    assert "FLASH_ATTN_EXT" not in set(ops[schema.OP])
+    kv = ops[ops[columns.NAME].str.match(r"^(kq|kq_soft_max|kqv)-\d+$")]
+    assert set(kv[columns.STAGE]) == {stages.ATTN_KV}
+    assert "FLASH_ATTN_EXT" not in set(ops[columns.OP])
 
 
 def test_non_gemma_architecture_classifies(tiny_llama_gguf, tmp_path):
@@ -117,11 +117,11 @@ def test_non_gemma_architecture_classifies(tiny_llama_gguf, tmp_path):
     run = read_run(path)
     ops = run.ops
     assert run.meta["model"]["arch"] == "llama"
-    assert ops[schema.STAGE].notna().all()
-    stages = set(ops[schema.STAGE])
-    assert {schema.FFN, schema.ATTN_KV, schema.ATTN_PROJ, schema.LM_HEAD, schema.NORM} <= stages
-    assert schema.GEMMA3N_EXTRA not in stages
-    assert set(ops.loc[ops[schema.NAME].str.match(r"^ffn_(up|gate|down)-\d+$"), schema.STAGE]) == {schema.FFN}
+    assert ops[columns.STAGE].notna().all()
+    seen = set(ops[columns.STAGE])
+    assert {stages.FFN, stages.ATTN_KV, stages.ATTN_PROJ, stages.LM_HEAD, stages.NORM} <= seen
+    assert stages.GEMMA3N_EXTRA not in seen
+    assert set(ops.loc[ops[columns.NAME].str.match(r"^ffn_(up|gate|down)-\d+$"), columns.STAGE]) == {stages.FFN}
 
 
 def test_thread_list_makes_one_run_per_count(tiny_gguf, tmp_path):
@@ -137,8 +137,8 @@ def test_python_callback_fallback_gives_the_same_structure(tiny_gguf, tmp_path, 
     path, _ = _sweep(tiny_gguf, tmp_path, "-c", "13", "--mode", "ops")
     run = read_run(path)
     assert run.meta["params"]["callback"] == "python"
-    one = run.ops[(run.ops[schema.STEP] == 0) & (run.ops[schema.STAGE] != schema.HOST)]
-    assert list(one[schema.NODE]) == list(range(run.meta["contexts"][0]["n_nodes"]))
+    one = run.ops[(run.ops[columns.STEP] == 0) & (run.ops[columns.STAGE] != stages.HOST)]
+    assert list(one[columns.NODE]) == list(range(run.meta["contexts"][0]["n_nodes"]))
 
 
 def test_native_callback_is_used_when_a_compiler_exists(tiny_run):

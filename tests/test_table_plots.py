@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from analysis import seed, table
+from analysis import baseline, table
 from analysis.readmodel import seed_model
-from harness import schema, store
+from harness import store
 
-REF = seed.reference_run_path()
+REF = baseline.reference_run_path()
 
 # the seed notebook's markdown table, copied verbatim
 SEED_HEADER = ("| Context | Input tokens | KV-cache MB | FFN read/token MB | Attention read/token MB "
@@ -33,7 +33,7 @@ SEED_ROWS = (
 
 def test_reference_run_is_shipped_and_flagged():
     meta = store.read_meta(REF)
-    assert meta["schema_version"] == schema.SCHEMA_VERSION
+    assert meta["schema_version"] == store.SCHEMA_VERSION
     assert meta["reference"] is True and meta["synthetic"] is False and meta["label"] == "seed-reference"
     assert "original device" in meta["note"]
     rec = {c["context"]: c for c in meta["contexts"]}
@@ -42,14 +42,14 @@ def test_reference_run_is_shipped_and_flagged():
 
 
 def test_reference_run_regenerates_identically(tmp_path):
-    path = seed.write_reference_run(tmp_path)
+    path = baseline.write_reference_run(tmp_path)
     new, shipped = store.read_run(path), store.read_run(REF)
     assert new.meta == shipped.meta
     pd.testing.assert_frame_equal(new.ops, shipped.ops)
     with pytest.raises(store.UsageError):
-        seed.write_reference_run(tmp_path)
-    assert seed.write_reference_run(tmp_path, replace=True) == path
-    assert [p.name for p in tmp_path.iterdir()] == [seed.REFERENCE_FILENAME]
+        baseline.write_reference_run(tmp_path)
+    assert baseline.write_reference_run(tmp_path, replace=True) == path
+    assert [p.name for p in tmp_path.iterdir()] == [baseline.REFERENCE_FILENAME]
 
 
 def test_seed_table_digit_for_digit():
@@ -128,7 +128,7 @@ def test_plots_roofline_title_says_when_no_bandwidth():
 def _future_run(tiny_run, tmp_path):
     t = pq.read_table(tiny_run)
     meta = json.loads(t.schema.metadata[store.META_KEY])
-    meta["schema_version"] = schema.SCHEMA_VERSION + 1
+    meta["schema_version"] = store.SCHEMA_VERSION + 1
     p = tmp_path / "future.parquet"
     pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), p)
     return p
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line(module, tiny_run, tiny_gguf, tmp_path):
 
 
 def test_analysis_modules_do_not_import_the_engine():
-    code = ("import sys, analysis.readmodel, analysis.seed, analysis.table, analysis.plots; "
+    code = ("import sys, analysis.readmodel, analysis.baseline, analysis.table, analysis.plots; "
             "bad = [m for m in ('llama_cpp', 'harness.engine', 'harness.capture', 'harness.sweep', 'harness.twin') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REF.parents[2])

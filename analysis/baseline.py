@@ -9,7 +9,7 @@ copied here as constants; nothing reads the seed at run time.
   3*2048*16384) x 0.5 B. The seed's "MB" are MiB (it divides by 1024^2).
 - ``write_reference_run(out_dir)``: the recorded sweep as a harness run (``analysis/data/``)::
 
-      python -m analysis.seed -o analysis/data --replace
+      python -m analysis.baseline -o analysis/data --replace
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import schema, store
-from harness.errors import ArgParser, UsageError, run_cli
+from harness import columns, stages, store
+from harness.cli import ArgParser, run_cli
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def seed_read_model():
 
     layers = tuple(KVLayer(layer=il, sliding=False, owns_kv=True, cell_bytes=KV_CELL_BYTES_PER_LAYER)
                    for il in range(NUM_LAYERS))
-    return ReadModel(variant="seed", footprint_bytes=WEIGHT_ESTIMATE_BYTES, weight_bytes={schema.FFN: FFN_BYTES},
+    return ReadModel(variant="seed", footprint_bytes=WEIGHT_ESTIMATE_BYTES, weight_bytes={stages.FFN: FFN_BYTES},
                      kv_layers=layers, current_cell=0, arch="gemma3n",
                      model_name="Gemma 3n E4B (seed accounting: INT4 weights, F16 KV)")
 
@@ -77,10 +78,10 @@ def reference_run_path() -> Path:
 def _context_summary(r: dict) -> dict:
     other_ms = round(r["decode_ms"] - r["ffn_ms"] - r["attn_ms"], 6)
     other_pct = round(100.0 - r["ffn_pct"] - r["attn_pct"], 6)
-    stage_ms = {s: 0.0 for s in schema.STAGES}
-    stage_ms.update({schema.FFN: r["ffn_ms"], schema.ATTN_KV: r["attn_ms"], schema.OTHER: other_ms})
-    stage_pct = {s: 0.0 for s in schema.STAGES}
-    stage_pct.update({schema.FFN: r["ffn_pct"], schema.ATTN_KV: r["attn_pct"], schema.OTHER: other_pct})
+    stage_ms = {s: 0.0 for s in stages.STAGES}
+    stage_ms.update({stages.FFN: r["ffn_ms"], stages.ATTN_KV: r["attn_ms"], stages.OTHER: other_ms})
+    stage_pct = {s: 0.0 for s in stages.STAGES}
+    stage_pct.update({stages.FFN: r["ffn_pct"], stages.ATTN_KV: r["attn_pct"], stages.OTHER: other_pct})
     return {"context": r["label"], "depth": r["input_tokens"], "timed_tokens": 1, "plain_ms": r["decode_ms"],
             "profiled_ms": r["decode_ms"], "overhead_ratio": None, "stage_ms": stage_ms, "stage_pct": stage_pct,
             "covered_pct": 100.0, "attributed_pct": 100.0, "recorded": dict(r)}
@@ -92,12 +93,12 @@ def reference_tables() -> tuple[pd.DataFrame, dict]:
     for r in RECORDED:
         s = _context_summary(r)
         summaries.append(s)
-        for stage in (schema.FFN, schema.ATTN_KV, schema.OTHER):
+        for stage in (stages.FFN, stages.ATTN_KV, stages.OTHER):
             rows.append((r["label"], r["input_tokens"], 0, 0, -1, -1, stage, -1, "RECORDED", stage,
                          s["stage_ms"][stage] * 1000.0))
         for pass_ in ("plain", "profiled"):
             toks.append([r["label"], r["input_tokens"], 0, 0, pass_, r["decode_ms"] * 1000.0])
-    ops = pd.DataFrame(rows, columns=list(schema.OP_COLUMNS))
+    ops = pd.DataFrame(rows, columns=list(columns.OP_COLUMNS))
     meta = {
         "reference": True, "label": REFERENCE_LABEL, "synthetic": False, "complete": True, "note": NOTE,
         "engine": "unknown (original device, recorded by the seed notebook)",
@@ -131,7 +132,7 @@ def write_reference_run(out_dir: str | os.PathLike, replace: bool = False) -> Pa
 
 
 def _main(argv: list[str] | None) -> int:
-    ap = ArgParser(prog="python -m analysis.seed", description="Write the seed's recorded sweep as a harness run.")
+    ap = ArgParser(prog="python -m analysis.baseline", description="Write the seed's recorded sweep as a harness run.")
     ap.add_argument("-o", "--out", default=str(DATA_DIR), help="output folder (default: the package data folder)")
     ap.add_argument("--replace", action="store_true", help="replace an existing reference run")
     a = ap.parse_args(argv)
@@ -141,7 +142,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("analysis.seed", _main, argv)
+    return run_cli("analysis.baseline", _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Column names of a run's tables and the rules that sort ggml graph nodes into stages.
+"""The stages of a decode step and the rules that sort ggml graph nodes into them.
 
-This is the one place both live. A stage is decided per node, in this order:
+This is the one place they live (column names: ``harness.columns``). A stage is decided per node, in this order:
 
 1. **op rule**: ``FLASH_ATTN_EXT`` is attention over the KV cache; a ``SET_ROWS``/``CPY`` into a
    ``cache_k_l*``/``cache_v_l*`` tensor is a KV-cache store.
@@ -24,26 +24,6 @@ import re
 FFN, ATTN_KV, KV_STORE, ATTN_PROJ = "ffn", "attn_kv", "kv_store", "attn_proj"
 LM_HEAD, GEMMA3N_EXTRA, NORM, OTHER, HOST = "lm_head", "gemma3n_extra", "norm", "other", "host"
 STAGES = (FFN, ATTN_KV, KV_STORE, ATTN_PROJ, LM_HEAD, GEMMA3N_EXTRA, NORM, OTHER, HOST)
-
-# ---------------------------------------------------------------- op/segment table columns
-SCHEMA_VERSION = 2  # format history and upgrades: harness/store.py
-CONTEXT = "context"  # context label: short / medium / long / an integer's string
-DEPTH = "depth"  # n_past when the token was decoded (KV cells before it)
-REPEAT = "repeat"
-STEP = "step"  # timed token index within (context, repeat)
-NODE_FIRST = "node_first"  # first graph node index of the segment (-1 for host)
-NODE = "node"  # last graph node index of the segment: the node the callback observed
-NAME = "name"
-LAYER = "layer"  # -1 when the name has no -N suffix
-OP = "op"
-STAGE = "stage"
-TIME_US = "time_us"
-OP_COLUMNS = (CONTEXT, DEPTH, REPEAT, STEP, NODE_FIRST, NODE, NAME, LAYER, OP, STAGE, TIME_US)
-
-# per-token wall times (both passes), stored in the run metadata and loaded as a table
-PASS = "pass"  # "plain" (no callback) or "profiled"
-WALL_US = "wall_us"
-TOKEN_COLUMNS = (CONTEXT, DEPTH, REPEAT, STEP, PASS, WALL_US)
 
 # ---------------------------------------------------------------- rules
 _WEIGHT_OPS = {"MUL_MAT", "MUL_MAT_ID", "GET_ROWS"}

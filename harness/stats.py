@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness import schema
+from harness import columns, stages
 
 
 def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str, noop_sync_us: float = 0.0) -> dict:
@@ -16,23 +16,23 @@ def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str, noop_
     the calibrated total. ``noop_sync_us`` (Capture.calibrate: segments of one no-op view node) is the
     bare ask/observe round trip, kept as a diagnostic.
     """
-    o = ops[ops[schema.CONTEXT] == context]
-    t = tokens[tokens[schema.CONTEXT] == context]
-    plain = t[t[schema.PASS] == "plain"][schema.WALL_US] / 1000.0
-    prof = t[t[schema.PASS] == "profiled"][schema.WALL_US] / 1000.0
+    o = ops[ops[columns.CONTEXT] == context]
+    t = tokens[tokens[columns.CONTEXT] == context]
+    plain = t[t[columns.PASS] == "plain"][columns.WALL_US] / 1000.0
+    prof = t[t[columns.PASS] == "profiled"][columns.WALL_US] / 1000.0
     n_tok = max(1, len(prof))
-    stage_ms = (o.groupby(schema.STAGE)[schema.TIME_US].sum() / 1000.0 / n_tok).to_dict()
-    stage_ms = {s: float(stage_ms.get(s, 0.0)) for s in schema.STAGES}
+    stage_ms = (o.groupby(columns.STAGE)[columns.TIME_US].sum() / 1000.0 / n_tok).to_dict()
+    stage_ms = {s: float(stage_ms.get(s, 0.0)) for s in stages.STAGES}
     prof_ms = float(prof.mean())
     total = sum(stage_ms.values())
-    segs = (o[o[schema.STAGE] != schema.HOST].groupby(schema.STAGE).size() / n_tok).to_dict()
+    segs = (o[o[columns.STAGE] != stages.HOST].groupby(columns.STAGE).size() / n_tok).to_dict()
     n_segs = sum(segs.values())
     sync_us = max(0.0, prof_ms - float(plain.mean())) * 1000.0 / n_segs if n_segs else 0.0
     cal = {s: max(0.0, v - segs.get(s, 0.0) * sync_us / 1000.0) for s, v in stage_ms.items()}
     cal_total = sum(cal.values())
     return {
         "context": context,
-        "depth": int(o[schema.DEPTH].iloc[0]) if len(o) else int(t[schema.DEPTH].iloc[0]),
+        "depth": int(o[columns.DEPTH].iloc[0]) if len(o) else int(t[columns.DEPTH].iloc[0]),
         "timed_tokens": int(len(prof)),
         "plain_ms": float(plain.mean()),
         "plain_ms_median": float(plain.median()),
@@ -45,21 +45,21 @@ def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str, noop_
         "noop_sync_us": noop_sync_us,
         "stage_ms_calibrated": cal,
         "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal.items()} if cal_total else {},
-        "covered_pct": 100.0 * (total - stage_ms[schema.HOST]) / prof_ms,
+        "covered_pct": 100.0 * (total - stage_ms[stages.HOST]) / prof_ms,
         "attributed_pct": 100.0 * total / prof_ms,
     }
 
 
 def format_summary(contexts: list[dict], mode: str) -> str:
     """A plain-text table: one row per context."""
-    stages = [s for s in schema.STAGES if any(c["stage_ms"].get(s, 0) > 0 for c in contexts)]
+    shown = [s for s in stages.STAGES if any(c["stage_ms"].get(s, 0) > 0 for c in contexts)]
     head = ["context", "depth", "plain ms/tok", "profiled", "overhead"]
-    head += [f"{s} ms (%)" for s in stages] + ["ops %", "attributed %"]
+    head += [f"{s} ms (%)" for s in shown] + ["ops %", "attributed %"]
     rows = []
     for c in contexts:
         r = [c["context"], str(c["depth"]), f"{c['plain_ms']:.2f}", f"{c['profiled_ms']:.2f}",
              f"x{c['overhead_ratio']:.3f}"]
-        r += [f"{c['stage_ms'][s]:.2f} ({c['stage_pct'][s]:.1f})" for s in stages]
+        r += [f"{c['stage_ms'][s]:.2f} ({c['stage_pct'][s]:.1f})" for s in shown]
         r += [f"{c['covered_pct']:.1f}", f"{c['attributed_pct']:.1f}"]
         rows.append(r)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]

@@ -1,0 +1,41 @@
+"""The command-line runner every command shares: argparse errors and HarnessErrors become one line
+on stderr and an exit code, never a traceback (unless ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from harness.errors import HarnessError, UsageError
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as a UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run ``main`` and map HarnessError (and Ctrl-C) to a one-line message on stderr.
+
+    ``--debug`` anywhere in argv re-raises so that the traceback is shown.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return main([a for a in args if a != "--debug"])
+    except HarnessError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
