@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness import columns, stages, store
+from harness import checks, columns, stages, store
 from harness.cli import ArgParser, run_cli
 from harness.errors import UsageError
+from harness.record import ContextSpec, ContextSummary, DeviceMeta, ModelMeta, RunRecord, SweepParams
 
 log = logging.getLogger(__name__)
 
@@ -75,58 +76,53 @@ def reference_run_path() -> Path:
     return DATA_DIR / REFERENCE_FILENAME
 
 
-def _context_summary(r: dict) -> dict:
+def _context_summary(r: dict) -> ContextSummary:
     other_ms = round(r["decode_ms"] - r["ffn_ms"] - r["attn_ms"], 6)
     other_pct = round(100.0 - r["ffn_pct"] - r["attn_pct"], 6)
     stage_ms = {s: 0.0 for s in stages.STAGES}
     stage_ms.update({stages.FFN: r["ffn_ms"], stages.ATTN_KV: r["attn_ms"], stages.OTHER: other_ms})
     stage_pct = {s: 0.0 for s in stages.STAGES}
     stage_pct.update({stages.FFN: r["ffn_pct"], stages.ATTN_KV: r["attn_pct"], stages.OTHER: other_pct})
-    return {"context": r["label"], "depth": r["input_tokens"], "timed_tokens": 1, "plain_ms": r["decode_ms"],
-            "profiled_ms": r["decode_ms"], "overhead_ratio": None, "stage_ms": stage_ms, "stage_pct": stage_pct,
-            "covered_pct": 100.0, "attributed_pct": 100.0, "recorded": dict(r)}
+    return ContextSummary(context=r["label"], depth=r["input_tokens"], timed_tokens=1, plain_ms=r["decode_ms"],
+                          profiled_ms=r["decode_ms"], stage_ms=stage_ms, stage_pct=stage_pct, covered_pct=100.0,
+                          attributed_pct=100.0, recorded=dict(r))
 
 
-def reference_tables() -> tuple[pd.DataFrame, dict]:
-    """The op table (one row per context and recorded stage) and metadata of the reference run."""
+def reference_tables() -> tuple[pd.DataFrame, RunRecord]:
+    """The op table (one row per context and recorded stage) and the record of the reference run."""
     rows, toks, summaries = [], [], []
     for r in RECORDED:
         s = _context_summary(r)
         summaries.append(s)
         for stage in (stages.FFN, stages.ATTN_KV, stages.OTHER):
-            rows.append((r["label"], r["input_tokens"], 0, 0, -1, -1, stage, -1, "RECORDED", stage,
-                         s["stage_ms"][stage] * 1000.0))
-        for pass_ in ("plain", "profiled"):
-            toks.append([r["label"], r["input_tokens"], 0, 0, pass_, r["decode_ms"] * 1000.0])
+            rows.append((r["label"], r["input_tokens"], 0, -1, -1, stage, -1, "RECORDED", stage,
+                         s.stage_ms[stage] * 1000.0))
+        for pass_ in (columns.PLAIN, columns.PROFILED):
+            toks.append((r["label"], r["input_tokens"], 0, pass_, 0, r["decode_ms"] * 1000.0))
     ops = pd.DataFrame(rows, columns=list(columns.OP_COLUMNS))
-    meta = {
-        "reference": True, "label": REFERENCE_LABEL, "synthetic": False, "complete": True, "note": NOTE,
-        "engine": "unknown (original device, recorded by the seed notebook)",
-        "params": {"contexts": [{"label": r["label"], "depth": r["input_tokens"]} for r in RECORDED],
-                   "tokens": 1, "repeats": 1, "cache_type_k": "f16", "cache_type_v": "f16", "mode": "recorded"},
-        "model": {"arch": "gemma3n", "name": "Gemma 3n E4B (INT4 weights, F16 KV cache)", "synthetic": False},
-        "device": {"bandwidth": None},
-        "seed_model": {"num_layers": NUM_LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "hidden_dim": HIDDEN_DIM,
-                       "ffn_dim": FFN_DIM, "kv_bytes_per_elem": KV_BYTES_PER_ELEM,
-                       "weight_bytes_per_elem": WEIGHT_BYTES_PER_ELEM},
-        "units": {"time_us": "microseconds", "wall_us": "microseconds", "*_ms": "milliseconds",
-                  "*_pct": "percent of decode time"},
-        "contexts": summaries,
-        "tokens": toks,
-    }
-    return ops, meta
+    params = SweepParams(contexts=tuple(ContextSpec(r["label"], r["input_tokens"]) for r in RECORDED), rounds=1,
+                         warmup=0, threads=0, flash_attn="unknown", cache_type_k="f16", cache_type_v="f16",
+                         n_gpu_layers=0, n_batch=0, n_ubatch=0, mode="recorded", n_ctx=0, order="recorded",
+                         callback="none", threads_source="unknown", calib_splits=0)
+    inv = checks.invariants(summaries)  # the seed's FFN falls 994 -> 529 ms across contexts: drift, said out loud
+    flags = checks.flags(summaries, inv, [], cores=1, synthetic=False, complete=True, stop_reason=None)
+    rec = RunRecord(label=REFERENCE_LABEL, complete=True, params=params, invariants=inv, flags=tuple(flags),
+                    model=ModelMeta(arch="gemma3n", name="Gemma 3n E4B (INT4 weights, F16 KV cache)"),
+                    device=DeviceMeta(), contexts=tuple(summaries), tokens=tuple(toks), reference=True, note=NOTE,
+                    engine="unknown (original device, recorded by the seed notebook)")
+    return ops, rec
 
 
 def write_reference_run(out_dir: str | os.PathLike, replace: bool = False) -> Path:
     """Write the reference run into out_dir as REFERENCE_FILENAME (atomically replaced if asked)."""
-    ops, meta = reference_tables()
+    ops, rec = reference_tables()
     out = Path(out_dir)
     target = out / REFERENCE_FILENAME
     if target.exists() and not replace:
         raise UsageError(f"{target} exists; pass --replace to rewrite it")
     store.check_out_dir(out)
     with tempfile.TemporaryDirectory(dir=out, prefix=".seed-tmp-") as tmp:
-        written = store.write_run(ops, meta, tmp, REFERENCE_FILENAME)
+        written = store.write_run(ops, rec, tmp, REFERENCE_FILENAME)
         os.replace(written, target)
     return target
 

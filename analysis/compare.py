@@ -13,8 +13,8 @@
   read bandwidth, x roofline (plain ms / (read-model bytes per token / bandwidth)), and speedup vs
   the baseline device (baseline ms / row ms, same model; a differing setting is named in base_note).
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
-- Slopes: per group and stage, least-squares ms/token vs depth over every timed token (op table
-  read, needed columns only), in ms per 1,000 KV tokens with a 95 % t interval.
+- Slopes: per group and stage, least squares through each depth's mean ms/token, in ms per 1,000 KV
+  tokens, with a 95 % bootstrap interval over rounds (depths paired by round; runs stratified).
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from analysis import fleet, slope
-from harness import columns, stages
+from harness import columns, stages, stats, store
 from harness.cli import ArgParser, run_cli
-from harness.errors import UsageError
+from harness.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
 GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
@@ -72,14 +70,15 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
         if len(items) > 1:
             sd, sd_over = float(np.std([c.plain_ms for _, c in items], ddof=1)), "runs"
         else:
-            sd, sd_over = items[0][1].plain_sd_ms, "tokens"
+            sd, sd_over = items[0][1].plain_ms_std or NAN, "tokens"
         row = {"context": ctx, "depth": depth, "device": g.label, "group": name, "group_index": gi, "runs": len(items),
                "complete": g.complete, "reference": g.reference, "model_key": g.model_key,
                "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
+               "flags": ", ".join(sorted({f for r, _ in items for f in r.flags})),
                "tokens_per_s": 1000.0 / plain if plain > 0 else NAN}
         for s in stages.STAGES:
-            row[f"{s}_ms"] = _wmean([c.stage_ms.get(s, NAN) for _, c in items], w)
-            row[f"{s}_pct"] = _wmean([c.stage_pct.get(s, NAN) for _, c in items], w)
+            row[f"{s}_ms"] = _wmean([c.stage(s) if s in c.stage_ms else NAN for _, c in items], w)
+            row[f"{s}_pct"] = _wmean([c.share(s) if s in c.stage_ms else NAN for _, c in items], w)
         nbytes = rm.bytes_per_token(depth) if rm is not None else {}
         for s in GBPS_STAGES:
             ms = row[f"{s}_ms"]
@@ -121,35 +120,29 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
     return [f"no speedup for {dev} | {grp} at {', '.join(ctx)}: {why}" for (dev, grp, why), ctx in missing.items()]
 
 
-def _ops_tokens(i: int, path: str) -> pa.Table | None:
-    """Per-token per-stage time_us sums of one run (arrow group-by; only the needed columns are read)."""
-    try:
-        t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
-    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
-        log.warning("no op table for slopes in %s: %s", path, str(e).splitlines()[0][:120])
-        return None
-    if t.num_rows == 0:
-        return None
-    keys = [c for c in slope.NEEDED_COLUMNS if c != columns.TIME_US]
-    t = t.group_by(keys).aggregate([(columns.TIME_US, "sum")]).rename_columns([*keys, columns.TIME_US])
-    return t.append_column(slope.RUN, pa.array(np.full(t.num_rows, i, dtype=np.int64)))
-
-
 def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
-    """Long table: device, group, stage + slope.SLOPE_COLUMNS, pooling every timed token of a group's runs."""
-    runs = [(gi, r.path) for gi, g in enumerate(groups) for r in g.runs]
-    parts = [t for t in (_ops_tokens(i, p) for i, (_, p) in enumerate(runs)) if t is not None]
+    """Long table: device, group, stage + slope.SLOPE_COLUMNS; a group's runs pooled by a stratified bootstrap
+    over each run's rounds (only the needed op-table columns are read)."""
     cols = ["device", "group", columns.STAGE, *slope.SLOPE_COLUMNS]
-    if not parts:
-        return pd.DataFrame(columns=cols)
-    tok = slope.token_stage_ms(pa.concat_tables(parts, promote_options="permissive").to_pandas())
-    run_group = np.array([gi for gi, _ in runs])
     out = []
-    for gi, sub in tok.groupby(run_group[tok[slope.RUN].to_numpy()], sort=True):
-        fit = slope.fit_tokens(sub).reset_index()
-        fit = fit[fit[columns.STAGE].map(lambda s, sub=sub: bool((sub[s] != 0).any()))]
-        out.append(fit.assign(device=groups[gi].label, group=names[gi]))
-    return pd.concat(out, ignore_index=True)[cols]
+    for gi, g in enumerate(groups):
+        rds = []
+        for r in g.runs:
+            if r.reference:
+                continue
+            try:
+                run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
+            except InputError as e:
+                log.warning("no op table for slopes: %s", e)
+                continue
+            if not run.ops.empty:
+                rds.append(stats.round_data(run.ops, run.tokens))
+        if not rds or len({d for rd in rds for d in rd.depths}) < 2:
+            continue
+        fit = slope.pooled_slopes(rds).reset_index()
+        fit = fit[fit["slope_ms_per_1k"].notna() & ((fit["intercept_ms"] != 0) | (fit["slope_ms_per_1k"] != 0))]
+        out.append(fit.assign(device=g.label, group=names[gi]))
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
 
 
 def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -165,8 +158,9 @@ def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tu
                               values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
         wide.columns = [f"{s}_slope_ms_per_1k" if v == "slope_ms_per_1k" else f"{s}_slope_{v}"
                         for v, s in wide.columns]
-        order = [c for s in stages.STAGES for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k",
-                                                    f"{s}_slope_ci95_high_ms_per_1k") if c in wide.columns]
+        order = [c for s in (*stages.STAGES, slope.DECODE)
+                 for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k", f"{s}_slope_ci95_high_ms_per_1k")
+                 if c in wide.columns]
         df = df.merge(wide[order].reset_index(), on=["device", "group"], how="left")
     return df, sl, notes
 
@@ -184,29 +178,31 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
     shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     out = [f"# Decode compare: {n_runs} runs, {df['device'].nunique()} devices, "
            f"{df[['device', 'group']].drop_duplicates().shape[0]} groups; baseline: {baseline}", "",
-           "ms/token: plain pass (no profiler); stage ms (% of profiled time); GB/s: read-model bytes / stage time; "
+           "ms/token: plain pass (no profiler); stage ms (% of decode), calibrated: they add up to the plain ms/token; "
+           "GB/s: read-model bytes / stage time; "
            "x roofline: plain ms / (bytes per token / measured bandwidth); speedup: baseline ms / row ms."]
     for (depth, ctx), sub in df.groupby(["depth", "context"], sort=True):
         head = ["device", "group", "runs", "ms/tok", "±", "tok/s", *(f"{s} ms (%)" for s in shown),
-                "ffn GB/s", "attn_kv GB/s", "bw GB/s", "x roofline", "speedup", "base note"]
+                "ffn GB/s", "attn_kv GB/s", "bw GB/s", "x roofline", "speedup", "base note", "flags"]
         rows = [[r["device"], r["group"], str(r["runs"]), _f(r["plain_ms"]),
                  f"{_f(r['plain_sd_ms'])} ({r['sd_over']})" if _f(r["plain_sd_ms"]) else "",
                  _f(r["tokens_per_s"], ".1f"),
                  *(f"{_f(r[f'{s}_ms'])} ({_f(r[f'{s}_pct'], '.1f')})" if not math.isnan(r[f"{s}_ms"]) else ""
                    for s in shown),
                  _f(r["ffn_gbps"], ".1f"), _f(r["attn_kv_gbps"], ".1f"), _f(r["bandwidth_gbps"], ".1f"),
-                 _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"]] for _, r in sub.iterrows()]
+                 _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"], r["flags"]]
+                for _, r in sub.iterrows()]
         out += ["", f"## context {ctx} (depth {depth})", "", *_md_table(head, rows)]
     if not sl.empty:
-        st = [s for s in stages.STAGES if s in set(sl[columns.STAGE])]
-        out += ["", "## slope: stage ms/token per 1,000 KV tokens [95 % CI], least squares over timed tokens", ""]
+        st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
+        out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]", ""]
         rows = []
         for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
             by = sub.set_index(columns.STAGE)
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
                      f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
-            rows.append([dev, grp, str(int(by["n_tokens"].max())), str(int(by["n_depths"].max())), *cells])
-        out += _md_table(["device", "group", "tokens", "depths", *st], rows)
+            rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells])
+        out += _md_table(["device", "group", "rounds", "depths", *st], rows)
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)

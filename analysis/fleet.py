@@ -16,21 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import InputError
-from harness.store import TMP_PREFIX, read_meta
+from harness.record import ContextSummary, RunRecord
+from harness.store import TMP_PREFIX, read_record
 
 log = logging.getLogger(__name__)
 SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers")
-
-
-@dataclass(frozen=True)
-class ContextSummary:
-    context: str
-    depth: int
-    timed_tokens: int
-    plain_ms: float
-    plain_sd_ms: float  # std across the run's timed tokens
-    stage_ms: dict[str, float]  # only the stages the run recorded
-    stage_pct: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -44,6 +34,7 @@ class RunInfo:
     reference: bool
     bandwidth_gbps: float | None
     contexts: tuple[ContextSummary, ...]
+    flags: tuple[str, ...] = ()  # kinds of the measurement flags the run raised (drift, noise, ...)
     read_model: object | None = field(default=None, repr=False, compare=False)  # analysis.readmodel.ReadModel
 
     @property
@@ -83,72 +74,50 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path
     return explicit, found
 
 
-def auto_label(device: dict) -> str:
-    return f"{device.get('cpu_model') or 'unknown CPU'} {device.get('physical_cores') or '?'}c"
-
-
-def device_label(meta: dict, with_hostname: bool = False) -> str:
-    """meta['label']; else CPU model + cores. With ``with_hostname``, an automatic label gets '@hostname'."""
-    dev = meta.get("device") or {}
-    auto = auto_label(dev)
-    label = meta.get("label") or auto
-    if with_hostname and label == auto and dev.get("hostname"):
-        label = f"{label} @{dev['hostname']}"
+def device_label(rec: RunRecord, with_hostname: bool = False) -> str:
+    """The run's label; else CPU model + cores. With ``with_hostname``, an automatic label gets '@hostname'."""
+    label = rec.display_label
+    if with_hostname and label == rec.device.auto_label and rec.device.hostname:
+        label = f"{label} @{rec.device.hostname}"
     return label
 
 
-def model_identity(meta: dict) -> tuple[str, str]:
+def model_identity(rec: RunRecord) -> tuple[str, str]:
     """(key, display name): key is the content hash, else name + dominant quant type."""
-    model = meta.get("model") or {}
-    types = model.get("type_summary") or {}
-    quant = max(types, key=types.get) if types else ""
-    name = model.get("name") or (Path(model["path"]).stem if model.get("path") else "unknown model")
-    display = Path(model["path"]).stem if model.get("path") else name
-    key = model.get("content_hash") or f"{name}|{quant}"
-    return key, display
+    m = rec.model
+    quant = max(m.type_summary, key=m.type_summary.get) if m.type_summary else ""
+    name = m.name or (Path(m.path).stem if m.path else "unknown model")
+    display = Path(m.path).stem if m.path else name
+    return m.content_hash or f"{name}|{quant}", display
 
 
-def _num(v, default=float("nan")) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
-
-
-def _context(c: dict) -> ContextSummary:
-    return ContextSummary(
-        context=str(c.get("context")), depth=int(c.get("depth", -1)), timed_tokens=int(c.get("timed_tokens") or 1),
-        plain_ms=_num(c.get("plain_ms")), plain_sd_ms=_num(c.get("plain_ms_std")),
-        stage_ms={k: _num(v) for k, v in (c.get("stage_ms") or {}).items()},
-        stage_pct={k: _num(v) for k, v in (c.get("stage_pct") or {}).items()})
-
-
-def _read_model(meta: dict):
+def _read_model(rec: RunRecord):
     """The run's ReadModel, or None when it has no tensor table (e.g. the reference run)."""
-    if not (meta.get("model") or {}).get("gguf"):
+    if not rec.model.gguf:
         return None
     from analysis import readmodel
     try:
-        return readmodel.from_run(meta)
+        return readmodel.from_run(rec)
     except (InputError, KeyError, ValueError, TypeError) as e:
-        log.warning("no read model for %s: %s", meta.get("label"), e)
+        log.warning("no read model for %s: %s", rec.label, e)
         return None
 
 
-def run_info(path: Path, meta: dict, with_hostname: bool, rm_cache: dict) -> RunInfo:
-    key, name = model_identity(meta)
-    params = meta.get("params") or {}
-    settings = tuple((k, params.get(k)) for k in SETTINGS)
+def run_info(path: Path, rec: RunRecord, with_hostname: bool, rm_cache: dict) -> RunInfo:
+    key, name = model_identity(rec)
+    settings = tuple((k, getattr(rec.params, k)) for k in SETTINGS)
     rm_key = (key, settings)
     if rm_key not in rm_cache:
-        rm_cache[rm_key] = _read_model(meta)
-    bw = (meta.get("device") or {}).get("bandwidth") or {}
-    return RunInfo(path=str(path), label=device_label(meta, with_hostname), model_key=key, model_name=name,
-                   settings=settings, complete=bool(meta.get("complete", False)),
-                   reference=bool(meta.get("reference", False)), bandwidth_gbps=_num(bw.get("read_gbps"), None),
-                   contexts=tuple(_context(c) for c in meta.get("contexts") or []), read_model=rm_cache[rm_key])
+        rm_cache[rm_key] = _read_model(rec)
+    return RunInfo(path=str(path), label=device_label(rec, with_hostname), model_key=key, model_name=name,
+                   settings=settings, complete=rec.complete, reference=rec.reference,
+                   bandwidth_gbps=rec.bandwidth_gbps, contexts=rec.contexts, read_model=rm_cache[rm_key],
+                   flags=tuple(sorted({f.kind for f in rec.flags if f.kind != "synthetic"})))
 
 
-def _try_meta(path: Path) -> dict | InputError:
+def _try_meta(path: Path) -> RunRecord | InputError:
     try:
-        return read_meta(path)
+        return read_record(path)
     except InputError as e:
         return e
 

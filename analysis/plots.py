@@ -23,6 +23,7 @@ from analysis.readmodel import ReadModel
 from harness import stages, store
 from harness.cli import ArgParser, run_cli
 from harness.errors import UsageError
+from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
 MIB = table.MIB
@@ -38,19 +39,21 @@ def _subplots(figsize: tuple[float, float]):
     return fig, fig.subplots()
 
 
-def _title_suffix(meta: dict) -> str:
-    tags = [meta.get("label", "")]
-    if meta.get("reference"):
+def _title_suffix(rec: RunRecord) -> str:
+    """The run's label and every flag it raised (synthetic, drift, noise, ...), for figure titles."""
+    tags = [rec.display_label]
+    if rec.reference:
         tags.append("recorded reference")
-    if meta.get("synthetic"):
+    if rec.synthetic:
         tags.append("synthetic twin")
-    if meta.get("complete") is False:
+    if not rec.complete:
         tags.append("INCOMPLETE")
+    tags += sorted({f"FLAG: {f.kind}" for f in rec.flags if f.kind not in ("synthetic", "incomplete")})
     return "\n" + ", ".join(t for t in tags if t)
 
 
-def plot_read_per_token(meta: dict, model: ReadModel) -> Figure:
-    df = table.build_table(meta, model)
+def plot_read_per_token(rec: RunRecord, model: ReadModel) -> Figure:
+    df = table.build_table(rec, model)
     fig, ax = _subplots(figsize=(7.5, 4.5))
     d_max = max(int(df["input_tokens"].max()) if len(df) else 1, 1)
     grid = np.unique(np.linspace(0, d_max * 1.15, 300).astype(int))
@@ -62,7 +65,7 @@ def plot_read_per_token(meta: dict, model: ReadModel) -> Figure:
     ax.plot(df["input_tokens"], df["attn_read_mib"], "o", color=COLORS[stages.ATTN_KV],
             label="Attention KV at swept contexts")
     ax.set_yscale("log")
-    ax.set_title(f"Per-token memory read estimate ({model.variant} read model){_title_suffix(meta)}", fontsize=10)
+    ax.set_title(f"Per-token memory read estimate ({model.variant} read model){_title_suffix(rec)}", fontsize=10)
     ax.set_xlabel("Context depth (tokens already in the KV cache)")
     ax.set_ylabel("MiB read per decoded token (log)")
     ax.grid(True, which="both", alpha=0.3)
@@ -71,19 +74,19 @@ def plot_read_per_token(meta: dict, model: ReadModel) -> Figure:
     return fig
 
 
-def plot_stage_shares(meta: dict) -> Figure:
-    ctxs = sorted(meta.get("contexts", []), key=lambda c: c["depth"])
-    depths = [c["depth"] for c in ctxs]
+def plot_stage_shares(rec: RunRecord) -> Figure:
+    ctxs = rec.sorted_contexts()
+    depths = [c.depth for c in ctxs]
     fig, ax = _subplots(figsize=(7.5, 4.5))
     for s in stages.STAGES:
-        vals = [float(c.get("stage_pct", {}).get(s, 0.0)) for c in ctxs]
+        vals = [c.share(s) for c in ctxs]
         if not any(v > 0 for v in vals):
             continue
         bold = s in (stages.FFN, stages.ATTN_KV)
         ax.plot(depths, vals, marker="o", lw=2.2 if bold else 1.0, alpha=1.0 if bold else 0.8, color=COLORS[s],
                 label=s)
-    ax.set_xticks(depths, [f"{c['depth']}\n{c['context']}" for c in ctxs], fontsize=8)
-    ax.set_title(f"Measured decode stage shares{_title_suffix(meta)}", fontsize=10)
+    ax.set_xticks(depths, [f"{c.depth}\n{c.context}" for c in ctxs], fontsize=8)
+    ax.set_title(f"Measured decode stage shares{_title_suffix(rec)}", fontsize=10)
     ax.set_xlabel("Context depth (tokens)")
     ax.set_ylabel("% of profiled decode wall time")
     ax.set_ylim(bottom=0)
@@ -93,21 +96,21 @@ def plot_stage_shares(meta: dict) -> Figure:
     return fig
 
 
-def plot_stage_ms(meta: dict) -> Figure:
-    ctxs = sorted(meta.get("contexts", []), key=lambda c: c["depth"])
-    labels = [f"{c['context']}\n({c['depth']})" for c in ctxs]
+def plot_stage_ms(rec: RunRecord) -> Figure:
+    ctxs = rec.sorted_contexts()
+    labels = [f"{c.context}\n({c.depth})" for c in ctxs]
     x = np.arange(len(ctxs))
     fig, ax = _subplots(figsize=(7.5, 4.5))
     bottom = np.zeros(len(ctxs))
     for s in stages.STAGES:
-        vals = np.array([float(c.get("stage_ms", {}).get(s, 0.0)) for c in ctxs])
+        vals = np.array([c.stage(s) for c in ctxs])
         if not (vals > 0).any():
             continue
         ax.bar(x, vals, 0.6, bottom=bottom, color=COLORS[s], label=s)
         bottom += vals
-    ax.plot(x, [c["plain_ms"] for c in ctxs], "k_", markersize=30, mew=2, label="decode (plain pass)")
+    ax.plot(x, [c.plain_ms for c in ctxs], "k_", markersize=30, mew=2, label="decode (plain pass)")
     ax.set_xticks(x, labels)
-    ax.set_title(f"Measured ms/token by stage{_title_suffix(meta)}", fontsize=10)
+    ax.set_title(f"Measured ms/token by stage{_title_suffix(rec)}", fontsize=10)
     ax.set_xlabel("Context (depth in tokens)")
     ax.set_ylabel("ms per decoded token")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -116,10 +119,10 @@ def plot_stage_ms(meta: dict) -> Figure:
     return fig
 
 
-def plot_roofline(meta: dict, model: ReadModel) -> Figure:
-    sb = table.stage_bytes_table(meta, model)
+def plot_roofline(rec: RunRecord, model: ReadModel) -> Figure:
+    sb = table.stage_bytes_table(rec, model)
     sb = sb[(sb["bytes_read"] > 0) & (sb["measured_ms"] > 0)]
-    bw = table.bandwidth_gbps(meta)
+    bw = rec.bandwidth_gbps
     fig, ax = _subplots(figsize=(7.5, 4.8))
     markers = "osD^v<>p*h"
     ctx_order = list(dict.fromkeys(sb.sort_values("depth")["context"]))
@@ -140,7 +143,7 @@ def plot_roofline(meta: dict, model: ReadModel) -> Figure:
         note = "; no bandwidth measured: no roofline"
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title(f"Stage time vs modelled bytes ({model.variant} read model){_title_suffix(meta)}{note}", fontsize=10)
+    ax.set_title(f"Stage time vs modelled bytes ({model.variant} read model){_title_suffix(rec)}{note}", fontsize=10)
     ax.set_xlabel("Modelled MiB read per token (log)")
     ax.set_ylabel("Measured ms per token (log)")
     ax.grid(True, which="both", alpha=0.3)
@@ -149,15 +152,15 @@ def plot_roofline(meta: dict, model: ReadModel) -> Figure:
     return fig
 
 
-def make_figures(meta: dict, model: ReadModel) -> dict[str, Figure]:
-    return {"read_per_token": plot_read_per_token(meta, model), "stage_shares": plot_stage_shares(meta),
-            "stage_ms": plot_stage_ms(meta), "roofline": plot_roofline(meta, model)}
+def make_figures(rec: RunRecord, model: ReadModel) -> dict[str, Figure]:
+    return {"read_per_token": plot_read_per_token(rec, model), "stage_shares": plot_stage_shares(rec),
+            "stage_ms": plot_stage_ms(rec), "roofline": plot_roofline(rec, model)}
 
 
-def write_plots(meta: dict, model: ReadModel, out_dir: str | Path) -> list[Path]:
+def write_plots(rec: RunRecord, model: ReadModel, out_dir: str | Path) -> list[Path]:
     d = store.check_out_dir(out_dir)
     written = []
-    for name, fig in make_figures(meta, model).items():
+    for name, fig in make_figures(rec, model).items():
         for ext in ("png", "svg"):
             p = d / f"{name}.{ext}"
             try:
@@ -176,7 +179,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--model", default=None, help="GGUF whose tensor table to use when the run lacks one")
     a = ap.parse_args(argv)
     run, model = table.load(a.run, a.model_variant, a.model)
-    for p in write_plots(run.meta, model, a.out):
+    for p in write_plots(run.record, model, a.out):
         sys.stdout.write(f"{p}\n")
     return 0
 

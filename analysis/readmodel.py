@@ -35,6 +35,7 @@ from harness.gguf_model import (  # noqa: F401 - re-exported as part of this mod
     kv_owners,
     read_model,
 )
+from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -216,24 +217,23 @@ def from_gguf(path: str | os.PathLike, variant: str = "exact", cache_type_k: str
     return from_model_info(read_model(path), variant, cache_type_k, cache_type_v)
 
 
-def has_tensor_table(meta: dict) -> bool:
-    g = (meta.get("model") or {}).get("gguf")
+def has_tensor_table(rec: RunRecord) -> bool:
+    g = rec.model.gguf
     return isinstance(g, dict) and bool(g.get("tensors"))
 
 
-def from_run(meta: dict, variant: str = "exact") -> ReadModel:
-    """The read model of a run's model: its tensor table and KV cache types from the metadata."""
+def from_run(rec: RunRecord, variant: str = "exact") -> ReadModel:
+    """The read model of a run's model: its tensor table and KV cache types from the record."""
     if variant == "seed":
         return seed_model()
-    if not has_tensor_table(meta):
+    if not has_tensor_table(rec):
         raise InputError("run metadata carries no model tensor table; pass the model file (--model GGUF) "
                          "or use --model-variant seed")
     try:
-        info = ModelInfo.from_dict(meta["model"]["gguf"])
+        info = ModelInfo.from_dict(rec.model.gguf)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"run metadata has a malformed model tensor table ({e})") from None
-    params = meta.get("params") or {}
-    return from_model_info(info, variant, params.get("cache_type_k", "f16"), params.get("cache_type_v", "f16"))
+    return from_model_info(info, variant, rec.params.cache_type_k, rec.params.cache_type_v)
 
 
 def preset_model_info(preset: str, quant: str = "q4_k_m") -> ModelInfo:

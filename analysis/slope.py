@@ -1,140 +1,76 @@
-"""Per-stage slope of decode time against KV depth: ms per 1,000 KV tokens with a 95 % confidence interval.
+"""Per-stage slope of decode time against KV depth, in ms per 1,000 KV tokens, with a 95 % interval.
 
-Every timed token is one point: its per-stage time (the sum of ``time_us`` over the token's
-segments of that stage; 0 when the token has none) against the depth it was decoded at. The
-fit is ordinary least squares; the interval uses Student's t with n - 2 degrees of freedom,
-computed here with the regularized incomplete beta function (no scipy).
+The slope is the least-squares line through each depth's mean stage ms/token (calibrated when the
+run has calibration tokens). The interval is a percentile bootstrap over *rounds*, not tokens:
+tokens in a row are not independent, and a round holds one token of every depth, so resampling
+rounds keeps depths paired (drift within a round hits every depth alike). Several runs of a group
+are pooled with a stratified bootstrap: each run's rounds are resampled within that run.
 
-    from analysis.slope import stage_slopes
-    slopes = stage_slopes(run.ops)   # index: stage; columns below
+    from analysis.slope import run_slopes
+    slopes = run_slopes(run)   # index: stage (+ "decode", the plain pass); columns: SLOPE_COLUMNS
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from functools import lru_cache
-
 import numpy as np
 import pandas as pd
 
-from harness import columns, stages
+from harness import columns, stats, store
+from harness.stages import STAGES
 
-TOKEN_KEY = (columns.CONTEXT, columns.REPEAT, columns.STEP)
-NEEDED_COLUMNS = [columns.CONTEXT, columns.DEPTH, columns.REPEAT, columns.STEP, columns.STAGE, columns.TIME_US]
-RUN = "run"  # optional extra token-key column when several runs are pooled
-SLOPE_COLUMNS = ["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k", "intercept_ms", "n_tokens",
+NEEDED_COLUMNS = [columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE, columns.TIME_US]
+DECODE = "decode"  # the plain pass's ms/token
+SLOPE_COLUMNS = ["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k", "intercept_ms", "n_rounds",
                  "n_depths"]
 
 
-@dataclass(frozen=True)
-class SlopeFit:
-    slope_ms_per_1k: float
-    ci95_low_ms_per_1k: float
-    ci95_high_ms_per_1k: float
-    intercept_ms: float
-    n_tokens: int
-    n_depths: int
+def _per_depth(rd: stats.RoundData, rows: np.ndarray, cost_ms: float) -> np.ndarray:
+    """(D, S + 1) mean ms/token per depth over the given round indices: stages (calibrated), then decode."""
+    st = stats.calibrated(rd, cost_ms)[rows]
+    with np.errstate(all="ignore"):
+        return np.concatenate([np.nanmean(st, axis=0), np.nanmean(rd.plain[rows], axis=0)[:, None]], axis=1)
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta function (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-            last = d * c
-        if abs(last - 1.0) < 1e-14:
-            break
-    return h
+def _fit(depths: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope (per token) and intercept of every column of y (D, K) against depths (D,)."""
+    ok = ~np.isnan(y).any(axis=1)
+    x, y = depths[ok].astype(float), y[ok]
+    if len(np.unique(x)) < 2:
+        nan = np.full(y.shape[1], np.nan)
+        return nan, nan
+    xc = x - x.mean()
+    slope = (xc[:, None] * (y - y.mean(axis=0))).sum(axis=0) / (xc**2).sum()
+    return slope, y.mean(axis=0) - slope * x.mean()
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(lbt) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+def pooled_slopes(runs: list[stats.RoundData], n_boot: int = stats.N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Slopes of the per-depth means pooled over runs (mean over the runs that measured a depth)."""
+    names = [*STAGES, DECODE]
+    depths = np.array(sorted({d for rd in runs for d in rd.depths}))
+    costs = [stats.split_cost_ms(rd.calib_delta, rd.calib_extra) for rd in runs]
+
+    def curve(picks: list[np.ndarray]) -> np.ndarray:
+        acc = np.zeros((len(depths), len(names)))
+        cnt = np.zeros((len(depths), 1))
+        for rd, rows, c in zip(runs, picks, costs, strict=True):
+            pos = np.searchsorted(depths, rd.depths)
+            acc[pos] += np.nan_to_num(_per_depth(rd, rows, c))
+            cnt[pos] += 1
+        with np.errstate(all="ignore"):
+            return acc / cnt
+
+    slope, intercept = _fit(depths, curve([np.arange(len(rd.rounds)) for rd in runs]))
+    rng = np.random.default_rng(seed)
+    boot = np.array([_fit(depths, curve([rng.integers(0, len(rd.rounds), len(rd.rounds)) for rd in runs]))[0]
+                     for _ in range(n_boot)]) if len(depths) >= 2 else np.full((1, len(names)), np.nan)
+    lo, hi = stats.interval(boot) if len(depths) >= 2 else (boot[0], boot[0])
+    n_rounds = sum(len(rd.rounds) for rd in runs)
+    df = pd.DataFrame({"slope_ms_per_1k": slope * 1000, "ci95_low_ms_per_1k": lo * 1000,
+                       "ci95_high_ms_per_1k": hi * 1000, "intercept_ms": intercept, "n_rounds": n_rounds,
+                       "n_depths": len(depths)}, index=pd.Index(names, name=columns.STAGE))
+    return df[SLOPE_COLUMNS]
 
 
-def t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-@lru_cache(maxsize=4096)
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t (0.5 < p < 1) by bisection on the CDF."""
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
-def fit_slope(depth: np.ndarray, ms: np.ndarray) -> SlopeFit:
-    """Least-squares ms = a + b * depth; slope and its 95 % CI in ms per 1,000 KV tokens (NaN when undefined)."""
-    x, y = np.asarray(depth, dtype=float), np.asarray(ms, dtype=float)
-    n, n_depths = len(x), int(len(np.unique(x)))
-    nan = float("nan")
-    if n_depths < 2:
-        return SlopeFit(nan, nan, nan, float(y.mean()) if n else nan, n, n_depths)
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    b = float(((x - xm) * (y - ym)).sum() / sxx)
-    a = float(ym - b * xm)
-    lo = hi = nan
-    if n > 2:
-        rss = float(((y - a - b * x) ** 2).sum())
-        half = t_quantile(0.975, n - 2) * math.sqrt(rss / (n - 2) / sxx)
-        lo, hi = (b - half) * 1000.0, (b + half) * 1000.0
-    return SlopeFit(b * 1000.0, lo, hi, a, n, n_depths)
-
-
-def token_stage_ms(ops: pd.DataFrame) -> pd.DataFrame:
-    """One row per timed token (key columns + depth), one column per stage in ms; 0 where a token lacks a stage."""
-    key = [c for c in (RUN, *TOKEN_KEY) if c in ops.columns]
-    wide = ops.pivot_table(index=[*key, columns.DEPTH], columns=columns.STAGE, values=columns.TIME_US,
-                           aggfunc="sum", fill_value=0.0, observed=True) / 1000.0
-    wide.columns = [str(c) for c in wide.columns]
-    return wide.reset_index()
-
-
-def fit_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Slopes per stage from ``token_stage_ms`` output (index: stage, columns: SLOPE_COLUMNS)."""
-    shown = [s for s in stages.STAGES if s in tokens.columns]
-    shown += sorted(c for c in tokens.columns if c not in shown and c not in (RUN, *TOKEN_KEY, columns.DEPTH))
-    rows = {s: vars(fit_slope(tokens[columns.DEPTH].to_numpy(), tokens[s].to_numpy())) for s in shown}
-    return pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS).rename_axis(columns.STAGE)
-
-
-def stage_slopes(ops_df: pd.DataFrame) -> pd.DataFrame:
-    """Per-stage ms/token slope against depth, over all timed tokens of an ops table (one run, or several
-    with a ``run`` column). Index: stage; columns: slope_ms_per_1k, ci95_low_ms_per_1k, ci95_high_ms_per_1k,
-    intercept_ms, n_tokens, n_depths. Slope and CI are NaN when the table has fewer than 2 depths (CI also
-    when fewer than 3 tokens)."""
-    missing = [c for c in NEEDED_COLUMNS if c not in ops_df.columns]
-    if missing:
-        raise ValueError(f"ops table lacks columns {missing}")
-    if ops_df.empty:
-        return pd.DataFrame(columns=SLOPE_COLUMNS).rename_axis(columns.STAGE)
-    return fit_tokens(token_stage_ms(ops_df))
+def run_slopes(run: store.Run, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
+    """Slopes of one run (needs its op table's NEEDED_COLUMNS and its token table)."""
+    return pooled_slopes([stats.round_data(run.ops, run.tokens)], n_boot)

@@ -25,10 +25,11 @@ import pandas as pd
 
 from analysis import readmodel
 from analysis.readmodel import ReadModel
-from analysis.slope import stage_slopes
-from harness import columns, stages, store
+from analysis.slope import run_slopes
+from harness import stages, store
 from harness.cli import ArgParser, run_cli
 from harness.errors import UsageError
+from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
 MIB = 1024**2
@@ -58,83 +59,76 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def bandwidth_gbps(meta: dict) -> float | None:
-    bw = ((meta.get("device") or {}).get("bandwidth") or {}).get("read_gbps")
-    return float(bw) if bw else None
-
-
-def resolve_variant(meta: dict, variant: str, model_path: str | None = None) -> str:
+def resolve_variant(rec: RunRecord, variant: str, model_path: str | None = None) -> str:
     """``auto``: exact when a tensor table is at hand (run metadata or --model), seed otherwise."""
     if variant != "auto":
         return variant
-    return "exact" if (model_path or readmodel.has_tensor_table(meta)) else "seed"
+    return "exact" if (model_path or readmodel.has_tensor_table(rec)) else "seed"
 
 
-def load_read_model(meta: dict, variant: str = "auto", model_path: str | None = None) -> ReadModel:
+def load_read_model(rec: RunRecord, variant: str = "auto", model_path: str | None = None) -> ReadModel:
     """The run's read model: from its own tensor table, else from ``model_path``."""
-    variant = resolve_variant(meta, variant, model_path)
+    variant = resolve_variant(rec, variant, model_path)
     if variant not in readmodel.VARIANTS:
         raise UsageError(f"unknown read-model variant {variant!r} (choose from: {', '.join(VARIANT_CHOICES)})")
     if variant == "seed":
         return readmodel.seed_model()
-    if readmodel.has_tensor_table(meta):
-        return readmodel.from_run(meta, variant)
+    if readmodel.has_tensor_table(rec):
+        return readmodel.from_run(rec, variant)
     if model_path is None:
         raise UsageError(f"the {variant} read model needs the model's tensor table: the run has none, "
                          "pass --model GGUF (or --model-variant seed)")
-    params = meta.get("params") or {}
-    return readmodel.from_gguf(model_path, variant, params.get("cache_type_k", "f16"),
-                               params.get("cache_type_v", "f16"))
+    return readmodel.from_gguf(model_path, variant, rec.params.cache_type_k, rec.params.cache_type_v)
 
 
 def load(run_path: str | Path, variant: str = "auto", model_path: str | None = None) -> tuple[store.Run, ReadModel]:
     run = store.read_run(run_path)
-    return run, load_read_model(run.meta, variant, model_path)
+    return run, load_read_model(run.record, variant, model_path)
 
 
 def _div(a: float, b: float | None) -> float:
     return a / b if b else math.nan
 
 
-def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
-    """One row per context (in depth order) of modelled reads and measured times."""
-    bw = bandwidth_gbps(meta)
+def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd.DataFrame:
+    """One row per context (in depth order) of modelled reads and measured times (stage ms calibrated by
+    default: they add up to the plain ms/token; ``calibrated=False``: raw profiled figures)."""
+    bw = rec.bandwidth_gbps
     rows = []
-    for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
-        depth = int(c["depth"])
+    for c in rec.sorted_contexts():
+        depth = c.depth
         b = model.bytes_per_token(depth)
         total = sum(b.values())
-        ms, pct = c.get("stage_ms", {}), c.get("stage_pct", {})
-        ffn_ms, attn_ms, decode_ms = float(ms.get(stages.FFN, 0.0)), float(ms.get(stages.ATTN_KV, 0.0)), c["plain_ms"]
+        ffn_ms, attn_ms, decode_ms = c.stage(stages.FFN, calibrated), c.stage(stages.ATTN_KV, calibrated), c.plain_ms
         roofline_ms = total / (bw * 1e9) * 1e3 if bw else math.nan
         row = {
-            "context": str(c["context"]), "input_tokens": depth,
+            "context": c.context, "input_tokens": depth,
             "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
             "ffn_read_mib": b[stages.FFN] / MIB, "attn_read_mib": b[stages.ATTN_KV] / MIB,
             "attn_ffn_read_ratio": _div(b[stages.ATTN_KV], b[stages.FFN]),
-            "ffn_pct": float(pct.get(stages.FFN, 0.0)), "attn_pct": float(pct.get(stages.ATTN_KV, 0.0)),
-            "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": float(decode_ms),
+            "ffn_pct": c.share(stages.FFN, calibrated), "attn_pct": c.share(stages.ATTN_KV, calibrated),
+            "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": decode_ms,
             "total_read_mib": total / MIB,
             "ffn_gbps": _div(b[stages.FFN], ffn_ms * 1e-3) / 1e9,
             "attn_gbps": _div(b[stages.ATTN_KV], attn_ms * 1e-3) / 1e9,
             "roofline_ms": roofline_ms, "measured_over_roofline": _div(decode_ms, roofline_ms),
         }
-        row.update({f"{s}_pct": float(pct.get(s, 0.0)) for s in REST_STAGES})
+        row.update({f"{s}_pct": c.share(s, calibrated) for s in REST_STAGES})
         rows.append(row)
     df = pd.DataFrame(rows, columns=[c for c, _, _ in COLUMNS])
-    df["run_complete"] = meta.get("complete") is not False
+    df["run_complete"] = rec.complete
     return df
 
 
-def stage_bytes_table(meta: dict, model: ReadModel) -> pd.DataFrame:
+def stage_bytes_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd.DataFrame:
     """Long table: context, depth, stage, modelled bytes/token, measured ms/token (for the roofline plot)."""
     rows = []
-    for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
-        b = model.bytes_per_token(int(c["depth"]))
+    for c in rec.sorted_contexts():
+        b = model.bytes_per_token(c.depth)
         for stage in stages.STAGES:
-            rows.append({"context": str(c["context"]), "depth": int(c["depth"]), "stage": stage,
+            rows.append({"context": c.context, "depth": c.depth, "stage": stage,
                          "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == stages.OTHER else 0.0),
-                         "measured_ms": float(c.get("stage_ms", {}).get(stage, 0.0))})
+                         "measured_ms": c.stage(stage, calibrated)})
     return pd.DataFrame(rows)
 
 
@@ -153,53 +147,67 @@ def format_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def describe(meta: dict, model: ReadModel) -> list[str]:
-    """Header lines: what the run is and how the table was made."""
-    m = meta.get("model") or {}
-    lines = [f"Run: {meta.get('label', '?')} | model: {m.get('name') or m.get('arch', '?')} | "
-             f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB)"]
-    if meta.get("complete") is False:
-        lines.append("**INCOMPLETE RUN**: the sweep stopped early; only the contexts below were measured.")
-    if meta.get("reference"):
+def describe(rec: RunRecord, model: ReadModel) -> list[str]:
+    """Header lines: what the run is, how the table was made, and every flag the run raised."""
+    lines = [f"Run: {rec.display_label} | model: {rec.model.name or rec.model.arch} | "
+             f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB) | "
+             f"{len(rec.rounds) or rec.params.rounds} rounds, {rec.params.order}"]
+    if not rec.complete:
+        lines.append("**INCOMPLETE RUN**: the sweep stopped early; fewer rounds than asked were measured.")
+    if rec.reference:
         lines.append("Reference run: the seed's recorded figures from the original device, not measured here.")
-    if meta.get("synthetic"):
-        lines.append("Synthetic twin (random weights): timings are real, the text it produced is noise.")
-    bw = bandwidth_gbps(meta)
+    lines += flag_lines(rec)
+    bw = rec.bandwidth_gbps
     lines.append(f"Device read bandwidth: {bw:.1f} GB/s" if bw else "Device read bandwidth: not measured "
                  "(no roofline)")
     return lines
 
 
-NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/token: plain pass. Stage ms and "
-         "shares: profiled pass, shares of its wall time (host included), so they add to 100 %. Attention read = "
-         "KV-cache reads only (projections are attn_proj).")
+def flag_lines(rec: RunRecord) -> list[str]:
+    """One line per flag the run raised, plus the depth-invariance figure."""
+    out = [f"**FLAG {f.kind}**{' (' + f.context + ')' if f.context else ''}: {f.message}" for f in rec.flags]
+    if rec.synthetic and not any(f.kind == "synthetic" for f in rec.flags):
+        out.append("**FLAG synthetic**: synthetic twin (random weights): timings are real, outputs are noise")
+    inv = rec.invariants
+    if inv is not None:
+        out.append(f"Depth-invariant stages agree within {inv.max_disagreement_pct:.2f} % across depths ({inv.stage} "
+                   f"worst; threshold {inv.threshold_pct:g} %).")
+    return out
 
 
-def slope_table(ops: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Per-stage ms/token slope against depth (ms per 1,000 KV tokens, 95 % CI), for runs with >= 3 depths."""
-    if ops is None or ops.empty or ops[columns.DEPTH].nunique() < 3:
+NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/token: plain pass (no callback). "
+         "Stage ms and shares: profiled pass, calibrated (each graph split's measured cost removed) so they add up "
+         "to the plain ms/token; --raw shows the uncalibrated figures (shares of profiled wall time). Attention read "
+         "= KV-cache reads only (projections are attn_proj).")
+
+
+def slope_table(run: store.Run | None) -> pd.DataFrame | None:
+    """Per-stage ms/token slope against depth (ms per 1,000 KV tokens, bootstrap 95 % CI over rounds), >= 3 depths."""
+    if run is None or run.ops.empty or len(run.record.contexts) < 3 or run.record.reference:
         return None
-    return stage_slopes(ops)
+    return run_slopes(run)
 
 
 def format_slopes(sl: pd.DataFrame) -> str:
-    lines = ["Stage slopes over all timed tokens (least squares, ms/token per 1,000 KV tokens, 95 % CI):", "",
-             "| Stage | Slope ms/1k tok | CI low | CI high | Tokens | Depths |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["Slopes against depth (least squares through each depth's mean; ms/token per 1,000 KV tokens; "
+             "95 % bootstrap interval over rounds, depths paired by round):", "",
+             "| Stage | Slope ms/1k tok | CI low | CI high | Rounds | Depths |", "|---|---:|---:|---:|---:|---:|"]
     for stage, r in sl.iterrows():
         lines.append(f"| {stage} | {_fmt(r['slope_ms_per_1k'], '{:.3f}')} | {_fmt(r['ci95_low_ms_per_1k'], '{:.3f}')} "
-                     f"| {_fmt(r['ci95_high_ms_per_1k'], '{:.3f}')} | {int(r['n_tokens'])} | {int(r['n_depths'])} |")
+                     f"| {_fmt(r['ci95_high_ms_per_1k'], '{:.3f}')} | {int(r['n_rounds'])} | {int(r['n_depths'])} |")
     return "\n".join(lines)
 
 
-def render(meta: dict, model: ReadModel, fmt: str = "md", ops: pd.DataFrame | None = None) -> str:
-    df = build_table(meta, model)
-    sl = slope_table(ops)
+def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | None = None,
+           calibrated: bool = True) -> str:
+    df = build_table(rec, model, calibrated)
+    sl = slope_table(run)
     if fmt == "csv":
         if sl is not None:
             for stage, r in sl.iterrows():
                 df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
         return df.to_csv(index=False)
-    parts = [*describe(meta, model), "", format_markdown(df), "", NOTES]
+    parts = [*describe(rec, model), "", format_markdown(df), "", NOTES]
     if sl is not None:
         parts += ["", format_slopes(sl)]
     return "\n".join(parts) + "\n"
@@ -212,11 +220,12 @@ def _main(argv: list[str] | None) -> int:
                     help="read model (default auto: exact when a tensor table is available, else seed)")
     ap.add_argument("--format", default="md", choices=("md", "csv"))
     ap.add_argument("--model", default=None, help="GGUF whose tensor table to use when the run lacks one")
+    ap.add_argument("--raw", action="store_true", help="uncalibrated stage figures (shares of profiled wall time)")
     a = ap.parse_args(argv)
     run, model = load(a.run, a.model_variant, a.model)
-    if run.meta.get("complete") is False:
+    if not run.record.complete:
         log.warning("warning: %s is an incomplete run", a.run)
-    sys.stdout.write(render(run.meta, model, a.format, run.ops))
+    sys.stdout.write(render(run.record, model, a.format, run, calibrated=not a.raw))
     return 0
 
 

@@ -34,7 +34,7 @@ def make_source(tmp: Path) -> Path:
     model = write_twin("tiny", "q4_k_m", tmp / "tiny.gguf")
     out = tmp / "source"
     subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                    "--tokens", "3", "--repeats", "2", "--warmup", "1", "--no-probe", "--threads", "2",
+                    "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", "2",
                     "--label", "bench", "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
     return next(out.glob("*.parquet"))
 

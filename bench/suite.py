@@ -1,14 +1,14 @@
 """Measurement-validity and performance suite: prints one table, saves it as JSON in bench/results/.
 
-    python bench/suite.py [--model GGUF] [--tokens 8] [--repeats 3] [--skip depth,twin]
+    python bench/suite.py [--model GGUF] [--rounds 40] [--skip ops,depth,twin]
 
-Every figure is a ratio or share measured within one run, with its spread over tokens:
+Every figure is a ratio or share measured within one run, with its 95 % bootstrap interval over rounds:
 - capture overhead: profiled / plain decode ms/token per context, for stages and ops modes
-  (plain and profiled tokens are interleaved ABAB within each run; mean of per-token ratios
-  with a 95 % interval);
+  (every round decodes each depth plain and profiled, pass order alternating);
 - attribution: share of profiled wall time covered by ops, and by stages with host included;
 - mode agreement: |stage share in ops mode - in stages mode|, in percentage points (max over stages);
-- depth consistency: attn_kv ms/token rise from depth 13 to 4096 vs the plain wall-time rise;
+- depth consistency: attn_kv ms/token rise from depth 13 to 4096 vs the plain wall-time rise (both
+  resident, measured round-robin);
 - roofline: plain ms/token / (read-model bytes per token / measured bandwidth), and achieved GB/s per stage;
 - sweep cost: wall time of the default 3-context sweep and prefill tokens spent;
 - twin generation: time and peak RSS of the E4B Q4_K_M twin.
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,25 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.readmodel import from_run  # noqa: E402
-from harness import columns  # noqa: E402
+from harness.stages import STAGES  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
-TARGETS = {"stages_overhead": 1.01, "ops_overhead": 1.10, "attributed_pct": 99.5, "mode_agreement_pp": 2.0,
-           "depth_consistency_pct": 15.0}
-
-
-def ratio_ci(tokens, context: str) -> tuple[float, float]:
-    t = tokens[tokens[columns.CONTEXT] == context]
-    idx = [columns.REPEAT, columns.STEP]
-    plain = t[t[columns.PASS] == "plain"].set_index(idx)[columns.WALL_US]
-    prof = t[t[columns.PASS] == "profiled"].set_index(idx)[columns.WALL_US]
-    r = (prof / plain).dropna().tolist()
-    half = 1.96 * statistics.stdev(r) / math.sqrt(len(r)) if len(r) > 1 else float("nan")
-    return statistics.fmean(r), half
+TARGETS = {"stages_overhead": 1.03, "ops_overhead": 1.10, "attributed_pct": 99.5, "mode_agreement_pp": 2.0,
+           "depth_consistency_pct": 10.0}
 
 
 def sweep(a, out: Path, tag: str, *extra: str):
-    cmd = [sys.executable, "-m", "harness.sweep", "-n", str(a.tokens), "-r", str(a.repeats), "--out", str(out),
+    cmd = [sys.executable, "-m", "harness.sweep", "-r", str(a.rounds), "--out", str(out),
            "--label", f"bench-{tag}", *extra]
     if a.model:
         cmd += ["--model", a.model]
@@ -65,28 +53,28 @@ def sweep(a, out: Path, tag: str, *extra: str):
 
 def overhead_rows(run) -> list[dict]:
     rows = []
-    for c in run.meta["contexts"]:
-        mean, half = ratio_ci(run.tokens, c["context"])
-        rows.append({"context": c["context"], "depth": c["depth"], "plain_ms": c["plain_ms"], "overhead": mean,
-                     "overhead_ci95": half, "syncs": c["syncs_per_token"], "covered_pct": c["covered_pct"],
-                     "attributed_pct": c["attributed_pct"], "stage_pct": c["stage_pct"],
-                     "stage_pct_cal": c["stage_pct_calibrated"], "sync_us": c["sync_us"],
-                     "noop_sync_us": c["noop_sync_us"]})
+    for c in run.record.sorted_contexts():
+        lo, hi = c.overhead_ratio_ci
+        rows.append({"context": c.context, "depth": c.depth, "plain_ms": c.plain_ms, "overhead": c.overhead_ratio,
+                     "overhead_ci95": (hi - lo) / 2, "syncs": c.syncs_per_token, "covered_pct": c.covered_pct,
+                     "attributed_pct": c.attributed_pct, "stage_pct": c.stage_pct,
+                     "stage_pct_cal": c.stage_pct_calibrated, "sync_us": c.sync_us, "noop_sync_us": c.noop_sync_us,
+                     "calibrated_sum_pct": c.calibrated_sum_pct})
     return rows
 
 
 def roofline_rows(run) -> list[dict]:
-    bw = (run.meta["device"].get("bandwidth") or {}).get("read_gbps")
-    model = from_run(run.meta, "exact")
+    bw = run.record.bandwidth_gbps
+    model = from_run(run.record, "exact")
     rows = []
-    for c in run.meta["contexts"]:
-        b = model.bytes_per_token(c["depth"])
-        total = model.total_bytes_per_token(c["depth"])
+    for c in run.record.sorted_contexts():
+        b = model.bytes_per_token(c.depth)
+        total = model.total_bytes_per_token(c.depth)
         roof_ms = total / (bw * 1e9) * 1e3 if bw else float("nan")
-        gbps = {s: b.get(s, 0) / (c["stage_ms"][s] / 1e3) / 1e9 for s in ("ffn", "attn_kv", "lm_head", "attn_proj",
-                                                                           "gemma3n_extra") if c["stage_ms"][s] > 0}
-        rows.append({"context": c["context"], "depth": c["depth"], "bytes_per_token": total, "bandwidth_gbps": bw,
-                     "roofline_ms": roof_ms, "measured_over_roofline": c["plain_ms"] / roof_ms, "stage_gbps": gbps})
+        gbps = {s: b.get(s, 0) / (c.stage(s) / 1e3) / 1e9 for s in ("ffn", "attn_kv", "lm_head", "attn_proj",
+                                                                     "gemma3n_extra") if c.stage(s) > 0}
+        rows.append({"context": c.context, "depth": c.depth, "bytes_per_token": total, "bandwidth_gbps": bw,
+                     "roofline_ms": roof_ms, "measured_over_roofline": c.plain_ms / roof_ms, "stage_gbps": gbps})
     return rows
 
 
@@ -104,36 +92,35 @@ def twin_generation() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
-    ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--skip", default="", help="comma list of: ops, depth, twin")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     res: dict = {"model": a.model or "models/gemma-3n-e4b-q4.gguf", "targets": TARGETS}
     with tempfile.TemporaryDirectory() as d:
         stages, wall = sweep(a, Path(d), "stages")
-        res["device"] = stages.meta["device"]
-        res["callback"] = stages.meta["params"].get("callback")
-        res["sweep_cost"] = {"wall_s": wall, "sweep_s": stages.meta["timing"]["sweep_s"],
-                             "load_s": stages.meta["timing"]["load_s"],
-                             "prefill_tokens": stages.meta["timing"]["prefill_tokens"]}
+        rec = stages.record
+        res["device"] = rec.device.to_dict()
+        res["callback"] = rec.params.callback
+        res["sweep_cost"] = {"wall_s": wall, "sweep_s": rec.timing.sweep_s, "load_s": rec.timing.load_s,
+                             "prefill_tokens": rec.timing.prefill_tokens}
         res["stages"] = overhead_rows(stages)
         res["roofline"] = roofline_rows(stages)
         if "ops" not in skip:
             ops, _ = sweep(a, Path(d), "ops", "--mode", "ops", "--no-probe")
             res["ops"] = overhead_rows(ops)
             for key, field in (("mode_agreement_pp", "stage_pct"), ("mode_agreement_calibrated_pp", "stage_pct_cal")):
-                res[key] = [max(abs(o[field][s] - g[field][s]) for s in stages.STAGES)
+                res[key] = [max(abs(o[field][s] - g[field][s]) for s in STAGES)
                             for o, g in zip(res["ops"], res["stages"], strict=True)]
         if "depth" not in skip:
             deep, _ = sweep(a, Path(d), "depth", "-c", "13,4096", "--no-probe")
-            c13, c4k = deep.meta["contexts"]
-            kv_rise = c4k["stage_ms"]["attn_kv"] - c13["stage_ms"]["attn_kv"]
-            wall_rise = c4k["plain_ms"] - c13["plain_ms"]
+            c13, c4k = deep.record.sorted_contexts()
+            kv_rise = c4k.stage("attn_kv") - c13.stage("attn_kv")
+            wall_rise = c4k.plain_ms - c13.plain_ms
             res["depth"] = {"attn_kv_rise_ms": kv_rise, "plain_rise_ms": wall_rise,
-                            "profiled_rise_ms": c4k["profiled_ms"] - c13["profiled_ms"],
+                            "profiled_rise_ms": c4k.profiled_ms - c13.profiled_ms,
                             "disagreement_pct": 100 * (kv_rise - wall_rise) / wall_rise if wall_rise else None,
-                            "stage_rise_ms": {s: c4k["stage_ms"][s] - c13["stage_ms"][s] for s in stages.STAGES}}
+                            "stage_rise_ms": {s: c4k.stage(s) - c13.stage(s) for s in STAGES}}
     if "twin" not in skip:
         res["twin"] = twin_generation()
     report(res)

@@ -41,6 +41,10 @@ class StepProfile:
     host_ns: int
     segments: tuple[Segment, ...]
 
+    @property
+    def n_splits(self) -> int:
+        return len(self.segments)
+
 
 class Capture:
     """Owns the eval callback of one context and turns its calls into timed segments.
@@ -148,8 +152,29 @@ class Capture:
     def syncs_per_token(self) -> int:
         return sum(self._ask)
 
-    def step(self, ctx: Context, token: int) -> StepProfile:
-        """Decode one timed token (rolled back afterwards). Rediscovers if the graph changed."""
+    def with_extra_splits(self, k: int) -> list[bool]:
+        """The ask table plus up to k more asked nodes, spread evenly over the nodes not already asked."""
+        free = [i for i, a in enumerate(self._ask) if not a]
+        k = min(k, len(free))
+        ask = list(self._ask)
+        for j in range(k):
+            ask[free[j * len(free) // k]] = True
+        return ask
+
+    def step(self, ctx: Context, token: int, extra_splits: int = 0) -> StepProfile:
+        """Decode one timed token (rolled back afterwards), with ``extra_splits`` more graph splits than the
+        ask table. Rediscovers if the graph changed."""
+        if extra_splits:
+            saved = self._ask
+            self._ask = self.with_extra_splits(extra_splits)
+            if self.hook:
+                self.hook.set_ask(self._ask)
+            try:
+                return self.step(ctx, token)
+            finally:
+                self._ask = saved
+                if self.hook:
+                    self.hook.set_ask(self._ask)
         for _attempt in range(2):
             self._reset(discovering=False)
             wall = ctx.step(token)

@@ -67,6 +67,22 @@ def sample_sensors() -> dict:
     return out
 
 
+def cpu_counters() -> dict:
+    """Cumulative CPU seconds now: steal (hypervisor), busy (all processes) and this process's own."""
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq"))
+    own = psutil.Process().cpu_times()
+    return {"steal_s": float(getattr(t, "steal", 0.0)), "busy_s": float(busy),
+            "own_s": float(own.user + own.system), "t": time.perf_counter()}
+
+
+def noise_between(before: dict, after: dict) -> dict:
+    """Steal and other processes' CPU seconds between two ``cpu_counters`` samples, and the wall time."""
+    others = (after["busy_s"] - before["busy_s"]) - (after["own_s"] - before["own_s"])
+    return {"wall_s": after["t"] - before["t"], "steal_s": max(0.0, after["steal_s"] - before["steal_s"]),
+            "others_cpu_s": max(0.0, others)}
+
+
 def _or_reduce(a: np.ndarray) -> int:
     return int(np.bitwise_or.reduce(a))
 

@@ -1,7 +1,15 @@
-"""The measurement loop of one context: prefill, discovery, warm-up, interleaved timed tokens.
+"""The measurement loop: every requested depth resident at once, measured round-robin.
 
-Stops cleanly at the next token boundary when a stop is requested (SIGINT/SIGTERM): the
-context in progress is then dropped, so a run only ever holds whole contexts.
+1. ``prepare``: for each depth (ascending) a plain context (no callback: the engine's own ms/token)
+   and a profiled context (eval callback). The plain context of a depth starts from a copy of the
+   previous depth's cache and prefills only the new tokens, so prefill costs max(L) tokens; the
+   profiled context gets a copy of its plain twin's cache. Then graph discovery and warm-up.
+2. ``measure``: each round decodes one token at every depth, plain and profiled, in an order that
+   rotates from round to round (and alternates which pass goes first), so drift hits every depth
+   alike; one depth per round (rotating) also decodes a calibration token with extra graph splits.
+   Every token is decoded at exactly depth L and rolled back. A round is kept whole or not at all.
+
+Stops cleanly between tokens when a stop is requested (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,14 +17,12 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
-import pandas as pd
-from tqdm import tqdm
-
-from harness import columns, device, stages, stats
+from harness import columns, device, stages
 from harness.capture import Capture
-from harness.engine import Context
+from harness.engine import Context, EngineConfig, Model
 
 log = logging.getLogger(__name__)
 
@@ -46,64 +52,111 @@ class StopFlag:
         return self.reason is not None
 
 
-@dataclass(frozen=True)
-class ContextResult:
+@dataclass
+class Resident:
+    """One resident depth: its plain and profiled contexts and what preparing it measured."""
+
     label: str
     depth: int
-    op_rows: list  # tuples in columns.OP_COLUMNS order
-    token_rows: list  # tuples in columns.TOKEN_COLUMNS order
-    summary: dict
+    plain: Context
+    prof: Context
+    cap: Capture
+    prefill_s: float = 0.0
+    n_nodes: int = 0
+    noop_sync_us: float = 0.0
+    sensors_before: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class LoopSettings:
-    tokens: int
-    repeats: int
-    warmup: int
-    batch_size: int
+@dataclass
+class Measured:
+    """Rows of completed rounds: op rows (columns.OP_COLUMNS), token rows (columns.TOKEN_COLUMNS), noise."""
+
+    op_rows: list = field(default_factory=list)
+    token_rows: list = field(default_factory=list)
+    noise: list = field(default_factory=list)  # dicts of record.RoundNoise fields
+    rounds_done: int = 0
 
 
-def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[int], label: str, depth: int,
-                    s: LoopSettings, stop: StopFlag) -> ContextResult | None:
-    """Measure one context; None if a stop was requested before it completed."""
-    sensors_before = device.sample_sensors()
-    step_tok = prompt[-1]
-    new = prompt[plain.n_past:depth]
-    t0 = time.perf_counter()
-    with tqdm(total=len(new), desc=f"prefill {label} ({depth})", unit="tok", leave=False, disable=None) as bar:
-        for i in range(0, len(new), s.batch_size):
+def prepare(stack: ExitStack, model: Model, cfg: EngineConfig, contexts: list[tuple[str, int]], prompt: list[int],
+            mode: str, warmup: int, stop: StopFlag, progress=None) -> list[Resident] | None:
+    """Build every resident depth; None if a stop was requested meanwhile. ``progress.update(n)`` gets
+    prefilled token counts."""
+    out: list[Resident] = []
+    tok = prompt[-1]
+    for label, depth in contexts:
+        sensors = device.sample_sensors()
+        plain = stack.enter_context(Context(model, cfg))
+        if out:
+            plain.copy_state_from(out[-1].plain)
+        t0 = time.perf_counter()
+        new = prompt[plain.n_past:depth]
+        for i in range(0, len(new), cfg.n_batch):
             if stop:
                 return None
-            plain.prefill(new[i:i + s.batch_size])
-            bar.update(len(new[i:i + s.batch_size]))
-    prefill_s = time.perf_counter() - t0
-    if stop:
-        return None
-    prof.copy_state_from(plain)
-    n_nodes = cap.discover(prof, step_tok)
-    sync_us = cap.calibrate(prof, step_tok) / 1000.0
-    for _ in range(s.warmup):
-        plain.step(step_tok)
-        cap.step(prof, step_tok)
-    rows: list[tuple] = []
-    toks: list[tuple] = []
-    for rep in range(s.repeats):
-        for k in tqdm(range(s.tokens), desc=f"decode {label} rep {rep + 1}/{s.repeats}", unit="tok", leave=False,
-                      disable=None):
+            plain.prefill(new[i:i + cfg.n_batch])
+            if progress is not None:
+                progress.update(len(new[i:i + cfg.n_batch]))
+        prefill_s = time.perf_counter() - t0
+        cap = Capture(mode)
+        prof = stack.enter_context(Context(model, cfg, cap.callback, cap.user_data))
+        prof.copy_state_from(plain)
+        n_nodes = cap.discover(prof, tok)
+        noop_us = cap.calibrate(prof, tok) / 1000.0
+        for _ in range(warmup):
+            plain.step(tok)
+            cap.step(prof, tok)
+        out.append(Resident(label, depth, plain, prof, cap, prefill_s, n_nodes, noop_us, sensors))
+        log.debug("depth %d resident: prefill %.1f s, %d nodes, %d syncs/token", depth, prefill_s, n_nodes,
+                  cap.syncs_per_token)
+    return out
+
+
+def round_order(n: int, r: int) -> list[int]:
+    """Indices of the n depths in round r's order: rotated by r, reversed on odd rounds."""
+    order = [(r + i) % n for i in range(n)]
+    return order[::-1] if r % 2 else order
+
+
+def _profiled(res: Resident, r: int, tok: int, ops: list, toks: list) -> None:
+    p = res.cap.step(res.prof, tok)
+    toks.append((res.label, res.depth, r, columns.PROFILED, p.n_splits, p.wall_ns / 1000.0))
+    for seg in p.segments:
+        node = res.cap.nodes[seg.node_last]
+        ops.append((res.label, res.depth, r, seg.node_first, seg.node_last, node.name, res.cap.layers[seg.node_last],
+                    node.op, res.cap.stages[seg.node_last], seg.time_ns / 1000.0))
+    ops.append((res.label, res.depth, r, -1, -1, "host", -1, "HOST", stages.HOST, p.host_ns / 1000.0))
+
+
+def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: int, stop: StopFlag,
+            progress=None) -> Measured:
+    """Run the rounds; a round interrupted by a stop is dropped whole."""
+    m = Measured()
+    n = len(residents)
+    for r in rounds:
+        before = device.cpu_counters()
+        ops: list = []
+        toks: list = []
+        order = round_order(n, r)
+        for j in order:
             if stop:
-                return None
-            toks.append((label, plain.n_past, rep, k, "plain", plain.step(step_tok) / 1000.0))
-            p = cap.step(prof, step_tok)
-            toks.append((label, prof.n_past, rep, k, "profiled", p.wall_ns / 1000.0))
-            for seg in p.segments:
-                node = cap.nodes[seg.node_last]
-                rows.append((label, prof.n_past, rep, k, seg.node_first, seg.node_last, node.name,
-                             cap.layers[seg.node_last], node.op, cap.stages[seg.node_last], seg.time_ns / 1000.0))
-            rows.append((label, prof.n_past, rep, k, -1, -1, "host", -1, "HOST", stages.HOST, p.host_ns / 1000.0))
-    summ = stats.context_summary(pd.DataFrame(rows, columns=list(columns.OP_COLUMNS)),
-                                  pd.DataFrame(toks, columns=list(columns.TOKEN_COLUMNS)), label, sync_us)
-    summ.update(prefill_s=prefill_s, n_nodes=n_nodes, syncs_per_token=cap.syncs_per_token,
-                sensors_before=sensors_before, sensors_after=device.sample_sensors())
-    log.info("%-6s depth %5d: plain %.2f ms/token, profiled x%.3f, ffn %.1f%%, attn_kv %.1f%%", label, depth,
-             summ["plain_ms"], summ["overhead_ratio"], summ["stage_pct"]["ffn"], summ["stage_pct"]["attn_kv"])
-    return ContextResult(label, depth, rows, toks, summ)
+                return m
+            res = residents[j]
+            plain_first = r % 2 == 0
+            if plain_first:
+                toks.append((res.label, res.depth, r, columns.PLAIN, 0, res.plain.step(tok) / 1000.0))
+            _profiled(res, r, tok, ops, toks)
+            if calib_splits and j == r % n:
+                p = res.cap.step(res.prof, tok, extra_splits=calib_splits)
+                toks.append((res.label, res.depth, r, columns.CALIBRATION, p.n_splits, p.wall_ns / 1000.0))
+            if not plain_first:
+                toks.append((res.label, res.depth, r, columns.PLAIN, 0, res.plain.step(tok) / 1000.0))
+        noise = device.noise_between(before, device.cpu_counters())
+        sensors = device.sample_sensors()
+        m.op_rows += ops
+        m.token_rows += toks
+        m.noise.append({"round": r, "order": [residents[j].depth for j in order], **noise,
+                        "cpu_mhz": sensors["cpu_mhz"], "temp_c": sensors["temp_c"]})
+        m.rounds_done += 1
+        if progress is not None:
+            progress.update(1)
+    return m

@@ -1,70 +1,146 @@
-"""Per-context summaries of a sweep (stored in the run metadata) and the summary table printed at the end."""
+"""Statistics of a round-robin sweep: per-round matrices, bootstrap intervals over rounds, split-cost
+calibration (the checks on them: ``harness.checks``).
+
+Samples are taken in rounds: every round decodes one token at every depth, plain and profiled, in
+a rotating order. Tokens are not independent samples (the device drifts), rounds are the unit:
+every interval is a percentile bootstrap over rounds, and every difference between depths is
+paired by round (the same resampled rounds for all depths).
+
+Calibration: the profiled pass pays one graph split per timed segment. Once per round one depth
+also decodes a *calibration* token with k extra splits; the cost of one split is the mean wall
+difference (calibration - profiled, same round and depth) / k. Calibrated stage ms subtract
+segments x that cost; their sum is compared with the plain ms/token (``calibrated_sum_pct``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 
 from harness import columns, stages
 
-
-def context_summary(ops: pd.DataFrame, tokens: pd.DataFrame, context: str, noop_sync_us: float = 0.0) -> dict:
-    """Plain and profiled ms/token, stage ms/token and shares, overhead and attribution for one context.
-
-    Calibration: every timed segment pays one capture sync. ``sync_us`` is the in-run cost per sync,
-    (profiled - plain ms/token) / segments per token; ``stage_ms_calibrated`` subtracts each stage's
-    segments-per-token x ``sync_us`` (never below zero) and ``stage_pct_calibrated`` gives shares of
-    the calibrated total. ``noop_sync_us`` (Capture.calibrate: segments of one no-op view node) is the
-    bare ask/observe round trip, kept as a diagnostic.
-    """
-    o = ops[ops[columns.CONTEXT] == context]
-    t = tokens[tokens[columns.CONTEXT] == context]
-    plain = t[t[columns.PASS] == "plain"][columns.WALL_US] / 1000.0
-    prof = t[t[columns.PASS] == "profiled"][columns.WALL_US] / 1000.0
-    n_tok = max(1, len(prof))
-    stage_ms = (o.groupby(columns.STAGE)[columns.TIME_US].sum() / 1000.0 / n_tok).to_dict()
-    stage_ms = {s: float(stage_ms.get(s, 0.0)) for s in stages.STAGES}
-    prof_ms = float(prof.mean())
-    total = sum(stage_ms.values())
-    segs = (o[o[columns.STAGE] != stages.HOST].groupby(columns.STAGE).size() / n_tok).to_dict()
-    n_segs = sum(segs.values())
-    sync_us = max(0.0, prof_ms - float(plain.mean())) * 1000.0 / n_segs if n_segs else 0.0
-    cal = {s: max(0.0, v - segs.get(s, 0.0) * sync_us / 1000.0) for s, v in stage_ms.items()}
-    cal_total = sum(cal.values())
-    return {
-        "context": context,
-        "depth": int(o[columns.DEPTH].iloc[0]) if len(o) else int(t[columns.DEPTH].iloc[0]),
-        "timed_tokens": int(len(prof)),
-        "plain_ms": float(plain.mean()),
-        "plain_ms_median": float(plain.median()),
-        "plain_ms_std": float(plain.std(ddof=1)) if len(plain) > 1 else 0.0,
-        "profiled_ms": prof_ms,
-        "overhead_ratio": prof_ms / float(plain.mean()),
-        "stage_ms": stage_ms,
-        "stage_pct": {s: 100.0 * v / prof_ms for s, v in stage_ms.items()},
-        "sync_us": sync_us,
-        "noop_sync_us": noop_sync_us,
-        "stage_ms_calibrated": cal,
-        "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal.items()} if cal_total else {},
-        "covered_pct": 100.0 * (total - stage_ms[stages.HOST]) / prof_ms,
-        "attributed_pct": 100.0 * total / prof_ms,
-    }
+N_BOOT = 2000
+S = {s: i for i, s in enumerate(stages.STAGES)}
 
 
-def format_summary(contexts: list[dict], mode: str) -> str:
-    """A plain-text table: one row per context."""
-    shown = [s for s in stages.STAGES if any(c["stage_ms"].get(s, 0) > 0 for c in contexts)]
-    head = ["context", "depth", "plain ms/tok", "profiled", "overhead"]
-    head += [f"{s} ms (%)" for s in shown] + ["ops %", "attributed %"]
-    rows = []
-    for c in contexts:
-        r = [c["context"], str(c["depth"]), f"{c['plain_ms']:.2f}", f"{c['profiled_ms']:.2f}",
-             f"x{c['overhead_ratio']:.3f}"]
-        r += [f"{c['stage_ms'][s]:.2f} ({c['stage_pct'][s]:.1f})" for s in shown]
-        r += [f"{c['covered_pct']:.1f}", f"{c['attributed_pct']:.1f}"]
-        rows.append(r)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = [f"mode={mode}; ms/token are means over timed tokens; shares are of profiled wall time",
-             "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class RoundData:
+    """One run's samples as (round x depth [x stage]) matrices of ms per token; NaN where missing."""
+
+    labels: tuple[str, ...]
+    depths: tuple[int, ...]
+    rounds: np.ndarray  # (R,) round numbers
+    plain: np.ndarray  # (R, D)
+    profiled: np.ndarray  # (R, D)
+    stage: np.ndarray  # (R, D, S) raw stage ms
+    segs: np.ndarray  # (D, S) timed segments per token
+    calib_delta: np.ndarray  # (R,) calibration - profiled wall ms at the round's calibration depth (NaN: none)
+    calib_extra: np.ndarray  # (R,) extra splits of that calibration token
+
+
+def round_data(ops: pd.DataFrame, tokens: pd.DataFrame) -> RoundData:
+    """Build the matrices from a run's op table and token table."""
+    ctx = ops[[columns.CONTEXT, columns.DEPTH]].drop_duplicates()
+    tk = tokens[[columns.CONTEXT, columns.DEPTH]].drop_duplicates()
+    ctx = pd.concat([ctx, tk]).drop_duplicates(columns.CONTEXT).sort_values(columns.DEPTH)
+    labels, depths = tuple(ctx[columns.CONTEXT].astype(str)), tuple(int(d) for d in ctx[columns.DEPTH])
+    rounds = np.array(sorted(set(tokens[columns.ROUND]) | set(ops[columns.ROUND])), dtype=np.int64)
+    ri = {r: i for i, r in enumerate(rounds)}
+    di = {c: i for i, c in enumerate(labels)}
+    n_r, n_d = len(rounds), len(labels)
+
+    def grid(df: pd.DataFrame, value: str) -> np.ndarray:
+        out = np.full((n_r, n_d), np.nan)
+        for (c, r), v in df.groupby([columns.CONTEXT, columns.ROUND])[value].mean().items():
+            out[ri[r], di[str(c)]] = v / 1000.0
+        return out
+
+    by_pass = {p: tokens[tokens[columns.PASS] == p] for p in (columns.PLAIN, columns.PROFILED, columns.CALIBRATION)}
+    plain, prof = grid(by_pass[columns.PLAIN], columns.WALL_US), grid(by_pass[columns.PROFILED], columns.WALL_US)
+    st = np.full((n_r, n_d, len(S)), np.nan)
+    present = ~np.isnan(prof)
+    st[present] = 0.0
+    g = ops.groupby([columns.CONTEXT, columns.ROUND, columns.STAGE])[columns.TIME_US].sum()
+    for (c, r, s), v in g.items():
+        st[ri[r], di[str(c)], S[s]] = v / 1000.0
+    n_tok = ops.groupby(columns.CONTEXT)[columns.ROUND].nunique()
+    segs = np.zeros((n_d, len(S)))
+    timed = ops[ops[columns.STAGE] != stages.HOST]
+    for (c, s), n in timed.groupby([columns.CONTEXT, columns.STAGE]).size().items():
+        segs[di[str(c)], S[s]] = n / max(1, int(n_tok.get(c, 1)))
+    delta, extra = np.full(n_r, np.nan), np.zeros(n_r)
+    cal = by_pass[columns.CALIBRATION]
+    prof_splits = by_pass[columns.PROFILED].set_index([columns.CONTEXT, columns.ROUND])[columns.SPLITS]
+    for row in cal.itertuples(index=False):
+        r, c = getattr(row, columns.ROUND), str(getattr(row, columns.CONTEXT))
+        base = prof[ri[r], di[c]]
+        if not np.isnan(base) and (c, r) in prof_splits.index:
+            delta[ri[r]] = getattr(row, columns.WALL_US) / 1000.0 - base
+            extra[ri[r]] = getattr(row, columns.SPLITS) - int(prof_splits.loc[(c, r)])
+    return RoundData(labels, depths, rounds, plain, prof, st, segs, delta, extra)
+
+
+def boot_indices(n_rounds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """(n_boot, n_rounds) resampled round indices; the same rows serve every depth (pairing)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_rounds, size=(n_boot, n_rounds))
+
+
+def interval(samples: np.ndarray, axis: int = 0) -> np.ndarray:
+    """95 % percentile interval along ``axis`` (low, high stacked first)."""
+    return np.nanpercentile(samples, [2.5, 97.5], axis=axis)
+
+
+def split_cost_ms(delta: np.ndarray, extra: np.ndarray) -> float:
+    """Cost of one graph split (ms): mean wall difference / mean extra splits; NaN without calibration tokens."""
+    ok = ~np.isnan(delta) & (extra > 0)
+    return float(np.mean(delta[ok]) / np.mean(extra[ok])) if ok.any() else float("nan")
+
+
+def calibrated(rd: RoundData, cost_ms: float) -> np.ndarray:
+    """(R, D, S) stage ms minus segments x split cost (never below zero); raw when the cost is unknown."""
+    if np.isnan(cost_ms):
+        return rd.stage
+    return np.maximum(rd.stage - rd.segs[None, :, :] * max(cost_ms, 0.0), 0.0)
+
+
+def _ci(x: np.ndarray) -> tuple[float, float]:
+    lo, hi = interval(x)
+    return (float(lo), float(hi))
+
+
+def summarize(rd: RoundData, n_boot: int = N_BOOT) -> tuple[list[dict], float, tuple[float, float]]:
+    """Per-context statistics (dict fields of record.ContextSummary), split cost (us) and its interval."""
+    idx = boot_indices(len(rd.rounds), n_boot)
+    cost = split_cost_ms(rd.calib_delta, rd.calib_extra)
+    boot_cost = np.array([split_cost_ms(rd.calib_delta[i], rd.calib_extra[i]) for i in idx])
+    cal = calibrated(rd, cost)
+    m = {k: np.nanmean(v, axis=0) for k, v in (("plain", rd.plain), ("prof", rd.profiled), ("st", rd.stage),
+                                               ("cal", cal))}
+    b_plain, b_prof = np.nanmean(rd.plain[idx], axis=1), np.nanmean(rd.profiled[idx], axis=1)  # (B, D)
+    b_st = np.nanmean(rd.stage[idx], axis=1)  # (B, D, S)
+    b_cal = np.stack([np.nanmean(calibrated(rd, c)[i], axis=0) for c, i in zip(boot_cost, idx, strict=True)])
+    out = []
+    for d, label in enumerate(rd.labels):
+        plain = rd.plain[:, d][~np.isnan(rd.plain[:, d])]
+        st_ms = {s: float(m["st"][d, i]) for s, i in S.items()}
+        cal_ms = {s: float(m["cal"][d, i]) for s, i in S.items()}
+        prof_ms, cal_total = float(m["prof"][d]), sum(cal_ms.values())
+        out.append({
+            "context": label, "depth": rd.depths[d], "timed_tokens": int(len(plain)),
+            "plain_ms": float(m["plain"][d]), "plain_ms_median": float(np.median(plain)),
+            "plain_ms_std": float(np.std(plain, ddof=1)) if len(plain) > 1 else 0.0,
+            "plain_ms_ci": _ci(b_plain[:, d]), "profiled_ms": prof_ms,
+            "overhead_ratio": prof_ms / float(m["plain"][d]), "overhead_ratio_ci": _ci(b_prof[:, d] / b_plain[:, d]),
+            "stage_ms": st_ms, "stage_ms_ci": {s: _ci(b_st[:, d, i]) for s, i in S.items()},
+            "stage_pct": {s: 100.0 * v / prof_ms for s, v in st_ms.items()},
+            "stage_ms_calibrated": cal_ms, "stage_ms_calibrated_ci": {s: _ci(b_cal[:, d, i]) for s, i in S.items()},
+            "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal_ms.items()} if cal_total else {},
+            "calibrated_sum_pct": 100.0 * cal_total / float(m["plain"][d]),
+            "covered_pct": 100.0 * (sum(st_ms.values()) - st_ms[stages.HOST]) / prof_ms,
+            "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms,
+        })
+    cost_us = cost * 1000.0
+    return out, cost_us, (_ci(boot_cost * 1000.0) if not np.isnan(cost) else (float("nan"), float("nan")))

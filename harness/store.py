@@ -2,23 +2,20 @@
 
 - The table is the per-op/segment table (columns in ``harness.columns.OP_COLUMNS``); pandas,
   DuckDB and polars read it as-is.
-- Run metadata (a JSON object) sits in the Parquet key-value metadata under ``harness.run``.
-  It includes the per-token wall times of both passes (``tokens``), loaded by ``load_tokens``.
+- Run metadata sits in the Parquet key-value metadata under ``harness.run``: the JSON of a
+  ``harness.record.RunRecord``, validated on write and on read (a missing or mistyped field is an
+  InputError naming the field and the file). It includes the per-token wall times of every pass
+  (``tokens``), loaded as a table by ``Run.tokens``.
 - Writes go to a hidden temp file in the target folder, are fsynced, then hard-linked to the
   final name (which fails rather than overwrite an existing run) and the temp is removed.
 
-Format history (bump ``SCHEMA_VERSION`` and add an ``upgrade_from_N`` on change):
-- version 1: first format.
-- version 2: per-context sync calibration (``sync_us``, ``noop_sync_us``, ``stage_ms_calibrated``,
-  ``stage_pct_calibrated``), ``params.callback`` (native or python) and ``params.threads_source``.
-  ``upgrade_from_1`` fills them: calibrated = raw, sync costs unknown (None), callback python.
+Older formats are upgraded on read (``harness.upgrades``), the op table alongside.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -29,12 +26,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness import columns
+from harness import columns, upgrades
 from harness.errors import InputError, OutputError, UsageError
 from harness.fsutil import pid_alive
+from harness.record import RunRecord
+from harness.typed import RecordError
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2  # format history and upgrades: below
 META_KEY = b"harness.run"
 TMP_PREFIX = ".tmp-"
 
@@ -42,12 +40,12 @@ TMP_PREFIX = ".tmp-"
 @dataclass(frozen=True)
 class Run:
     path: str
-    meta: dict
+    record: RunRecord
     ops: pd.DataFrame
 
     @property
     def tokens(self) -> pd.DataFrame:
-        return load_tokens(self.meta)
+        return load_tokens(self.record)
 
 
 def _slug(s: str) -> str:
@@ -74,25 +72,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     return d
 
 
-_TIMED = ("_ms", "_us", "_s", "_bytes", "_gbps", "_pct")
-
-
-def _check_meta(meta, where: str = "", timed: bool = False) -> None:
-    """No negative or NaN durations, sizes or rates anywhere (keys ending in a unit, or values of a
-    dict whose key does, like ``stage_ms``); units must be declared."""
-    if not where and "units" not in meta:
-        raise ValueError("run metadata lacks its units table")
-    items = meta.items() if isinstance(meta, dict) else enumerate(meta) if isinstance(meta, list) else ()
-    for k, v in items:
-        key = f"{where}.{k}" if where else str(k)
-        is_timed = timed or str(k).endswith(_TIMED)
-        if isinstance(v, (dict, list)):
-            _check_meta(v, key, is_timed and isinstance(v, dict))
-        elif is_timed and isinstance(v, (int, float)) and not isinstance(v, bool) and (math.isnan(v) or v < 0):
-            raise ValueError(f"invalid metadata value {key}={v}")
-
-
-def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filename: str) -> Path:
+def write_run(ops: pd.DataFrame, record: RunRecord, out_dir: str | os.PathLike, filename: str) -> Path:
     """Write a run atomically; returns its path. Never overwrites: a taken name gets a suffix."""
     d = check_out_dir(out_dir)
     missing = [c for c in columns.OP_COLUMNS if c not in ops.columns]
@@ -100,8 +80,8 @@ def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filenam
         raise ValueError(f"op table lacks columns {missing}")
     if (ops[columns.TIME_US] < 0).any() or ops[columns.TIME_US].isna().any():
         raise ValueError("negative or NaN op times")
-    _check_meta(meta)
-    meta = {**meta, "schema_version": SCHEMA_VERSION}
+    meta = record.to_dict()
+    RunRecord.from_dict(meta)  # what is written must read back: same validation as on read
     table = pa.Table.from_pandas(ops[list(columns.OP_COLUMNS)], preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}.partial"  # hidden, and not *.parquet to globbers
@@ -131,36 +111,13 @@ def write_run(ops: pd.DataFrame, meta: dict, out_dir: str | os.PathLike, filenam
     return final
 
 
-def upgrade_from_1(meta: dict) -> dict:
-    for c in meta.get("contexts", []):
-        c.setdefault("sync_us", None)
-        c.setdefault("noop_sync_us", None)
-        c.setdefault("stage_ms_calibrated", dict(c.get("stage_ms", {})))
-        c.setdefault("stage_pct_calibrated", dict(c.get("stage_pct", {})))
-    params = meta.setdefault("params", {})
-    params.setdefault("callback", "python")
-    params.setdefault("threads_source", "unknown")
-    meta["schema_version"] = 2
-    return meta
+def read_record(path: str | os.PathLike) -> RunRecord:
+    """The validated run record of a run file (footer only). InputError, one line, for any defect."""
+    return _read_record(Path(path))[0]
 
 
-UPGRADES = {1: upgrade_from_1}
-
-
-def _upgrade(meta: dict, path: str = "") -> dict:
-    v = meta.get("schema_version")
-    if not isinstance(v, int) or v < 1:
-        raise InputError(f"run metadata has no valid schema version: {path}")
-    if v > SCHEMA_VERSION:
-        raise InputError(f"run has schema version {v}, newer than this harness supports "
-                         f"({SCHEMA_VERSION}); upgrade the harness: {path}")
-    while meta["schema_version"] < SCHEMA_VERSION:
-        meta = UPGRADES[meta["schema_version"]](meta)
-    return meta
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    p = Path(path)
+def _read_record(p: Path) -> tuple[RunRecord, int, int]:
+    """(record, schema version it was written with, timed tokens per repeat for version < 3 op tables)."""
     if not p.exists():
         raise InputError(f"run file not found: {p}")
     if p.is_dir():
@@ -175,25 +132,40 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(md[META_KEY])
     except ValueError:
         raise InputError(f"run metadata is not valid JSON: {p}") from None
-    return _upgrade(meta, str(p))
+    params = meta.get("params") if isinstance(meta, dict) else None
+    n_tok = params.get("tokens") if isinstance(params, dict) else None
+    try:
+        record, version = upgrades.from_meta(meta)
+    except RecordError as e:
+        raise InputError(f"bad run metadata, {e}: {p}") from None
+    return record, version, n_tok if isinstance(n_tok, int) and n_tok > 0 else 1
 
 
 def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:
-    meta = read_meta(path)
+    """Record and op table (``only``: just these columns). Older op tables are upgraded."""
+    p = Path(path)
+    record, version, n_tok = _read_record(p)
     try:
-        ops = pd.read_parquet(path, columns=only)
+        ops = pd.read_parquet(path, columns=_stored_columns(only, version))
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"unreadable run table ({str(e).splitlines()[0][:120]}): {path}") from None
+    if version < 3 and {"repeat", "step"} <= set(ops.columns):
+        ops = ops.assign(**{columns.ROUND: ops["repeat"] * n_tok + ops["step"]}).drop(columns=["repeat", "step"])
     missing = [c for c in (only or columns.OP_COLUMNS) if c not in ops.columns]
     if missing:
         raise InputError(f"run lacks columns {', '.join(missing)}: {path}")
-    return Run(path=str(path), meta=meta, ops=ops)
+    return Run(path=str(path), record=record, ops=ops[list(only or columns.OP_COLUMNS)])
 
 
-def load_tokens(meta: dict) -> pd.DataFrame:
-    """Per-token wall times of both passes, from a run's metadata, as a table."""
-    rows = meta.get("tokens", [])
-    return pd.DataFrame(rows, columns=list(columns.TOKEN_COLUMNS))
+def _stored_columns(only: list[str] | None, version: int) -> list[str] | None:
+    if only is None or version >= 3 or columns.ROUND not in only:
+        return only
+    return [c for c in only if c != columns.ROUND] + ["repeat", "step"]
+
+
+def load_tokens(record: RunRecord) -> pd.DataFrame:
+    """Per-token wall times of every pass, from a run's record, as a table (columns.TOKEN_COLUMNS)."""
+    return pd.DataFrame([list(r) for r in record.tokens], columns=list(columns.TOKEN_COLUMNS))
 
 
 def clean_stale_temps(out_dir: str | os.PathLike) -> int:

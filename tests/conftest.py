@@ -34,7 +34,7 @@ def tiny_llama_gguf(tmp_path_factory) -> Path:
 
 
 def _sweep(tiny: Path, out: Path, *extra: str) -> Path:
-    r = run_cli("harness.sweep", "--model", str(tiny), "--contexts", "13,40,80", "--tokens", "3", "--repeats", "2",
+    r = run_cli("harness.sweep", "--model", str(tiny), "--contexts", "13,40,80", "--rounds", "6",
                 "--warmup", "1", "--no-probe", "--out", str(out), *extra)
     assert r.returncode == 0, r.stderr
     runs = sorted(out.glob("*.parquet"))

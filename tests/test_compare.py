@@ -45,33 +45,53 @@ def assert_one_line_error(r) -> None:
 
 
 # ---------------------------------------------------------------- slope fit
-@pytest.mark.parametrize(("df", "q"), [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423),
-                                       (1000, 1.9623)])
-def test_t_quantile_matches_tables(df, q):
-    assert slope.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+def _rounds(slope_per_tok: float, drift_sd: float, noise_sd: float, n_rounds: int = 30, seed: int = 1):
+    """Synthetic RoundData: ffn flat at 60 ms, attn_kv = 1 + slope x depth; every round shifts all depths by the
+    same drift (a device changing clocks), plus independent per-token noise."""
+    from harness import stages, stats
+
+    rng = np.random.default_rng(seed)
+    depths = (100, 400, 900)
+    drift = rng.normal(0, drift_sd, (n_rounds, 1))
+    st = np.zeros((n_rounds, 3, len(stages.STAGES)))
+    st[:, :, stats.S["ffn"]] = 60 + drift + rng.normal(0, noise_sd, (n_rounds, 3))
+    st[:, :, stats.S["attn_kv"]] = 1 + slope_per_tok * np.array(depths) + rng.normal(0, noise_sd, (n_rounds, 3))
+    plain = st.sum(axis=2)
+    return stats.RoundData(labels=tuple(map(str, depths)), depths=depths, rounds=np.arange(n_rounds), plain=plain,
+                           profiled=plain, stage=st, segs=np.zeros((3, len(stages.STAGES))),
+                           calib_delta=np.full(n_rounds, np.nan), calib_extra=np.zeros(n_rounds))
 
 
-def test_fit_slope_recovers_a_line_and_its_interval():
-    rng = np.random.default_rng(1)
-    x = np.repeat([100, 400, 900], 20)
-    y = 2.0 + 0.003 * x + rng.normal(0, 0.05, len(x))  # 3 ms per 1,000 tokens
-    fit = slope.fit_slope(x, y)
-    assert fit.ci95_low_ms_per_1k < 3.0 < fit.ci95_high_ms_per_1k
-    assert fit.slope_ms_per_1k == pytest.approx(3.0, abs=0.3)
-    assert (fit.n_tokens, fit.n_depths) == (60, 3)
-    one_depth = slope.fit_slope(np.full(5, 10), np.ones(5))
-    assert np.isnan(one_depth.slope_ms_per_1k) and np.isnan(one_depth.ci95_low_ms_per_1k)
+def test_slopes_recover_a_line_and_pairing_removes_drift():
+    sl = slope.pooled_slopes([_rounds(0.003, drift_sd=5.0, noise_sd=0.05)], n_boot=500)
+    kv, ffn = sl.loc["attn_kv"], sl.loc["ffn"]
+    assert kv["ci95_low_ms_per_1k"] < 3.0 < kv["ci95_high_ms_per_1k"]
+    assert kv["slope_ms_per_1k"] == pytest.approx(3.0, abs=0.2)
+    # ffn carries +-5 ms of drift per round, common to all depths: paired by round it cancels, so the interval
+    # stays narrow (an unpaired, per-token fit would see a +-5 ms scatter: an interval ~100x wider)
+    assert ffn["ci95_high_ms_per_1k"] - ffn["ci95_low_ms_per_1k"] < 0.2
+    covered = [slope.pooled_slopes([_rounds(0.003, 5.0, 0.05, seed=k)], n_boot=200).loc["ffn"] for k in range(20)]
+    assert sum(f["ci95_low_ms_per_1k"] < 0 < f["ci95_high_ms_per_1k"] for f in covered) >= 16  # ~95 % coverage
+    assert (kv["n_rounds"], kv["n_depths"]) == (30, 3)
+    one = _rounds(0.003, 0, 0.05)
+    one = one.__class__(**{**one.__dict__, "depths": (100, 100, 100)})
+    assert np.isnan(slope.pooled_slopes([one], n_boot=50).loc["attn_kv", "slope_ms_per_1k"])
 
 
-def test_stage_slopes_on_a_real_run(tiny_run):
-    ops = read_run(tiny_run, only=slope.NEEDED_COLUMNS).ops
-    s = slope.stage_slopes(ops)
+def test_pooled_runs_are_stratified():
+    a, b = _rounds(0.003, 1.0, 0.05, seed=1), _rounds(0.003, 1.0, 0.05, seed=2)
+    both = slope.pooled_slopes([a, b], n_boot=300).loc["attn_kv"]
+    assert both["n_rounds"] == 60 and both["ci95_low_ms_per_1k"] < 3.0 < both["ci95_high_ms_per_1k"]
+
+
+def test_run_slopes_on_a_real_run(tiny_run):
+    run = read_run(tiny_run, only=slope.NEEDED_COLUMNS)
+    s = slope.run_slopes(run, n_boot=200)
     assert list(s.columns) == slope.SLOPE_COLUMNS
-    assert {"ffn", "attn_kv"} <= set(s.index)
-    n_tokens = ops.groupby(list(slope.TOKEN_KEY)).ngroups
-    assert (s["n_tokens"] == n_tokens).all() and (s["n_depths"] == 3).all()
-    assert (s["ci95_low_ms_per_1k"] <= s["slope_ms_per_1k"]).all()
-    assert (s["slope_ms_per_1k"] <= s["ci95_high_ms_per_1k"]).all()
+    assert {"ffn", "attn_kv", slope.DECODE} <= set(s.index)
+    assert (s["n_rounds"] == len(run.record.rounds)).all() and (s["n_depths"] == 3).all()
+    assert (s["ci95_low_ms_per_1k"] <= s["slope_ms_per_1k"] + 1e-9).all()
+    assert (s["slope_ms_per_1k"] <= s["ci95_high_ms_per_1k"] + 1e-9).all()
 
 
 # ---------------------------------------------------------------- compare CLI
@@ -147,12 +167,16 @@ def test_reference_run_appears_as_a_device(tiny_run):
     assert "tiny-2t" in set(df["device"])  # the default baseline is never the reference
 
 
-def test_labels_without_label_and_hostname():
-    meta = {"device": {"cpu_model": "Cortex-X3", "physical_cores": 8, "hostname": "phone1"}}
-    assert fleet.device_label(meta) == "Cortex-X3 8c"
-    assert fleet.device_label(meta, with_hostname=True) == "Cortex-X3 8c @phone1"
-    assert fleet.device_label({**meta, "label": "Cortex-X3 8c"}, with_hostname=True) == "Cortex-X3 8c @phone1"
-    assert fleet.device_label({**meta, "label": "pixel"}, with_hostname=True) == "pixel"
+def test_labels_without_label_and_hostname(tiny_run):
+    from harness.record import DeviceMeta
+    from harness.store import read_record
+
+    rec = read_record(tiny_run).replace(label="", device=DeviceMeta(cpu_model="Cortex-X3", physical_cores=8,
+                                                                     hostname="phone1"))
+    assert fleet.device_label(rec) == "Cortex-X3 8c"
+    assert fleet.device_label(rec, with_hostname=True) == "Cortex-X3 8c @phone1"
+    assert fleet.device_label(rec.replace(label="Cortex-X3 8c"), with_hostname=True) == "Cortex-X3 8c @phone1"
+    assert fleet.device_label(rec.replace(label="pixel"), with_hostname=True) == "pixel"
 
 
 # ---------------------------------------------------------------- bad inputs

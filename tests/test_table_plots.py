@@ -18,6 +18,7 @@ from conftest import run_cli
 from analysis import baseline, table
 from analysis.readmodel import seed_model
 from harness import store
+from harness.record import SCHEMA_VERSION
 
 REF = baseline.reference_run_path()
 
@@ -32,19 +33,22 @@ SEED_ROWS = (
 
 
 def test_reference_run_is_shipped_and_flagged():
-    meta = store.read_meta(REF)
-    assert meta["schema_version"] == store.SCHEMA_VERSION
-    assert meta["reference"] is True and meta["synthetic"] is False and meta["label"] == "seed-reference"
-    assert "original device" in meta["note"]
-    rec = {c["context"]: c for c in meta["contexts"]}
-    assert rec["short"]["stage_pct"]["ffn"] == 75.3 and rec["long"]["stage_ms"]["attn_kv"] == 311.3
-    assert rec["medium"]["plain_ms"] == 1103.8
+    rec = store.read_record(REF)
+    assert rec.schema_version == SCHEMA_VERSION
+    assert rec.reference and not rec.synthetic and rec.label == "seed-reference"
+    assert "original device" in rec.note
+    by = {c.context: c for c in rec.contexts}
+    assert by["short"].stage_pct["ffn"] == 75.3 and by["long"].stage_ms["attn_kv"] == 311.3
+    assert by["medium"].plain_ms == 1103.8
+    # the seed's FFN time falls 994 -> 529 ms across its contexts: the invariance check calls that drift
+    assert rec.invariants.stage == "ffn" and rec.invariants.max_disagreement_pct > 50
+    assert "drift" in {f.kind for f in rec.flags}
 
 
 def test_reference_run_regenerates_identically(tmp_path):
     path = baseline.write_reference_run(tmp_path)
     new, shipped = store.read_run(path), store.read_run(REF)
-    assert new.meta == shipped.meta
+    assert new.record == shipped.record
     pd.testing.assert_frame_equal(new.ops, shipped.ops)
     with pytest.raises(store.UsageError):
         baseline.write_reference_run(tmp_path)
@@ -68,18 +72,23 @@ def test_seed_table_digit_for_digit():
 
 
 def test_table_on_tiny_run(tiny_run):
-    meta = store.read_meta(tiny_run)
-    df = table.build_table(meta, table.load_read_model(meta))
+    rec = store.read_record(tiny_run)
+    df = table.build_table(rec, table.load_read_model(rec))
     assert list(df["input_tokens"]) == [13, 40, 80] and df["run_complete"].all()
-    shares = df[["ffn_pct", "attn_pct", *(f"{s}_pct" for s in table.REST_STAGES)]].sum(axis=1)
-    assert shares.to_numpy() == pytest.approx([c["attributed_pct"] for c in meta["contexts"]])
-    assert shares.to_numpy() == pytest.approx(100.0, abs=1e-6)
+    # default: calibrated stage figures, raw ones behind calibrated=False
+    assert df["ffn_ms"].tolist() == [c.stage_ms_calibrated["ffn"] for c in rec.contexts]
+    assert df["attn_ms"].tolist() == [c.stage_ms_calibrated["attn_kv"] for c in rec.contexts]
+    assert df["decode_ms"].tolist() == [c.plain_ms for c in rec.contexts]
+    raw = table.build_table(rec, table.load_read_model(rec), calibrated=False)
+    assert raw["ffn_ms"].tolist() == [c.stage_ms["ffn"] for c in rec.contexts]
+    assert (raw["ffn_ms"] >= df["ffn_ms"]).all() and (raw["ffn_ms"] > df["ffn_ms"]).any()
     assert df["roofline_ms"].isna().all()  # the fixture skips the bandwidth probe
     assert (df["ffn_gbps"] > 0).all() and (df["attn_read_mib"].diff().dropna() > 0).all()
 
     r = run_cli("analysis.table", str(tiny_run))
     assert r.returncode == 0, r.stderr
-    assert "read model: exact" in r.stdout and "| 40 |" in r.stdout and "Synthetic twin" in r.stdout
+    assert "read model: exact" in r.stdout and "| 40 |" in r.stdout and "FLAG synthetic" in r.stdout
+    assert "Depth-invariant stages agree within" in r.stdout
     assert "not measured (no roofline)" in r.stdout
 
     r = run_cli("analysis.table", str(tiny_run), "--format", "csv", "--model-variant", "exact_padded")
@@ -97,7 +106,7 @@ def test_table_exact_on_reference_run_with_model_file(tiny_gguf):
 
 def test_incomplete_run_is_marked(tiny_run, tmp_path):
     run = store.read_run(tiny_run)
-    path = store.write_run(run.ops, {**run.meta, "complete": False}, tmp_path, "partial.parquet")
+    path = store.write_run(run.ops, run.record.replace(complete=False), tmp_path, "partial.parquet")
     r = run_cli("analysis.table", str(path))
     assert r.returncode == 0 and "INCOMPLETE RUN" in r.stdout and "incomplete" in r.stderr
     csv = pd.read_csv(io.StringIO(run_cli("analysis.table", str(path), "--format", "csv").stdout))
@@ -115,11 +124,12 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
 
 def test_plots_roofline_title_says_when_no_bandwidth():
     from analysis import plots
+    from harness.record import Bandwidth, DeviceMeta
 
-    meta = store.read_meta(REF)
-    assert "no roofline" in plots.plot_roofline(meta, seed_model()).axes[0].get_title()
-    meta["device"] = {"bandwidth": {"read_gbps": 40.0}}
-    ax = plots.plot_roofline(meta, seed_model()).axes[0]
+    rec = store.read_record(REF)
+    assert "no roofline" in plots.plot_roofline(rec, seed_model()).axes[0].get_title()
+    rec = rec.replace(device=DeviceMeta(bandwidth=Bandwidth(read_gbps=40.0)))
+    ax = plots.plot_roofline(rec, seed_model()).axes[0]
     assert "no roofline" not in ax.get_title()
     assert any("roofline 40.0 GB/s" in t.get_text() for t in ax.get_legend().get_texts())
 
@@ -128,7 +138,7 @@ def test_plots_roofline_title_says_when_no_bandwidth():
 def _future_run(tiny_run, tmp_path):
     t = pq.read_table(tiny_run)
     meta = json.loads(t.schema.metadata[store.META_KEY])
-    meta["schema_version"] = store.SCHEMA_VERSION + 1
+    meta["schema_version"] = SCHEMA_VERSION + 1
     p = tmp_path / "future.parquet"
     pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), p)
     return p
@@ -186,6 +196,6 @@ def test_analysis_modules_do_not_import_the_engine():
 def test_table_has_slopes_with_three_depths(tiny_run):
     r = run_cli("analysis.table", str(tiny_run))
     assert r.returncode == 0, r.stderr
-    assert "Stage slopes" in r.stdout and "| attn_kv |" in r.stdout
+    assert "Slopes against depth" in r.stdout and "| attn_kv |" in r.stdout and "| decode |" in r.stdout
     csv = run_cli("analysis.table", str(tiny_run), "--format", "csv")
     assert "attn_kv_slope_ms_per_1k" in csv.stdout.splitlines()[0]

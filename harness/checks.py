@@ -1,0 +1,79 @@
+"""Checks every run gets: the depth-invariance check, and the flags a run raises (drift, noise,
+implausible overhead, calibration, synthetic model, incomplete run).
+
+Physics gives invariants: stages whose work does not depend on depth (FFN, LM head, attention
+projections, Gemma 3n extras, norms) must take the same time at every depth. If they do not, the
+device drifted within the run, and the run says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness import stages
+from harness.record import ContextSummary, Flag, Invariants, RoundNoise
+
+INVARIANT_STAGES = (stages.FFN, stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N_EXTRA, stages.NORM)
+INVARIANT_THRESHOLD_PCT = 2.0  # largest allowed (max - min) / mean across depths of an invariant stage
+INVARIANT_MIN_SHARE_PCT = 5.0  # judged only on stages holding at least this share (smaller ones: reported)
+OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
+STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
+CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms within this
+
+
+def invariants(contexts: list[ContextSummary], threshold_pct: float = INVARIANT_THRESHOLD_PCT) -> Invariants | None:
+    """Largest disagreement across depths of the depth-invariant stages (calibrated ms), judged on stages
+    holding >= INVARIANT_MIN_SHARE_PCT of decode; None with fewer than two depths."""
+    if len(contexts) < 2:
+        return None
+    per, judged = {}, {}
+    for s in INVARIANT_STAGES:
+        v = np.array([c.stage(s) for c in contexts])
+        if v.mean() <= 0:
+            continue
+        per[s] = float(100.0 * (v.max() - v.min()) / v.mean())
+        if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
+            judged[s] = per[s]
+    if not judged:
+        return None
+    worst = max(judged, key=judged.get)
+    return Invariants(max_disagreement_pct=judged[worst], stage=worst, threshold_pct=threshold_pct,
+                      per_stage_pct=per)
+
+
+def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[RoundNoise], *, cores: int,
+          synthetic: bool, complete: bool, stop_reason: str | None) -> list[Flag]:
+    """Every flag the run raises, in a stable order."""
+    out: list[Flag] = []
+    if synthetic:
+        out.append(Flag("synthetic", "synthetic twin (random weights): timings are real, outputs are noise"))
+    if not complete:
+        out.append(Flag("incomplete", f"the sweep stopped early ({stop_reason}): fewer rounds than asked"))
+    if inv is not None and inv.max_disagreement_pct > inv.threshold_pct:
+        out.append(Flag("drift", f"{inv.stage} differs by {inv.max_disagreement_pct:.1f} % across depths (its work "
+                        f"does not depend on depth; threshold {inv.threshold_pct:g} %): the device drifted"))
+    ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
+    norm = float(np.median(ratios)) if ratios else 1.0
+    for c in contexts:
+        lo, hi = c.overhead_ratio_ci or (c.overhead_ratio, c.overhead_ratio)
+        if c.overhead_ratio is None:
+            continue
+        if hi < 1.0:
+            out.append(Flag("overhead", f"profiled pass faster than plain (x{c.overhead_ratio:.3f}, 95 % "
+                            f"[{lo:.3f}, {hi:.3f}]): the device changed speed between passes", c.context))
+        elif c.overhead_ratio > norm + OVERHEAD_EXCESS:
+            out.append(Flag("overhead", f"profiled/plain x{c.overhead_ratio:.3f} is far above the run's norm "
+                            f"(x{norm:.3f})", c.context))
+        if c.calibrated_sum_pct is not None and abs(c.calibrated_sum_pct - 100.0) > CALIB_SUM_TOL_PCT:
+            out.append(Flag("calibration", f"calibrated stage ms add up to {c.calibrated_sum_pct:.1f} % of the plain "
+                            f"ms/token (tolerance {CALIB_SUM_TOL_PCT:g} %)", c.context))
+    wall = sum(r.wall_s for r in rounds) * max(1, cores)
+    steal = sum(r.steal_s or 0.0 for r in rounds)
+    others = sum(r.others_cpu_s or 0.0 for r in rounds)
+    if wall > 0 and 100.0 * steal / wall > STEAL_PCT:
+        out.append(Flag("noise", f"CPU steal was {100.0 * steal / wall:.1f} % of the measurement time: the "
+                        "hypervisor took the CPU away"))
+    if wall > 0 and 100.0 * others / wall > OTHERS_CPU_PCT:
+        out.append(Flag("noise", f"other processes used {100.0 * others / wall:.1f} % of the CPU during "
+                        "measurement"))
+    return out
