@@ -28,7 +28,7 @@ import pandas as pd
 
 from analysis import fleet, slope
 from harness import columns, stages, stats, store
-from harness.cli import ArgParser, run_cli
+from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,6 @@ def _f(v: float, fmt: str = ".2f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: str, n_runs: int) -> str:
     shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     out = [f"# Decode compare: {n_runs} runs, {df['device'].nunique()} devices, "
@@ -192,7 +187,7 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
                  _f(r["ffn_gbps"], ".1f"), _f(r["attn_kv_gbps"], ".1f"), _f(r["bandwidth_gbps"], ".1f"),
                  _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"], r["flags"]]
                 for _, r in sub.iterrows()]
-        out += ["", f"## context {ctx} (depth {depth})", "", *_md_table(head, rows)]
+        out += ["", f"## context {ctx} (depth {depth})", "", format_table(head, rows, numeric_from=2)]
     if not sl.empty:
         st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
         out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]", ""]
@@ -202,7 +197,7 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
                      f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
             rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells])
-        out += _md_table(["device", "group", "rounds", "depths", *st], rows)
+        out.append(format_table(["device", "group", "rounds", "depths", *st], rows, numeric_from=2))
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)

@@ -27,7 +27,7 @@ from analysis import readmodel
 from analysis.readmodel import ReadModel
 from analysis.slope import run_slopes
 from harness import stages, store
-from harness.cli import ArgParser, run_cli
+from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import UsageError
 from harness.record import RunRecord
 
@@ -139,12 +139,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def format_markdown(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * (len(COLUMNS) - 1)
-    lines = [head, sep]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c], f) for c, _, f in COLUMNS) + " |")
-    return "\n".join(lines)
+    return format_table([h for _, h, _ in COLUMNS], [[_fmt(r[c], f) for c, _, f in COLUMNS] for _, r in df.iterrows()])
 
 
 def describe(rec: RunRecord, model: ReadModel) -> list[str]:
@@ -189,13 +184,12 @@ def slope_table(run: store.Run | None) -> pd.DataFrame | None:
 
 
 def format_slopes(sl: pd.DataFrame) -> str:
-    lines = ["Slopes against depth (least squares through each depth's mean; ms/token per 1,000 KV tokens; "
-             "95 % bootstrap interval over rounds, depths paired by round):", "",
-             "| Stage | Slope ms/1k tok | CI low | CI high | Rounds | Depths |", "|---|---:|---:|---:|---:|---:|"]
-    for stage, r in sl.iterrows():
-        lines.append(f"| {stage} | {_fmt(r['slope_ms_per_1k'], '{:.3f}')} | {_fmt(r['ci95_low_ms_per_1k'], '{:.3f}')} "
-                     f"| {_fmt(r['ci95_high_ms_per_1k'], '{:.3f}')} | {int(r['n_rounds'])} | {int(r['n_depths'])} |")
-    return "\n".join(lines)
+    rows = [[str(stage), _fmt(r["slope_ms_per_1k"], "{:.3f}"), _fmt(r["ci95_low_ms_per_1k"], "{:.3f}"),
+             _fmt(r["ci95_high_ms_per_1k"], "{:.3f}"), str(int(r["n_rounds"])), str(int(r["n_depths"]))]
+            for stage, r in sl.iterrows()]
+    return ("Slopes against depth (least squares through each depth's mean; ms/token per 1,000 KV tokens; "
+            "95 % bootstrap interval over rounds, depths paired by round):\n\n"
+            + format_table(["Stage", "Slope ms/1k tok", "CI low", "CI high", "Rounds", "Depths"], rows))
 
 
 def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | None = None,

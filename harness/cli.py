@@ -39,3 +39,14 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
+
+
+def format_table(head: list[str], rows: list[list[str]], style: str = "md", numeric_from: int = 1) -> str:
+    """The one table renderer of every command: ``md`` (GitHub markdown; columns from ``numeric_from`` on are
+    right-aligned) or ``text`` (space-padded, right-justified, for terminals)."""
+    if style == "md":
+        sep = "|" + "|".join("---" if i < numeric_from else "---:" for i in range(len(head))) + "|"
+        return "\n".join(["| " + " | ".join(head) + " |", sep, *("| " + " | ".join(r) + " |" for r in rows)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows])

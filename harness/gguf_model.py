@@ -112,23 +112,6 @@ def kv_owners(info: ModelInfo) -> list[bool]:
     return [il < n_from for il in range(info.n_layer)]
 
 
-def _field_value(field):
-    """Decode a ReaderField into a Python scalar, string or list."""
-    from gguf import GGUFValueType
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        if len(types) > 1 and types[1] == GGUFValueType.STRING:
-            return None  # string arrays (tokenizer tables) are large and not needed here
-        return [v.item() if hasattr(v, "item") else v for v in (field.parts[i][0] for i in field.data)]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
-    v = field.parts[-1][0]
-    return v.item() if hasattr(v, "item") else v
-
-
 def check_gguf_file(path: str | os.PathLike) -> Path:
     """Cheap checks before the full parse: exists, is a file, non-empty, GGUF magic, known version."""
     try:
@@ -184,7 +167,10 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     for key, fld in reader.fields.items():
         if key.startswith("GGUF.") or key.startswith("tokenizer."):
             continue
-        kv[key] = _field_value(fld)
+        try:
+            kv[key] = fld.contents()  # gguf-py decodes scalars, strings and arrays
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise InputError(f"corrupt GGUF metadata value {key} ({type(e).__name__}): {p}") from None
     arch = kv.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise InputError(f"GGUF has no general.architecture key: {p}")

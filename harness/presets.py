@@ -175,9 +175,14 @@ def layout(preset: Preset, quant: str) -> list[tuple[str, tuple[int, ...], str]]
     return [(n, s, quant_type(n, s, quant, preset.n_layer, tied)) for n, s in tensors]
 
 
+def byte_shape(ggml_type: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape in numpy (row-major) order with rows in bytes (gguf-py's own arithmetic)."""
+    return gguf.quant_shape_to_byte_shape(tuple(reversed(shape)), gguf.GGMLQuantizationType[ggml_type])
+
+
 def type_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    """Bytes of a tensor of this ggml type and shape (ne[0] first)."""
     n = 1
-    for d in shape:
+    for d in byte_shape(ggml_type, shape):
         n *= d
-    return n // block * size
+    return n

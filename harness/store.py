@@ -6,8 +6,8 @@
   ``harness.record.RunRecord``, validated on write and on read (a missing or mistyped field is an
   InputError naming the field and the file). It includes the per-token wall times of every pass
   (``tokens``), loaded as a table by ``Run.tokens``.
-- Writes go to a hidden temp file in the target folder, are fsynced, then hard-linked to the
-  final name (which fails rather than overwrite an existing run) and the temp is removed.
+- Writes are atomic and never overwrite a run (``harness.fsutil.atomic_write``): a hidden temp
+  file, fsynced, hard-linked to the final name (a taken name gets a ``-N`` suffix).
 
 Older formats are upgraded on read (``harness.upgrades``), the op table alongside.
 """
@@ -28,13 +28,12 @@ import pyarrow.parquet as pq
 
 from harness import columns, upgrades
 from harness.errors import InputError, OutputError, UsageError
-from harness.fsutil import pid_alive
+from harness.fsutil import TMP_PREFIX, atomic_write, clean_stale_temps  # noqa: F401 - part of this API
 from harness.record import RunRecord
 from harness.typed import RecordError
 
 log = logging.getLogger(__name__)
 META_KEY = b"harness.run"
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -84,31 +83,14 @@ def write_run(ops: pd.DataFrame, record: RunRecord, out_dir: str | os.PathLike, 
     RunRecord.from_dict(meta)  # what is written must read back: same validation as on read
     table = pa.Table.from_pandas(ops[list(columns.OP_COLUMNS)], preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    tmp = d / f"{TMP_PREFIX}{os.getpid()}-{filename}.partial"  # hidden, and not *.parquet to globbers
+
+    def write(tmp: Path) -> None:
+        pq.write_table(table, tmp, compression="zstd")
+
     try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        stem, n = filename[: -len(".parquet")], 0
-        while True:
-            final = d / (filename if n == 0 else f"{stem}-{n}.parquet")
-            try:
-                os.link(tmp, final)
-                break
-            except FileExistsError:
-                n += 1
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        return atomic_write(d / filename, write, overwrite=False)
     except OSError as e:
         raise OutputError(f"could not write the run ({e.strerror or e}): {d}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
 
 
 def read_record(path: str | os.PathLike) -> RunRecord:
@@ -166,19 +148,3 @@ def _stored_columns(only: list[str] | None, version: int) -> list[str] | None:
 def load_tokens(record: RunRecord) -> pd.DataFrame:
     """Per-token wall times of every pass, from a run's record, as a table (columns.TOKEN_COLUMNS)."""
     return pd.DataFrame([list(r) for r in record.tokens], columns=list(columns.TOKEN_COLUMNS))
-
-
-def clean_stale_temps(out_dir: str | os.PathLike) -> int:
-    """Remove temp files left by killed writers (whose process is gone). Returns how many."""
-    d = Path(out_dir)
-    n = 0
-    if not d.is_dir():
-        return 0
-    for f in d.glob(f"{TMP_PREFIX}*"):
-        m = re.match(rf"{re.escape(TMP_PREFIX)}(\d+)-", f.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            log.warning("removing stale temp file from a killed writer: %s", f)
-            f.unlink(missing_ok=True)
-            n += 1
-    return n
-

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from harness import store
-from harness.cli import ArgParser, run_cli
+from harness.cli import ArgParser, format_table, run_cli
 from harness.config import CALIB_ALL, DEFAULT_CONTEXTS, SweepConfig, expand, parse_contexts, split_list
 from harness.errors import UsageError
 from harness.orchestrate import run_sweeps
@@ -128,13 +128,10 @@ def format_summary(rec: RunRecord) -> str:
         rows.append([c.context, str(c.depth), f"{c.plain_ms:.2f} [{lo:.2f}, {hi:.2f}]", f"x{c.overhead_ratio:.3f}",
                      *(f"{c.stage(s):.2f}" for s in shown),
                      f"{c.calibrated_sum_pct:.1f} %" if c.calibrated_sum_pct is not None else ""])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     inv = rec.invariants
     lines = [f"mode={rec.params.mode}, {len(rec.rounds)} rounds; stage ms are calibrated (split cost "
              f"{ctxs[0].sync_us or 0:.2f} us) and should add up to the plain ms/token",
-             "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+             format_table(head, rows, style="text")]
     if inv is not None:
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"threshold {inv.threshold_pct:g} %)")

@@ -21,10 +21,10 @@ import gguf
 import numpy as np
 
 from harness.cli import ArgParser, run_cli
-from harness.errors import UsageError
-from harness.fsutil import pid_alive
+from harness.errors import OutputError, UsageError
+from harness.fsutil import atomic_write, clean_stale_temps
 from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
-from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, layout, type_nbytes
+from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, byte_shape, layout, type_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,6 @@ class _Filler:
         return out
 
 
-def _clean_stale_twin_temps(out: Path) -> None:
-    """Remove half-written twins left by killed writers (their process is gone)."""
-    for f in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = f.name[len(out.name) + 2: -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            log.warning("removing a half-written twin left by a killed writer: %s", f)
-            f.unlink(missing_ok=True)
-
-
 def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -> Path:
     """Write a twin GGUF atomically (temp file, then rename). Returns the final path."""
     if preset not in PRESETS:
@@ -157,46 +148,40 @@ def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -
     if not os.access(out.parent, os.W_OK):
         raise UsageError(f"output folder is not writable: {out.parent}")
     tensors = layout(p, quant)
-    _clean_stale_twin_temps(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    clean_stale_temps(out.parent)
     t0 = time.perf_counter()
-    w = gguf.GGUFWriter(str(tmp), p.arch)
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), p.arch)
+        try:
+            _add_hparams(w, p, quant)
+            raw = {"F32": None, "F16": None}
+            for name, shape, ty in tensors:
+                qtype = gguf.GGMLQuantizationType[ty]
+                dtype = {"F32": np.float32, "F16": np.float16}.get(ty, np.uint8)
+                # add_tensor_info takes numpy (row-major) order, ne reversed; quant types in bytes per row
+                np_shape = tuple(reversed(shape)) if ty in raw else byte_shape(ty, shape)
+                w.add_tensor_info(name, np_shape, np.dtype(dtype), type_nbytes(ty, shape),
+                                  raw_dtype=None if ty in raw else qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            filler = _Filler(seed)
+            total = sum(type_nbytes(ty, s) for _, s, ty in tensors)
+            done, last_report = 0, 0.0
+            for name, shape, ty in tensors:
+                w.write_tensor_data(filler.data(name, shape, ty))
+                done += type_nbytes(ty, shape)
+                if time.perf_counter() - last_report > 5:
+                    last_report = time.perf_counter()
+                    log.info("  wrote %.2f / %.2f GB", done / 1e9, total / 1e9)
+        finally:
+            w.close()
+
     try:
-        _add_hparams(w, p, quant)
-        raw = {"F32": None, "F16": None}
-        for name, shape, ty in tensors:
-            qtype = gguf.GGMLQuantizationType[ty]
-            nbytes = type_nbytes(ty, shape)
-            dtype = {"F32": np.float32, "F16": np.float16}.get(ty, np.uint8)
-            # add_tensor_info takes numpy (row-major) order, ne reversed; quant types in bytes per row
-            np_shape = list(reversed(shape))
-            if ty not in raw:
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                np_shape[-1] = np_shape[-1] // block * size
-            w.add_tensor_info(name, tuple(np_shape), np.dtype(dtype), nbytes,
-                              raw_dtype=None if ty in raw else qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        filler = _Filler(seed)
-        total = sum(type_nbytes(ty, s) for _, s, ty in tensors)
-        done, last_report = 0, 0.0
-        for name, shape, ty in tensors:
-            w.write_tensor_data(filler.data(name, shape, ty))
-            done += type_nbytes(ty, shape)
-            if time.perf_counter() - last_report > 5:
-                last_report = time.perf_counter()
-                log.info("  wrote %.2f / %.2f GB", done / 1e9, total / 1e9)
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, write, overwrite=True)  # a twin replaces an older twin of the same name
     except OSError as e:
-        raise UsageError(f"cannot write twin to {out}: {e.strerror or e}") from None
-    finally:
-        w.close()
-        if tmp.exists():
-            tmp.unlink()
+        raise OutputError(f"cannot write twin to {out}: {e.strerror or e}") from None
     log.info("twin %s (%s) -> %s: %.2f GB in %.1f s", preset, quant, out, out.stat().st_size / 1e9,
              time.perf_counter() - t0)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from harness import columns, stages
+from harness import checks, columns, stages
 from harness.record import SCHEMA_VERSION, RunRecord
 from harness.runner import round_order
 from harness.store import read_record, read_run
@@ -106,7 +106,12 @@ def test_record_round_trips_and_describes_the_run(tiny_run, tiny_gguf):
         assert c.sensors_before.t_unix <= c.sensors_after.t_unix
         # calibrated stage ms = raw minus segments x split cost, never more than raw
         assert all(c.stage_ms_calibrated[s] <= c.stage_ms[s] + 1e-9 for s in stages.STAGES)
-    assert rec.invariants is not None and rec.invariants.stage in ("ffn", "gemma3n_extra", "attn_proj")
+    inv = rec.invariants  # the depth-invariance check ran on the invariant stages
+    assert inv is not None and inv.stage in checks.INVARIANT_STAGES and set(inv.per_stage_pct) <= set(
+        checks.INVARIANT_STAGES)
+    assert inv.max_disagreement_pct == inv.per_stage_pct[inv.stage] == max(
+        inv.per_stage_pct[s] for s in inv.per_stage_pct if min(c.share(s) for c in rec.contexts) >= 5.0)
+    assert ("drift" in {f.kind for f in rec.flags}) == (inv.max_disagreement_pct > inv.threshold_pct)
     assert "synthetic" in {f.kind for f in rec.flags}
     from harness.gguf_model import ModelInfo, read_model
 
