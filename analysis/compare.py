@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis import fleet, slope
+from analysis import fleet, roofline, slope
 from harness import columns, stages
 from harness.cli import ArgParser, run_cli
 from harness.errors import UsageError
@@ -82,11 +82,9 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
             row[f"{s}_pct"] = _wmean([c.stage_pct.get(s, NAN) for _, c in items], w)
         nbytes = rm.bytes_per_token(depth) if rm is not None else {}
         for s in GBPS_STAGES:
-            ms = row[f"{s}_ms"]
-            row[f"{s}_gbps"] = nbytes[s] / ms / 1e6 if s in nbytes and ms > 0 else NAN
-        total = rm.total_bytes_per_token(depth) if rm is not None else NAN
+            row[f"{s}_gbps"] = roofline.gbps(nbytes.get(s), row[f"{s}_ms"])
         row["bandwidth_gbps"] = bw
-        row["x_roofline"] = plain / (total / bw / 1e6) if total > 0 and bw > 0 else NAN
+        row["x_roofline"] = roofline.x_roofline(plain, sum(nbytes.values()) if nbytes else NAN, bw)
         rows.append(row)
     return rows
 

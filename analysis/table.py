@@ -5,9 +5,13 @@
 
 Columns (one row per context): the seed notebook's (context, input tokens, KV-cache MiB, FFN and
 attention KV read/token MiB, their ratio, measured FFN and attention %) and FFN, attention and
-decode ms/token; then total modelled read/token, achieved GB/s of FFN and attention (modelled
-bytes / measured stage time), the roofline ms/token (total bytes / the run's measured read
-bandwidth; blank when the probe was skipped), measured / roofline, and the other stages' shares.
+decode ms/token; then total modelled bytes/token, the graph's attention and total bytes/token
+(what llama.cpp's decode graph read at that depth, when the run stored them) and model / graph for
+attention, achieved GB/s of FFN and attention (bytes / measured stage time), the roofline ms/token
+(total bytes / the run's measured read bandwidth; blank when the probe was skipped), measured /
+roofline, and the other stages' shares. GB/s and the roofline use the graph's bytes when the run
+has them, else the model's (``analysis.roofline``). ``auto`` picks the read-model variant from the
+run's resolved flash attention (``readmodel.run_variant``).
 
 Measured numbers: decode ms/token is the plain pass (no callback); stage ms/token and shares come
 from the profiled pass (``stage_pct`` = share of the profiled wall time, host gaps included), so
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import readmodel
+from analysis import readmodel, roofline
 from analysis.readmodel import ReadModel
 from analysis.slope import stage_slopes
 from harness import columns, stages, store
@@ -50,6 +54,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("attn_ms", "Attention ms/token", "{:.2f}"),
     ("decode_ms", "Decode ms/token", "{:.2f}"),
     ("total_read_mib", "Total read/token MB", "{:.1f}"),
+    ("graph_attn_read_mib", "Graph attention read/token MB", "{:.2f}"),
+    ("graph_total_mib", "Graph total/token MB", "{:.1f}"),
+    ("attn_model_over_graph", "Attention model/graph", "{:.3f}"),
     ("ffn_gbps", "FFN GB/s", "{:.1f}"),
     ("attn_gbps", "Attention GB/s", "{:.1f}"),
     ("roofline_ms", "Roofline ms/token", "{:.2f}"),
@@ -58,16 +65,15 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def bandwidth_gbps(meta: dict) -> float | None:
-    bw = ((meta.get("device") or {}).get("bandwidth") or {}).get("read_gbps")
-    return float(bw) if bw else None
+bandwidth_gbps = roofline.bandwidth_gbps
 
 
 def resolve_variant(meta: dict, variant: str, model_path: str | None = None) -> str:
-    """``auto``: exact when a tensor table is at hand (run metadata or --model), seed otherwise."""
+    """``auto``: with a tensor table at hand (run metadata or --model), ``exact`` if the run decoded with
+    flash attention and ``exact_padded`` if not (``readmodel.run_variant``); seed otherwise."""
     if variant != "auto":
         return variant
-    return "exact" if (model_path or readmodel.has_tensor_table(meta)) else "seed"
+    return readmodel.run_variant(meta) if (model_path or readmodel.has_tensor_table(meta)) else "seed"
 
 
 def load_read_model(meta: dict, variant: str = "auto", model_path: str | None = None) -> ReadModel:
@@ -84,7 +90,7 @@ def load_read_model(meta: dict, variant: str = "auto", model_path: str | None = 
                          "pass --model GGUF (or --model-variant seed)")
     params = meta.get("params") or {}
     return readmodel.from_gguf(model_path, variant, params.get("cache_type_k", "f16"),
-                               params.get("cache_type_v", "f16"))
+                               params.get("cache_type_v", "f16"), **readmodel.context_params(meta))
 
 
 def load(run_path: str | Path, variant: str = "auto", model_path: str | None = None) -> tuple[store.Run, ReadModel]:
@@ -97,16 +103,18 @@ def _div(a: float, b: float | None) -> float:
 
 
 def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
-    """One row per context (in depth order) of modelled reads and measured times."""
+    """One row per context (in depth order) of modelled reads, graph bytes and measured times."""
     bw = bandwidth_gbps(meta)
     rows = []
     for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
         depth = int(c["depth"])
         b = model.bytes_per_token(depth)
         total = sum(b.values())
+        graph = roofline.graph_bytes_per_token(c)
+        used, _ = roofline.context_bytes(c, model)  # graph bytes when stored, else the model's
         ms, pct = c.get("stage_ms", {}), c.get("stage_pct", {})
         ffn_ms, attn_ms, decode_ms = float(ms.get(stages.FFN, 0.0)), float(ms.get(stages.ATTN_KV, 0.0)), c["plain_ms"]
-        roofline_ms = total / (bw * 1e9) * 1e3 if bw else math.nan
+        used_total = sum(used.values())
         row = {
             "context": str(c["context"]), "input_tokens": depth,
             "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
@@ -115,9 +123,13 @@ def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
             "ffn_pct": float(pct.get(stages.FFN, 0.0)), "attn_pct": float(pct.get(stages.ATTN_KV, 0.0)),
             "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": float(decode_ms),
             "total_read_mib": total / MIB,
-            "ffn_gbps": _div(b[stages.FFN], ffn_ms * 1e-3) / 1e9,
-            "attn_gbps": _div(b[stages.ATTN_KV], attn_ms * 1e-3) / 1e9,
-            "roofline_ms": roofline_ms, "measured_over_roofline": _div(decode_ms, roofline_ms),
+            "graph_attn_read_mib": graph[stages.ATTN_KV] / MIB if graph else math.nan,
+            "graph_total_mib": sum(graph.values()) / MIB if graph else math.nan,
+            "attn_model_over_graph": _div(b[stages.ATTN_KV], graph[stages.ATTN_KV]) if graph else math.nan,
+            "ffn_gbps": roofline.gbps(used.get(stages.FFN), ffn_ms),
+            "attn_gbps": roofline.gbps(used.get(stages.ATTN_KV), attn_ms),
+            "roofline_ms": roofline.roofline_ms(used_total, bw),
+            "measured_over_roofline": roofline.x_roofline(float(decode_ms), used_total, bw),
         }
         row.update({f"{s}_pct": float(pct.get(s, 0.0)) for s in REST_STAGES})
         rows.append(row)
@@ -127,13 +139,14 @@ def build_table(meta: dict, model: ReadModel) -> pd.DataFrame:
 
 
 def stage_bytes_table(meta: dict, model: ReadModel) -> pd.DataFrame:
-    """Long table: context, depth, stage, modelled bytes/token, measured ms/token (for the roofline plot)."""
+    """Long table: context, depth, stage, bytes/token (graph when stored, else modelled), measured ms/token
+    (for the roofline plot)."""
     rows = []
     for c in sorted(meta.get("contexts", []), key=lambda c: c["depth"]):
-        b = model.bytes_per_token(int(c["depth"]))
+        b, source = roofline.context_bytes(c, model)
         for stage in stages.STAGES:
             rows.append({"context": str(c["context"]), "depth": int(c["depth"]), "stage": stage,
-                         "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == stages.OTHER else 0.0),
+                         "bytes_read": float(b.get(stage, 0.0)), "source": source,
                          "measured_ms": float(c.get("stage_ms", {}).get(stage, 0.0))})
     return pd.DataFrame(rows)
 
@@ -158,6 +171,11 @@ def describe(meta: dict, model: ReadModel) -> list[str]:
     m = meta.get("model") or {}
     lines = [f"Run: {meta.get('label', '?')} | model: {m.get('name') or m.get('arch', '?')} | "
              f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB)"]
+    fa, ctxs = readmodel.run_flash_attn(meta), meta.get("contexts", [])
+    graph = any(c.get("graph_bytes") for c in ctxs)
+    how = " (resolved: from the graph)" if any(c.get("flash_attn_on") is not None for c in ctxs) else " (as requested)"
+    lines.append(f"Flash attention: {'not recorded' if fa is None else ('on' if fa else 'off') + how} | "
+                 f"bytes for GB/s and roofline: {'the graph' if graph else 'the read model'}")
     if meta.get("complete") is False:
         lines.append("**INCOMPLETE RUN**: the sweep stopped early; only the contexts below were measured.")
     if meta.get("reference"):
@@ -171,8 +189,12 @@ def describe(meta: dict, model: ReadModel) -> list[str]:
 
 
 NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/token: plain pass. Stage ms and "
-         "shares: profiled pass, shares of its wall time (host included), so they add to 100 %. Attention read = "
-         "KV-cache reads only (projections are attn_proj).")
+         "shares: profiled pass, shares of its wall time (host included), so they add to 100 %. Bytes per token: "
+         "weights read (whole, once per op that reads them; one row of a lookup table) + KV cells read + KV cells "
+         "stored. Attention read = KV-cache reads only (projections are attn_proj): each KV head's cells once "
+         "(grouped-query re-reads not counted), a shared-KV layer's read of layer 18/19's cache counted as its own; "
+         "with flash attention the cells the mask leaves visible, without it the whole n_kv view (>= 256 cells). "
+         "Graph columns: the same bytes as llama.cpp's decode graph shaped them at that depth.")
 
 
 def slope_table(ops: pd.DataFrame | None) -> pd.DataFrame | None:
