@@ -17,13 +17,10 @@ attention, ``run_variant``):
 
 - ``exact``: flash attention on. The CPU kernel reads only the cells its mask leaves visible:
   L+1 in a global layer, min(L+1, W) in a sliding one (W = ``attention.sliding_window``).
-- ``exact_padded``: flash attention off. The ``kq``/``kqv`` matmuls read the whole cache view,
-  n_kv = min(cache cells, max(256, PAD(L+1, 256))) cells, the sliding cache holding
-  PAD(min(n_ctx, W + n_ubatch), 256) cells (n_ctx, n_batch and n_ubatch from the run).
+- ``exact_padded``: flash attention off. The ``kq``/``kqv`` matmuls read the whole cache view of
+  n_kv >= 256 cells (``kv_cells``; cache sizes from the run's n_ctx, n_batch and n_ubatch).
 - ``seed``: the seed notebook's simplified accounting (``analysis.baseline``): INT4 FFN weights
-  and an F16 KV cache over L cells in all 35 layers; nothing else.
-
-Stage keys are ``harness.stages`` stages (host excluded).
+  and an F16 KV cache over L cells in all 35 layers; nothing else. Stage keys: ``harness.stages`` (host excluded).
 """
 
 from __future__ import annotations
@@ -76,6 +73,7 @@ class ReadModel:
     n_ctx: int = 0  # the context's size (0: just large enough for the token decoded)
     n_batch: int = 512
     n_ubatch: int = 512
+    restored: bool = False  # the KV state was copied in (sliding caches keep the window only; kv_cells)
 
     @property
     def flash_attn(self) -> bool:
@@ -86,7 +84,8 @@ class ReadModel:
         if self.variant == "seed":
             return depth + self.current_cell
         return kv_cells(depth, layer.sliding, n_ctx=self.n_ctx or depth + 1, n_swa=self.window_cells,
-                        n_ubatch=self.n_ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn)
+                        n_ubatch=self.n_ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn,
+                        restored=self.restored)
 
     def kv_read_bytes(self, depth: int) -> float:
         return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) for lay in self.kv_layers)
@@ -179,9 +178,10 @@ def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
 
 def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str = "f16",
                     cache_type_v: str = "f16", *, n_ctx: int = 0, n_batch: int = 512,
-                    n_ubatch: int = 512) -> ReadModel:
+                    n_ubatch: int = 512, restored: bool = False) -> ReadModel:
     """The read model of a model; ``n_ctx``/``n_batch``/``n_ubatch`` (the context's) size the caches
-    that ``exact_padded`` reads whole (n_ctx 0: just large enough for each depth)."""
+    that ``exact_padded`` reads whole (n_ctx 0: just large enough for each depth); ``restored``: the
+    KV state was copied in rather than prefilled (``harness.gguf_model.kv_cells``)."""
     if variant == "seed":
         return seed_model()
     if variant not in VARIANTS:
@@ -206,7 +206,7 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         variant=variant, footprint_bytes=info.tensor_bytes, weight_bytes=weight_bytes_by_stage(info),
         kv_layers=tuple(layers), window_cells=int(hp.get("attention.sliding_window") or 0) if any(sliding) else 0,
         current_cell=1, arch=info.arch, model_name=info.name, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-        n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+        n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, restored=restored,
     )
 
 
@@ -238,9 +238,13 @@ def run_variant(meta: dict) -> str:
 
 
 def context_params(meta: dict) -> dict:
-    """The run's n_ctx / n_batch / n_ubatch (they size the caches the non-flash path reads)."""
+    """The run's n_ctx / n_batch / n_ubatch (they size the caches the non-flash path reads), and
+    ``restored``: a run's stage times and graph bytes come from its profiled context, whose KV state
+    is copied from the plain one after each prefill (``params.kv_state``, default "copied")."""
     p = meta.get("params") or {}
-    return {k: int(p[k]) for k in ("n_ctx", "n_batch", "n_ubatch") if p.get(k)}
+    out: dict = {k: int(p[k]) for k in ("n_ctx", "n_batch", "n_ubatch") if p.get(k)}
+    out["restored"] = p.get("kv_state", "copied") == "copied"
+    return out
 
 
 def has_tensor_table(meta: dict) -> bool:

@@ -158,22 +158,25 @@ def kv_cache_cells(sliding: bool, *, n_ctx: int, n_swa: int, n_ubatch: int, n_ba
 
 
 def kv_cells(depth: int, sliding: bool, *, n_ctx: int, n_swa: int, n_ubatch: int, flash_attn: bool,
-             n_batch: int | None = None) -> int:
+             n_batch: int | None = None, restored: bool = False) -> int:
     """KV cells one attention layer reads to decode the token at position ``depth`` (depth cells cached).
 
     - No flash attention: the ``kq``/``kqv`` matmuls read every cell of the cache view, masked or not,
-      n_kv = min(cache cells, max(256, PAD(depth + 1, 256))) (``llama_kv_cache::get_n_kv``: used_max_p1
-      is depth + 1 once the token's cell is stored; cache cells: ``kv_cache_cells``), >= 256 always.
+      n_kv = min(cache cells, max(256, PAD(used + 1, 256))) (``llama_kv_cache::get_n_kv``: used_max_p1
+      counts the token's own cell; cache cells: ``kv_cache_cells``), >= 256 always. ``used`` is depth,
+      except in a sliding cache ``restored`` from a saved state: ``llama_kv_cache::state_write`` skips
+      SWA-masked cells, so it holds min(depth, n_swa) cells (the harness's profiled context is one).
     - Flash attention: the CPU kernel skips cells the mask sets to -inf
       (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), reading depth + 1 in a global layer and
       min(depth + 1, n_swa) in a sliding one (``llama_hparams::is_masked_swa``: visible while p1 - p0 < n_swa).
     """
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
-    used = depth + 1
+    window = sliding and n_swa
     if flash_attn:
-        return min(used, n_swa) if sliding and n_swa else used
-    size = kv_cache_cells(sliding, n_ctx=max(n_ctx, used), n_swa=n_swa, n_ubatch=n_ubatch, n_batch=n_batch)
+        return min(depth + 1, n_swa) if window else depth + 1
+    used = (min(depth, n_swa) if window and restored else depth) + 1
+    size = kv_cache_cells(sliding, n_ctx=max(n_ctx, depth + 1), n_swa=n_swa, n_ubatch=n_ubatch, n_batch=n_batch)
     return min(size, max(KV_PAD, _pad(min(used, size))))
 
 

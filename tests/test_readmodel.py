@@ -94,6 +94,10 @@ def test_e4b_kv_variants_and_cache_types():
     deep = e4b_exact("exact_padded", n_ctx=4097)  # sliding cache 1,024 cells; global 4,352
     assert deep.bytes_per_token(658)[stages.ATTN_KV] == 35 * 768 * CELL
     assert deep.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 1024 * CELL
+    # a copied-in state keeps only the window's 512 cells in the sliding cache: 513 used -> 768 read, not 1,024
+    restored = e4b_exact("exact_padded", n_ctx=4097, restored=True)
+    assert restored.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 768 * CELL
+    assert restored.bytes_per_token(172)[stages.ATTN_KV] == deep.bytes_per_token(172)[stages.ATTN_KV]
     small_ub = e4b_exact("exact_padded", n_ctx=4097, n_ubatch=256)  # sliding cache PAD(512 + 256) = 768
     assert small_ub.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 768 * CELL
     # definitions: shared-KV layers' reads are counted and split out; GQA re-reads are split out, not counted
