@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 from tqdm import tqdm
 
-from harness import columns, device, stages, stats
+from harness import columns, device, graph_bytes, stages, stats
 from harness.capture import Capture
 from harness.engine import Context
 
@@ -81,6 +81,10 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
         return None
     prof.copy_state_from(plain)
     n_nodes = cap.discover(prof, step_tok)
+    # [H2 graph bytes; lead: port to the typed run record] the resolved flash-attention state (a
+    # FLASH_ATTN_EXT node in the graph) and the bytes the graph reads (None while nodes carry names only)
+    fa_on = any(n.op == "FLASH_ATTN_EXT" for n in cap.nodes)
+    gbytes = graph_bytes.from_capture(cap.nodes, cap.stages, cap.layers)
     sync_us = cap.calibrate(prof, step_tok) / 1000.0
     for _ in range(s.warmup):
         plain.step(step_tok)
@@ -103,7 +107,8 @@ def measure_context(plain: Context, prof: Context, cap: Capture, prompt: list[in
     summ = stats.context_summary(pd.DataFrame(rows, columns=list(columns.OP_COLUMNS)),
                                   pd.DataFrame(toks, columns=list(columns.TOKEN_COLUMNS)), label, sync_us)
     summ.update(prefill_s=prefill_s, n_nodes=n_nodes, syncs_per_token=cap.syncs_per_token,
-                sensors_before=sensors_before, sensors_after=device.sample_sensors())
+                sensors_before=sensors_before, sensors_after=device.sample_sensors(),
+                flash_attn_on=fa_on, graph_bytes=gbytes.to_dict() if gbytes else None)  # [H2]
     log.info("%-6s depth %5d: plain %.2f ms/token, profiled x%.3f, ffn %.1f%%, attn_kv %.1f%%", label, depth,
              summ["plain_ms"], summ["overhead_ratio"], summ["stage_pct"]["ffn"], summ["stage_pct"]["attn_kv"])
     return ContextResult(label, depth, rows, toks, summ)
