@@ -149,6 +149,9 @@ def _per_layer(hp: dict, key: str, il: int, default: int = 0) -> int:
 
 
 _SHARED_SKIPS = (stages.T.ATTN_K, stages.T.ATTN_V, stages.T.ATTN_K_NORM)
+# read by two ops per token: gemma3n.cpp computes the AltUp router (its norm included) in altup_predict
+# and again in altup_correct (altup_compute_router_modalities)
+_READS = {stages.T.ALTUP_ROUTER: 2, stages.T.ALTUP_ROUTER_NORM: 2}
 
 
 def _skipped(t: TensorRecord, owners: list[bool]) -> bool:
@@ -172,7 +175,7 @@ def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
             if stages.gguf_tensor(t.name) is stages.T.TOKEN_EMBD and tied:
                 weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
         else:
-            weights[weight_stage(t.name)] += t.n_bytes
+            weights[weight_stage(t.name)] += t.n_bytes * _READS.get(stages.gguf_tensor(t.name), 1)
     return weights
 
 
