@@ -100,12 +100,8 @@ class ReadModel:
 
     def kv_cache_bytes(self, depth: int) -> float:
         """Bytes the cache holds at depth L (cells a sliding layer still needs: at most W)."""
-        total = 0.0
-        for lay in self.kv_layers:
-            if lay.owns_kv:
-                total += lay.cell_bytes * (min(depth, self.window_cells) if lay.sliding and self.window_cells
-                                           else depth)
-        return total
+        return sum(lay.cell_bytes * (min(depth, self.window_cells) if lay.sliding and self.window_cells else depth)
+                   for lay in self.kv_layers if lay.owns_kv)
 
     def kv_store_bytes(self) -> float:
         if self.variant == "seed":
