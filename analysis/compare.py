@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from analysis import fleet, slope
+from analysis import fleet, roofline, slope
 from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import InputError, UsageError
@@ -79,13 +79,11 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
         for s in stages.STAGES:
             row[f"{s}_ms"] = _wmean([c.stage(s) if s in c.stage_ms else NAN for _, c in items], w)
             row[f"{s}_pct"] = _wmean([c.share(s) if s in c.stage_ms else NAN for _, c in items], w)
-        nbytes = rm.bytes_per_token(depth) if rm is not None else {}
+        nbytes, _ = roofline.context_bytes(items[0][1], rm)  # the graph's bytes when stored, else the model's
         for s in GBPS_STAGES:
-            ms = row[f"{s}_ms"]
-            row[f"{s}_gbps"] = nbytes[s] / ms / 1e6 if s in nbytes and ms > 0 else NAN
-        total = rm.total_bytes_per_token(depth) if rm is not None else NAN
+            row[f"{s}_gbps"] = roofline.gbps(nbytes.get(s), row[f"{s}_ms"])
         row["bandwidth_gbps"] = bw
-        row["x_roofline"] = plain / (total / bw / 1e6) if total > 0 and bw > 0 else NAN
+        row["x_roofline"] = roofline.x_roofline(plain, sum(nbytes.values()) if nbytes else NAN, bw)
         rows.append(row)
     return rows
 

@@ -1,26 +1,30 @@
 """Bytes a decoder reads from memory per decoded token: weights by stage plus KV-cache reads.
 
-Variants (``ReadModel.variant``):
+Definitions (the same as ``harness.graph_bytes``, which measures them on the real graph):
 
-- ``exact``: the model's real tensor table at each tensor's ggml type. Per token at depth L
-  (L cells already cached) it reads every weight matrix once (activation sparsity does not
-  skip reads), one row of each embedding table, and K and V of ``min(L+1, W)`` cells in a
-  sliding-window layer (W = ``attention.sliding_window``) or ``L+1`` cells in a global one.
-  Gemma 3n layers from ``n_layer_kv_from_start`` (20) on own no cache: they skip attn_k,
-  attn_v and attn_k_norm and re-read the cache of layer 18 (sliding) or 19 (global).
-  This is what llama.cpp's CPU flash-attention kernel reads: it skips masked cells.
-- ``exact_padded``: as ``exact``, but the KV read covers the cell count padded up to a
-  multiple of 256 (sliding layers capped at the padded window), as the non-flash-attention
-  path multiplies over the whole padded cache view, masked cells included. An upper bound.
+- A weight is read whole, once per op that reads it, in the stage of that op
+  (``harness.stages.tensor_stage``: the one tensor -> stage mapping), except a lookup table
+  (``token_embd``, ``per_layer_token_embd``), of which one row is read; tied embeddings are also
+  read whole as the LM head. Activation sparsity skips nothing. Gemma 3n layers from
+  ``n_layer_kv_from_start`` (20) on own no cache: they skip attn_k, attn_v and attn_k_norm.
+- KV: every attention layer reads K and V of ``harness.gguf_model.kv_cells`` cells; each KV head's
+  cells once (``kv_gqa_reread_bytes``: the re-reads by the other query heads of a group, not
+  counted). A Gemma 3n layer >= 20 reads the cache of layer 18 (sliding) or 19 (global) as its own
+  read (``kv_shared_read_bytes``: that share).
+
+Variants (``ReadModel.variant``; ``analysis.table`` picks one from the run's resolved flash
+attention, ``run_variant``):
+
+- ``exact``: flash attention on. The CPU kernel reads only the cells its mask leaves visible:
+  L+1 in a global layer, min(L+1, W) in a sliding one (W = ``attention.sliding_window``).
+- ``exact_padded``: flash attention off. The ``kq``/``kqv`` matmuls read the whole cache view of
+  n_kv >= 256 cells (``kv_cells``; cache sizes from the run's n_ctx, n_batch and n_ubatch).
 - ``seed``: the seed notebook's simplified accounting (``analysis.baseline``): INT4 FFN weights
-  and an F16 KV cache over L cells in all 35 layers; nothing else.
-
-Stage keys are ``harness.stages`` stages plus ``embed`` (the two embedding-row lookups).
+  and an F16 KV cache over L cells in all 35 layers; nothing else. Stage keys: ``harness.stages`` (host excluded).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,21 +36,17 @@ from harness.gguf_model import (  # noqa: F401 - re-exported as part of this mod
     ModelInfo,
     TensorRecord,
     cache_type_bytes,
+    kv_cache_layer,
+    kv_cells,
     kv_owners,
     read_model,
+    swa_layers,
 )
 from harness.record import RunRecord
 
-log = logging.getLogger(__name__)
-
-EMBED = "embed"
-READ_STAGES = (stages.FFN, stages.ATTN_KV, stages.KV_STORE, stages.ATTN_PROJ, stages.LM_HEAD,
-               stages.GEMMA3N_EXTRA, stages.NORM, EMBED, stages.OTHER)
+READ_STAGES = tuple(s for s in stages.STAGES if s != stages.HOST)
 VARIANTS = ("exact", "exact_padded", "seed")
-KV_PAD_CELLS = 256  # llama.cpp pads the KV view to this many cells without flash attention
-DEFAULT_SWA_PERIOD = {"gemma3n": 5, "gemma3": 6, "gemma2": 2}  # every Nth layer (il % N == N-1) is global
-_EMBED_TABLES = ("token_embd.weight", "per_layer_token_embd.weight")
-_EXTRA_FRAGMENTS = ("altup", "laurel", "per_layer_model_proj", ".inp_gate.", ".proj.")
+FA_VARIANT = {True: "exact", False: "exact_padded"}  # resolved flash attention -> variant
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ class KVLayer:
     layer: int
     sliding: bool
     owns_kv: bool  # False: reuses an earlier layer's cache (Gemma 3n shared-KV layers)
-    cell_bytes: float  # K + V bytes of one cached token in this layer
+    cell_bytes: float  # K + V bytes of one cached token in this layer (all its KV heads)
+    cache_layer: int = -1  # the layer whose cache it reads (-1: its own)
+    gqa: int = 1  # query heads per KV head
 
 
 @dataclass(frozen=True)
@@ -64,35 +66,43 @@ class ReadModel:
     weight_bytes: dict[str, float] = field(hash=False)  # stage -> weight bytes read per token
     kv_layers: tuple[KVLayer, ...] = ()
     window_cells: int = 0  # sliding window W; 0 = no sliding layers
-    pad_cells: int = 1  # KV read rounded up to a multiple of this
     current_cell: int = 1  # 1: the token's own cell is read too (L+1); the seed uses L
     arch: str = ""
     model_name: str = ""
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    n_ctx: int = 0  # the context's size (0: just large enough for the token decoded)
+    n_batch: int = 512
+    n_ubatch: int = 512
+    restored: bool = False  # the KV state was copied in (sliding caches keep the window only; kv_cells)
+
+    @property
+    def flash_attn(self) -> bool:
+        return self.variant != "exact_padded"
 
     def kv_cells_read(self, layer: KVLayer, depth: int) -> int:
-        """Cells of K and V one attention layer reads at depth L."""
-        n = depth + self.current_cell
-        if self.pad_cells > 1:
-            n = _pad(n, self.pad_cells)
-            if layer.sliding and self.window_cells:
-                n = min(n, _pad(self.window_cells, self.pad_cells))
-        elif layer.sliding and self.window_cells:
-            n = min(n, self.window_cells)
-        return n
+        """Cells of K and V one attention layer reads at depth L (``harness.gguf_model.kv_cells``)."""
+        if self.variant == "seed":
+            return depth + self.current_cell
+        return kv_cells(depth, layer.sliding, n_ctx=self.n_ctx or depth + 1, n_swa=self.window_cells,
+                        n_ubatch=self.n_ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn,
+                        restored=self.restored)
 
     def kv_read_bytes(self, depth: int) -> float:
         return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) for lay in self.kv_layers)
 
+    def kv_shared_read_bytes(self, depth: int) -> float:
+        """The part of ``kv_read_bytes`` that layers without a cache of their own read."""
+        return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) for lay in self.kv_layers if not lay.owns_kv)
+
+    def kv_gqa_reread_bytes(self, depth: int) -> float:
+        """Re-reads of K and V by the other query heads of each group: not in ``kv_read_bytes``."""
+        return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) * (lay.gqa - 1) for lay in self.kv_layers)
+
     def kv_cache_bytes(self, depth: int) -> float:
         """Bytes the cache holds at depth L (cells a sliding layer still needs: at most W)."""
-        total = 0.0
-        for lay in self.kv_layers:
-            if lay.owns_kv:
-                total += lay.cell_bytes * (min(depth, self.window_cells) if lay.sliding and self.window_cells
-                                           else depth)
-        return total
+        return sum(lay.cell_bytes * (min(depth, self.window_cells) if lay.sliding and self.window_cells else depth)
+                   for lay in self.kv_layers if lay.owns_kv)
 
     def kv_store_bytes(self) -> float:
         if self.variant == "seed":
@@ -103,7 +113,7 @@ class ReadModel:
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
         out = {s: float(self.weight_bytes.get(s, 0.0)) for s in READ_STAGES}
-        out[stages.ATTN_KV] = self.kv_read_bytes(depth)
+        out[stages.ATTN_KV] += self.kv_read_bytes(depth)
         out[stages.KV_STORE] = self.kv_store_bytes()
         return out
 
@@ -115,31 +125,19 @@ class ReadModel:
         return sum(lay.owns_kv for lay in self.kv_layers)
 
 
-def _pad(n: int, to: int) -> int:
-    return int(math.ceil(n / to) * to)
-
-
 def row_bytes(t: TensorRecord) -> float:
     """Bytes of one row (one token's entry) of a lookup table."""
     n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
     return t.n_bytes / max(1, n_rows)
 
 
-def weight_stage(name: str) -> str:
-    """Read-model stage of a weight tensor (``embed`` for the lookup tables)."""
-    if name.endswith("_norm.weight") or "altup_correct_scale" in name:
-        return stages.NORM
-    if name in _EMBED_TABLES:
-        return EMBED
-    if ".ffn_" in name:
-        return stages.FFN
-    if any(f".{p}." in name for p in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv")):
-        return stages.ATTN_PROJ
-    if name.startswith("output.") or name == "output.weight":
-        return stages.LM_HEAD
-    if any(f in name for f in _EXTRA_FRAGMENTS):
-        return stages.GEMMA3N_EXTRA
-    return stages.OTHER
+def is_lookup(name: str) -> bool:
+    return stages.gguf_tensor(name) in stages.LOOKUP_TENSORS
+
+
+def weight_stage(name: str, op: str = "MUL_MAT") -> str:
+    """Stage in which a weight tensor is read: ``harness.stages.tensor_stage`` (``other`` if unknown)."""
+    return stages.tensor_stage(name, op) or stages.OTHER
 
 
 def _per_layer(hp: dict, key: str, il: int, default: int = 0) -> int:
@@ -147,18 +145,10 @@ def _per_layer(hp: dict, key: str, il: int, default: int = 0) -> int:
     return int(v[il]) if isinstance(v, list) else int(v)
 
 
-def _swa_pattern(info: ModelInfo) -> list[bool]:
-    hp, n_layer = info.hparams, info.n_layer
-    if not hp.get("attention.sliding_window"):
-        return [False] * n_layer
-    pat = hp.get("attention.sliding_window_pattern")
-    if isinstance(pat, list) and len(pat) == n_layer:
-        return [bool(x) for x in pat]
-    period = int(pat) if isinstance(pat, int) and pat > 0 else DEFAULT_SWA_PERIOD.get(info.arch)
-    if period is None:
-        log.warning("%s: sliding_window set but no pattern; treating every layer as sliding", info.arch)
-        return [True] * n_layer
-    return [il % period != period - 1 for il in range(n_layer)]
+_SHARED_SKIPS = (stages.T.ATTN_K, stages.T.ATTN_V, stages.T.ATTN_K_NORM)
+# read by two ops per token: gemma3n.cpp computes the AltUp router (its norm included) in altup_predict
+# and again in altup_correct (altup_compute_router_modalities)
+_READS = {stages.T.ALTUP_ROUTER: 2, stages.T.ALTUP_ROUTER_NORM: 2}
 
 
 def _skipped(t: TensorRecord, owners: list[bool]) -> bool:
@@ -166,11 +156,32 @@ def _skipped(t: TensorRecord, owners: list[bool]) -> bool:
     il = t.layer
     if il is None or il >= len(owners) or owners[il]:
         return False
-    return any(f".{p}." in t.name for p in ("attn_k", "attn_v", "attn_k_norm"))
+    return stages.gguf_tensor(t.name) in _SHARED_SKIPS
+
+
+def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
+    """Stage -> bytes of weights read per token (see the module docstring)."""
+    owners = kv_owners(info)
+    weights = {s: 0.0 for s in READ_STAGES}
+    tied = info.tensor("output.weight") is None
+    for t in info.tensors:
+        if _skipped(t, owners):
+            continue
+        if is_lookup(t.name):
+            weights[weight_stage(t.name, "GET_ROWS")] += row_bytes(t)
+            if stages.gguf_tensor(t.name) is stages.T.TOKEN_EMBD and tied:
+                weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
+        else:
+            weights[weight_stage(t.name)] += t.n_bytes * _READS.get(stages.gguf_tensor(t.name), 1)
+    return weights
 
 
 def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str = "f16",
-                    cache_type_v: str = "f16") -> ReadModel:
+                    cache_type_v: str = "f16", *, n_ctx: int = 0, n_batch: int = 512,
+                    n_ubatch: int = 512, restored: bool = False) -> ReadModel:
+    """The read model of a model; ``n_ctx``/``n_batch``/``n_ubatch`` (the context's) size the caches
+    that ``exact_padded`` reads whole (n_ctx 0: just large enough for each depth); ``restored``: the
+    KV state was copied in rather than prefilled (``harness.gguf_model.kv_cells``)."""
     if variant == "seed":
         return seed_model()
     if variant not in VARIANTS:
@@ -179,20 +190,8 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         raise InputError(f"model {info.name or info.path} has no block_count")
     hp = info.hparams
     owners = kv_owners(info)
-    weights = {s: 0.0 for s in READ_STAGES}
-    has_output = info.tensor("output.weight") is not None
-    for t in info.tensors:
-        if _skipped(t, owners):
-            continue
-        stage = weight_stage(t.name)
-        if stage == EMBED:
-            weights[EMBED] += row_bytes(t)
-            if t.name == "token_embd.weight" and not has_output:
-                weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
-        else:
-            weights[stage] += t.n_bytes
     bk, bv = cache_type_bytes(cache_type_k), cache_type_bytes(cache_type_v)
-    sliding = _swa_pattern(info)
+    sliding = swa_layers(info)
     layers = []
     for il in range(info.n_layer):
         n_kv = _per_layer(hp, "attention.head_count_kv", il, _per_layer(hp, "attention.head_count", il))
@@ -201,20 +200,50 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         dv = _per_layer(hp, "attention.value_length", il, dk)
         if n_kv == 0:  # recurrent / attention-free layer
             continue
-        layers.append(KVLayer(layer=il, sliding=sliding[il], owns_kv=owners[il], cell_bytes=n_kv * (dk * bk + dv * bv)))
+        layers.append(KVLayer(layer=il, sliding=sliding[il], owns_kv=owners[il], cell_bytes=n_kv * (dk * bk + dv * bv),
+                              cache_layer=kv_cache_layer(il, sliding, owners), gqa=max(1, n_head // n_kv)))
     return ReadModel(
-        variant=variant, footprint_bytes=info.tensor_bytes, weight_bytes=weights, kv_layers=tuple(layers),
-        window_cells=int(hp.get("attention.sliding_window") or 0) if any(sliding) else 0,
-        pad_cells=KV_PAD_CELLS if variant == "exact_padded" else 1, current_cell=1, arch=info.arch,
-        model_name=info.name, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+        variant=variant, footprint_bytes=info.tensor_bytes, weight_bytes=weight_bytes_by_stage(info),
+        kv_layers=tuple(layers), window_cells=int(hp.get("attention.sliding_window") or 0) if any(sliding) else 0,
+        current_cell=1, arch=info.arch, model_name=info.name, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+        n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, restored=restored,
     )
 
 
 def from_gguf(path: str | os.PathLike, variant: str = "exact", cache_type_k: str = "f16",
-              cache_type_v: str = "f16") -> ReadModel:
+              cache_type_v: str = "f16", **context) -> ReadModel:
     if variant == "seed":
         return seed_model()
-    return from_model_info(read_model(path), variant, cache_type_k, cache_type_v)
+    return from_model_info(read_model(path), variant, cache_type_k, cache_type_v, **context)
+
+
+def run_flash_attn(rec: RunRecord) -> bool | None:
+    """Flash attention as llama.cpp resolved it in a run: from the graph (a FLASH_ATTN_EXT node, recorded
+    in ``params.flash_attn_resolved`` and in graph bytes), else from an explicit ``-fa on|off``; None when
+    neither tells (``auto`` in older runs)."""
+    if rec.params.flash_attn_resolved is not None:
+        return rec.params.flash_attn_resolved
+    for c in rec.contexts:
+        if c.graph_bytes and "fa_on" in c.graph_bytes:
+            return bool(c.graph_bytes["fa_on"])
+    return {"on": True, "off": False}.get(rec.params.flash_attn)
+
+
+def run_variant(rec: RunRecord) -> str:
+    """``exact`` when the run decoded with flash attention (or says nothing: llama.cpp's CPU backend
+    resolves ``auto`` to on), ``exact_padded`` without it."""
+    fa = run_flash_attn(rec)
+    return FA_VARIANT[True if fa is None else fa]
+
+
+def context_params(rec: RunRecord) -> dict:
+    """The run's n_ctx / n_batch / n_ubatch (they size the caches the non-flash path reads), and
+    ``restored``: every context of a round-robin run holds a KV state restored from a saved one
+    (``llama_state_seq_set_data``), which keeps only the sliding window's cells."""
+    p = rec.params
+    out: dict = {k: int(getattr(p, k)) for k in ("n_ctx", "n_batch", "n_ubatch") if getattr(p, k)}
+    out["restored"] = True
+    return out
 
 
 def has_tensor_table(rec: RunRecord) -> bool:
@@ -222,8 +251,11 @@ def has_tensor_table(rec: RunRecord) -> bool:
     return isinstance(g, dict) and bool(g.get("tensors"))
 
 
-def from_run(rec: RunRecord, variant: str = "exact") -> ReadModel:
-    """The read model of a run's model: its tensor table and KV cache types from the record."""
+def from_run(rec: RunRecord, variant: str = "auto") -> ReadModel:
+    """The read model of a run's model: its tensor table, KV cache types and context sizes from the
+    record; ``auto`` picks the variant from the run's resolved flash attention (``run_variant``)."""
+    if variant == "auto":
+        variant = run_variant(rec)
     if variant == "seed":
         return seed_model()
     if not has_tensor_table(rec):
@@ -233,7 +265,7 @@ def from_run(rec: RunRecord, variant: str = "exact") -> ReadModel:
         info = ModelInfo.from_dict(rec.model.gguf)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"run metadata has a malformed model tensor table ({e})") from None
-    return from_model_info(info, variant, rec.params.cache_type_k, rec.params.cache_type_v)
+    return from_model_info(info, variant, rec.params.cache_type_k, rec.params.cache_type_v, **context_params(rec))
 
 
 def preset_model_info(preset: str, quant: str = "q4_k_m") -> ModelInfo:

@@ -5,9 +5,13 @@
 
 Columns (one row per context): the seed notebook's (context, input tokens, KV-cache MiB, FFN and
 attention KV read/token MiB, their ratio, measured FFN and attention %) and FFN, attention and
-decode ms/token; then total modelled read/token, achieved GB/s of FFN and attention (modelled
-bytes / measured stage time), the roofline ms/token (total bytes / the run's measured read
-bandwidth; blank when the probe was skipped), measured / roofline, and the other stages' shares.
+decode ms/token; then total modelled bytes/token, the graph's attention and total bytes/token
+(what llama.cpp's decode graph read at that depth, when the run stored them) and model / graph for
+attention, achieved GB/s of FFN and attention (bytes / measured stage time), the roofline ms/token
+(total bytes / the run's measured read bandwidth; blank when the probe was skipped), measured /
+roofline, and the other stages' shares. GB/s and the roofline use the graph's bytes when the run
+has them, else the model's (``analysis.roofline``). ``auto`` picks the read-model variant from the
+run's resolved flash attention (``readmodel.run_variant``).
 
 Measured numbers: decode ms/token is the plain pass (no callback); stage ms/token and shares come
 from the profiled pass (``stage_pct`` = share of the profiled wall time, host gaps included), so
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import readmodel
+from analysis import readmodel, roofline
 from analysis.readmodel import ReadModel
 from analysis.slope import run_slopes
 from harness import stages, store
@@ -51,6 +55,9 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("attn_ms", "Attention ms/token", "{:.2f}"),
     ("decode_ms", "Decode ms/token", "{:.2f}"),
     ("total_read_mib", "Total read/token MB", "{:.1f}"),
+    ("graph_attn_read_mib", "Graph attention read/token MB", "{:.2f}"),
+    ("graph_total_mib", "Graph total/token MB", "{:.1f}"),
+    ("attn_model_over_graph", "Attention model/graph", "{:.3f}"),
     ("ffn_gbps", "FFN GB/s", "{:.1f}"),
     ("attn_gbps", "Attention GB/s", "{:.1f}"),
     ("roofline_ms", "Roofline ms/token", "{:.2f}"),
@@ -60,10 +67,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 
 def resolve_variant(rec: RunRecord, variant: str, model_path: str | None = None) -> str:
-    """``auto``: exact when a tensor table is at hand (run metadata or --model), seed otherwise."""
+    """``auto``: with a tensor table at hand (run metadata or --model), ``exact`` if the run decoded with
+    flash attention and ``exact_padded`` if not (``readmodel.run_variant``); seed otherwise."""
     if variant != "auto":
         return variant
-    return "exact" if (model_path or readmodel.has_tensor_table(rec)) else "seed"
+    return readmodel.run_variant(rec) if (model_path or readmodel.has_tensor_table(rec)) else "seed"
 
 
 def load_read_model(rec: RunRecord, variant: str = "auto", model_path: str | None = None) -> ReadModel:
@@ -78,7 +86,8 @@ def load_read_model(rec: RunRecord, variant: str = "auto", model_path: str | Non
     if model_path is None:
         raise UsageError(f"the {variant} read model needs the model's tensor table: the run has none, "
                          "pass --model GGUF (or --model-variant seed)")
-    return readmodel.from_gguf(model_path, variant, rec.params.cache_type_k, rec.params.cache_type_v)
+    return readmodel.from_gguf(model_path, variant, rec.params.cache_type_k, rec.params.cache_type_v,
+                               **readmodel.context_params(rec))
 
 
 def load(run_path: str | Path, variant: str = "auto", model_path: str | None = None) -> tuple[store.Run, ReadModel]:
@@ -91,16 +100,18 @@ def _div(a: float, b: float | None) -> float:
 
 
 def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd.DataFrame:
-    """One row per context (in depth order) of modelled reads and measured times (stage ms calibrated by
-    default: they add up to the plain ms/token; ``calibrated=False``: raw profiled figures)."""
+    """One row per context (in depth order) of modelled reads, graph bytes and measured times (stage ms
+    calibrated by default: they add up to the plain ms/token; ``calibrated=False``: raw profiled figures)."""
     bw = rec.bandwidth_gbps
     rows = []
     for c in rec.sorted_contexts():
         depth = c.depth
         b = model.bytes_per_token(depth)
         total = sum(b.values())
+        graph = roofline.graph_bytes_per_token(c)
+        used, _ = roofline.context_bytes(c, model)  # graph bytes when stored, else the model's
         ffn_ms, attn_ms, decode_ms = c.stage(stages.FFN, calibrated), c.stage(stages.ATTN_KV, calibrated), c.plain_ms
-        roofline_ms = total / (bw * 1e9) * 1e3 if bw else math.nan
+        used_total = sum(used.values())
         row = {
             "context": c.context, "input_tokens": depth,
             "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
@@ -109,9 +120,13 @@ def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd
             "ffn_pct": c.share(stages.FFN, calibrated), "attn_pct": c.share(stages.ATTN_KV, calibrated),
             "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": decode_ms,
             "total_read_mib": total / MIB,
-            "ffn_gbps": _div(b[stages.FFN], ffn_ms * 1e-3) / 1e9,
-            "attn_gbps": _div(b[stages.ATTN_KV], attn_ms * 1e-3) / 1e9,
-            "roofline_ms": roofline_ms, "measured_over_roofline": _div(decode_ms, roofline_ms),
+            "graph_attn_read_mib": graph[stages.ATTN_KV] / MIB if graph else math.nan,
+            "graph_total_mib": sum(graph.values()) / MIB if graph else math.nan,
+            "attn_model_over_graph": _div(b[stages.ATTN_KV], graph[stages.ATTN_KV]) if graph else math.nan,
+            "ffn_gbps": roofline.gbps(used.get(stages.FFN), ffn_ms),
+            "attn_gbps": roofline.gbps(used.get(stages.ATTN_KV), attn_ms),
+            "roofline_ms": roofline.roofline_ms(used_total, bw),
+            "measured_over_roofline": roofline.x_roofline(float(decode_ms), used_total, bw),
         }
         row.update({f"{s}_pct": c.share(s, calibrated) for s in REST_STAGES})
         rows.append(row)
@@ -121,13 +136,14 @@ def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd
 
 
 def stage_bytes_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd.DataFrame:
-    """Long table: context, depth, stage, modelled bytes/token, measured ms/token (for the roofline plot)."""
+    """Long table: context, depth, stage, bytes/token (graph when stored, else modelled), measured ms/token
+    (for the roofline plot)."""
     rows = []
     for c in rec.sorted_contexts():
-        b = model.bytes_per_token(c.depth)
+        b, source = roofline.context_bytes(c, model)
         for stage in stages.STAGES:
             rows.append({"context": c.context, "depth": c.depth, "stage": stage,
-                         "bytes_read": b.get(stage, 0.0) + (b[readmodel.EMBED] if stage == stages.OTHER else 0.0),
+                         "bytes_read": float(b.get(stage, 0.0)), "source": source,
                          "measured_ms": c.stage(stage, calibrated)})
     return pd.DataFrame(rows)
 
@@ -147,6 +163,11 @@ def describe(rec: RunRecord, model: ReadModel) -> list[str]:
     lines = [f"Run: {rec.display_label} | model: {rec.model.name or rec.model.arch} | "
              f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB) | "
              f"{len(rec.rounds) or rec.params.rounds} rounds, {rec.params.order}"]
+    fa = readmodel.run_flash_attn(rec)
+    graph = any(c.graph_bytes for c in rec.contexts)
+    how = " (resolved: from the graph)" if rec.params.flash_attn_resolved is not None else " (as requested)"
+    lines.append(f"Flash attention: {'not recorded' if fa is None else ('on' if fa else 'off') + how} | "
+                 f"bytes for GB/s and roofline: {'the graph' if graph else 'the read model'}")
     if not rec.complete:
         lines.append("**INCOMPLETE RUN**: the sweep stopped early; fewer rounds than asked were measured.")
     if rec.reference:
@@ -172,8 +193,12 @@ def flag_lines(rec: RunRecord) -> list[str]:
 
 NOTES = ("MB = MiB (2^20 bytes), as in the seed; GB/s = 10^9 bytes/s. Decode ms/token: plain pass (no callback). "
          "Stage ms and shares: profiled pass, calibrated (each graph split's measured cost removed) so they add up "
-         "to the plain ms/token; --raw shows the uncalibrated figures (shares of profiled wall time). Attention read "
-         "= KV-cache reads only (projections are attn_proj).")
+         "to the plain ms/token; --raw shows the uncalibrated figures (shares of profiled wall time). Bytes per token: "
+         "weights read (whole, once per op that reads them; one row of a lookup table) + KV cells read + KV cells "
+         "stored. Attention read = KV-cache reads only (projections are attn_proj): each KV head's cells once "
+         "(grouped-query re-reads not counted), a shared-KV layer's read of layer 18/19's cache counted as its own; "
+         "with flash attention the cells the mask leaves visible, without it the whole n_kv view (>= 256 cells). "
+         "Graph columns: the same bytes as llama.cpp's decode graph shaped them at that depth.")
 
 
 def slope_table(run: store.Run | None) -> pd.DataFrame | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
 from harness.stages import STAGES  # noqa: E402
 from harness.store import read_run  # noqa: E402
@@ -65,16 +66,16 @@ def overhead_rows(run) -> list[dict]:
 
 def roofline_rows(run) -> list[dict]:
     bw = run.record.bandwidth_gbps
-    model = from_run(run.record, "exact")
+    model = from_run(run.record)  # the variant of the run's resolved flash attention
     rows = []
     for c in run.record.sorted_contexts():
-        b = model.bytes_per_token(c.depth)
-        total = model.total_bytes_per_token(c.depth)
-        roof_ms = total / (bw * 1e9) * 1e3 if bw else float("nan")
-        gbps = {s: b.get(s, 0) / (c.stage(s) / 1e3) / 1e9 for s in ("ffn", "attn_kv", "lm_head", "attn_proj",
+        b, source = roofline.context_bytes(c, model)  # the graph's bytes when the run stored them
+        total = sum(b.values())
+        gbps = {s: roofline.gbps(b.get(s, 0), c.stage(s)) for s in ("ffn", "attn_kv", "lm_head", "attn_proj",
                                                                      "gemma3n_extra") if c.stage(s) > 0}
-        rows.append({"context": c.context, "depth": c.depth, "bytes_per_token": total, "bandwidth_gbps": bw,
-                     "roofline_ms": roof_ms, "measured_over_roofline": c.plain_ms / roof_ms, "stage_gbps": gbps})
+        rows.append({"context": c.context, "depth": c.depth, "bytes_per_token": total, "bytes_source": source,
+                     "bandwidth_gbps": bw, "roofline_ms": roofline.roofline_ms(total, bw),
+                     "measured_over_roofline": roofline.x_roofline(c.plain_ms, total, bw), "stage_gbps": gbps})
     return rows
 
 
@@ -154,7 +155,8 @@ def report(res: dict) -> None:
         p("  per-stage rise ms/token: " + " ".join(f"{k}={v:+.2f}" for k, v in dd["stage_rise_ms"].items()))
     for r in res["roofline"]:
         gb = " ".join(f"{k}={v:.1f}" for k, v in r["stage_gbps"].items())
-        p(f"roofline {r['context']:7}: {r['bytes_per_token'] / 2**20:7.1f} MiB/token -> {r['roofline_ms']:.2f} ms; "
+        p(f"roofline {r['context']:7}: {r['bytes_per_token'] / 2**20:7.1f} MiB/token ({r['bytes_source']}) -> "
+          f"{r['roofline_ms']:.2f} ms; "
           f"measured/roofline {r['measured_over_roofline']:.2f}; achieved GB/s {gb}")
     sc = res["sweep_cost"]
     p(f"sweep cost: {sc['wall_s']:.1f} s wall for the default sweep (load {sc['load_s']:.1f} s), "

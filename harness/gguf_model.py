@@ -8,6 +8,7 @@ The record is plain data so that it can be stored in a run's metadata and rebuil
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 
 from harness.errors import InputError, UsageError
 
+log = logging.getLogger(__name__)
 SYNTHETIC_KEY = "harness.synthetic"
 SYNTHETIC_PRESET_KEY = "harness.twin_preset"
 GGUF_MAGIC = b"GGUF"
@@ -110,6 +112,72 @@ def kv_owners(info: ModelInfo) -> list[bool]:
     """Per layer: does it own a KV cache? (Gemma 3n: only layers below 20; the rest reuse 18/19's.)"""
     n_from = min(GEMMA3N_KV_FROM_START, info.n_layer) if info.arch == "gemma3n" else info.n_layer
     return [il < n_from for il in range(info.n_layer)]
+
+
+def kv_cache_layer(il: int, sliding: list[bool], owners: list[bool]) -> int:
+    """The layer whose cache layer ``il`` reads: its own, or for a Gemma 3n shared-KV layer
+    n_layer_kv_from_start - 2 if it slides, - 1 if global (``llama_model::create_memory``, reuse callback)."""
+    return il if owners[il] else sum(owners) - (2 if sliding[il] else 1)
+
+
+DEFAULT_SWA_PERIOD = {"gemma3n": 5, "gemma3": 6, "gemma2": 2}  # every Nth layer (il % N == N-1) is global
+
+
+def swa_layers(info: ModelInfo) -> list[bool]:
+    """Per layer: does it use sliding-window attention (``attention.sliding_window_pattern``)?"""
+    hp, n_layer = info.hparams, info.n_layer
+    if not hp.get("attention.sliding_window"):
+        return [False] * n_layer
+    pat = hp.get("attention.sliding_window_pattern")
+    if isinstance(pat, list) and len(pat) == n_layer:
+        return [bool(x) for x in pat]
+    period = int(pat) if isinstance(pat, int) and pat > 0 else DEFAULT_SWA_PERIOD.get(info.arch)
+    if period is None:
+        log.warning("%s: sliding_window set but no pattern; treating every layer as sliding", info.arch)
+        return [True] * n_layer
+    return [il % period != period - 1 for il in range(n_layer)]
+
+
+KV_PAD = 256  # llama.cpp pads cache sizes and the attended cell count to this many cells
+
+
+def _pad(n: int, to: int = KV_PAD) -> int:
+    return -(-n // to) * to
+
+
+def kv_cache_cells(sliding: bool, *, n_ctx: int, n_swa: int, n_ubatch: int, n_batch: int | None = None) -> int:
+    """Cells of a layer's KV cache for one sequence (``swa_full`` off, as the harness sets it).
+    ``llama_context``: n_ctx is padded to 256 and the effective n_ubatch is min(n_ctx, n_batch, n_ubatch);
+    the base cache holds n_ctx cells. ``llama_kv_cache_iswa`` constructor: the sliding cache holds
+    GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256) (Gemma 3n: 768 at n_ctx 659, 1,024 once n_ctx >= 1,024)."""
+    ctx = _pad(max(1, n_ctx))
+    if not (sliding and n_swa):
+        return ctx
+    ub = min(n_ctx, n_batch if n_batch else n_ubatch, n_ubatch)
+    return _pad(min(ctx, n_swa + ub))
+
+
+def kv_cells(depth: int, sliding: bool, *, n_ctx: int, n_swa: int, n_ubatch: int, flash_attn: bool,
+             n_batch: int | None = None, restored: bool = False) -> int:
+    """KV cells one attention layer reads to decode the token at position ``depth`` (depth cells cached).
+
+    - No flash attention: the ``kq``/``kqv`` matmuls read every cell of the cache view, masked or not,
+      n_kv = min(cache cells, max(256, PAD(used + 1, 256))) (``llama_kv_cache::get_n_kv``: used_max_p1
+      counts the token's own cell; cache cells: ``kv_cache_cells``), >= 256 always. ``used`` is depth,
+      except in a sliding cache ``restored`` from a saved state: ``llama_kv_cache::state_write`` skips
+      SWA-masked cells, so it holds min(depth, n_swa) cells (the harness's profiled context is one).
+    - Flash attention: the CPU kernel skips cells the mask sets to -inf
+      (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), reading depth + 1 in a global layer and
+      min(depth + 1, n_swa) in a sliding one (``llama_hparams::is_masked_swa``: visible while p1 - p0 < n_swa).
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    window = sliding and n_swa
+    if flash_attn:
+        return min(depth + 1, n_swa) if window else depth + 1
+    used = (min(depth, n_swa) if window and restored else depth) + 1
+    size = kv_cache_cells(sliding, n_ctx=max(n_ctx, depth + 1), n_swa=n_swa, n_ubatch=n_ubatch, n_batch=n_batch)
+    return min(size, max(KV_PAD, _pad(min(used, size))))
 
 
 def check_gguf_file(path: str | os.PathLike) -> Path:

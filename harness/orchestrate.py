@@ -212,6 +212,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
         if r is not None:
             s.update(prefill_s=r.prefill_s, n_nodes=r.n_nodes, syncs_per_token=r.cap.syncs_per_token,
                      noop_sync_us=r.noop_sync_us, sensors_before=Sensors.from_dict(r.sensors_before),
+                     graph_bytes=r.graph_bytes,
                      sensors_after=Sensors.from_dict(device.sample_sensors()))
         contexts.append(ContextSummary(**s))
     inv = checks.invariants(contexts)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import gguf
 
 from harness.gguf_model import GEMMA3N_KV_FROM_START
+from harness.stages import gguf_tensor
 
 T = gguf.MODEL_TENSOR
 
@@ -145,23 +146,31 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+# tensor kinds (gguf.MODEL_TENSOR, as harness.stages.gguf_tensor names them) the Q4_K_M recipe treats apart:
+# llama-quant.cpp never quantizes names holding "altup", "laurel" or "per_layer_model_proj"
+_UNQUANTIZED = frozenset({T.ALTUP_PROJ, T.ALTUP_UNEMBD_PROJ, T.ALTUP_CORRECT_COEF, T.ALTUP_CORRECT_SCALE,
+                          T.ALTUP_PREDICT_COEF, T.ALTUP_ROUTER, T.ALTUP_ROUTER_NORM, T.LAUREL_L, T.LAUREL_R,
+                          T.LAUREL_POST_NORM, T.PER_LAYER_MODEL_PROJ})
+_MORE_BITS = frozenset({T.ATTN_V, T.FFN_DOWN})  # Q6_K in use_more_bits layers
+_TIED_OUTPUT = frozenset({T.TOKEN_EMBD, T.PER_LAYER_TOKEN_EMBD})  # Q6_K as the output when tied
+
+
 def quant_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, tied: bool) -> str:
     """The ggml type a tensor gets under a layout; mirrors llama.cpp's Q4_K_M recipe.
 
     ``q4_0`` and ``q8_0`` are pure layouts (like ``llama-quantize --pure``): every quantizable
     matrix gets the base type, the token embedding included.
     """
+    kind = gguf_tensor(name)
     if len(shape) < 2 or name.endswith("_norm.weight"):
         return "F32"
-    if "altup" in name or "laurel" in name or "per_layer_model_proj" in name:
-        return "F16"  # llama-quant.cpp never quantizes these
+    if kind in _UNQUANTIZED:
+        return "F16"
     ty = _BASE[quant]
     if quant == "q4_k_m":
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
-        is_output = name == "output.weight" or (
-            tied and name in ("token_embd.weight", "per_layer_token_embd.weight"))
-        more_bits = (".attn_v." in name or ".ffn_down." in name) and use_more_bits(layer, n_layer)
-        if is_output or more_bits:
+        is_output = kind is T.OUTPUT or (tied and kind in _TIED_OUTPUT)
+        if is_output or (kind in _MORE_BITS and use_more_bits(layer, n_layer)):
             ty = "Q6_K"
     while ty in _FALLBACK and shape[0] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ty]][0] != 0:
         ty = _FALLBACK[ty]

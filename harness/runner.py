@@ -2,8 +2,10 @@
 
 1. ``prepare``: for each depth (ascending) a plain context (no callback: the engine's own ms/token)
    and a profiled context (eval callback). The plain context of a depth starts from a copy of the
-   previous depth's cache and prefills only the new tokens, so prefill costs max(L) tokens; the
-   profiled context gets a copy of its plain twin's cache. Then graph discovery and warm-up.
+   previous depth's cache and prefills only the new tokens, so prefill costs max(L) tokens; then its
+   state is saved and restored into itself and into the profiled context, so both hold the same
+   cells (a restored sliding cache keeps only the window). Then graph discovery (stages, graph
+   bytes) and warm-up.
 2. ``measure``: each round decodes one token at every depth, plain and profiled, in an order that
    rotates from round to round (and alternates which pass goes first), so drift hits every depth
    alike; one depth per round (rotating) also decodes a calibration token with extra graph splits.
@@ -20,7 +22,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from harness import columns, device, stages
+from harness import columns, device, graph_bytes, stages
 from harness.capture import Capture
 from harness.engine import Context, EngineConfig, Model
 
@@ -65,6 +67,7 @@ class Resident:
     n_nodes: int = 0
     noop_sync_us: float = 0.0
     sensors_before: dict = field(default_factory=dict)
+    graph_bytes: dict | None = None  # harness.graph_bytes.GraphBytes.to_dict() of this depth's decode graph
 
 
 @dataclass
@@ -97,15 +100,18 @@ def prepare(stack: ExitStack, model: Model, cfg: EngineConfig, contexts: list[tu
             if progress is not None:
                 progress.update(len(new[i:i + cfg.n_batch]))
         prefill_s = time.perf_counter() - t0
+        plain.copy_state_from(plain)  # a restored state (sliding caches keep only the window), as the twin gets
         cap = Capture(mode)
         prof = stack.enter_context(Context(model, cfg, cap.callback, cap.user_data))
         prof.copy_state_from(plain)
         n_nodes = cap.discover(prof, tok)
+        gb = graph_bytes.from_capture(cap.nodes, cap.stages, cap.layers)  # None while nodes carry names only
         noop_us = cap.calibrate(prof, tok) / 1000.0
         for _ in range(warmup):
             plain.step(tok)
             cap.step(prof, tok)
-        out.append(Resident(label, depth, plain, prof, cap, prefill_s, n_nodes, noop_us, sensors))
+        out.append(Resident(label, depth, plain, prof, cap, prefill_s, n_nodes, noop_us, sensors,
+                            gb.to_dict() if gb else None))
         log.debug("depth %d resident: prefill %.1f s, %d nodes, %d syncs/token", depth, prefill_s, n_nodes,
                   cap.syncs_per_token)
     return out

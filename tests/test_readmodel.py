@@ -49,19 +49,22 @@ def test_e4b_weight_stages_by_hand():
     v_more = sum(il in MORE_BITS for il in range(KV_OWNERS))  # 9 of the 20 KV-owning layers
     attn_proj = (N_LAYER * 2 * E * E * Q4K  # attn_q and attn_output in every layer
                  + KV_OWNERS * E * 512 * Q4K  # attn_k in KV-owning layers
-                 + v_more * E * 512 * Q6K + (KV_OWNERS - v_more) * E * 512 * Q4K)  # attn_v
-    assert b[stages.ATTN_PROJ] == attn_proj == 191176704
+                 + v_more * E * 512 * Q6K + (KV_OWNERS - v_more) * E * 512 * Q4K  # attn_v
+                 + N_LAYER * 256 * 4 + KV_OWNERS * 256 * 4)  # attn_q_norm, attn_k_norm: Qcur_normed/Kcur_normed
+    assert b[stages.ATTN_PROJ] == attn_proj == 191176704 + 55 * 1024
     assert b[stages.LM_HEAD] == E * VOCAB * Q6K == 440832000  # tied token_embd, Q6_K
-    assert b[rm.EMBED] == E * Q6K + ALT * N_LAYER * Q6K  # one row of each embedding table
+    assert b[stages.OTHER] == E * Q6K  # one token_embd row: the embd GET_ROWS is in other
     per_layer_extra = (2 * E * ALT * Q4K  # inp_gate, proj
-                       + (4 * 4 + 4 * 16 + E * 4) * 2  # altup correct/predict coefs, router (F16)
-                       + 2 * E * 64 * 2)  # laurel_l, laurel_r (F16, rank 64)
-    extra = E * ALT * N_LAYER * 2 + 2 * E * E * 3 * 2 + N_LAYER * per_layer_extra  # model_proj, altup projs
-    assert b[stages.GEMMA3N_EXTRA] == extra == 126604768
-    per_layer_norm = 8 * E * 4 + 256 * 4  # 8 hidden-size norms incl. altup_correct_scale, attn_q_norm
-    assert b[stages.NORM] == N_LAYER * per_layer_norm + KV_OWNERS * 256 * 4 + ALT * 4 + E * 4
-    assert b[stages.OTHER] == 0
+                       + (4 * 4 + 4 * 16 + 2 * E * 4) * 2  # altup correct/predict coefs, router twice (F16)
+                       + 2 * E * 64 * 2  # laurel_l, laurel_r (F16, rank 64)
+                       + 5 * E * 4)  # router norm twice, laurel post-norm, per-layer post-norm, altup_correct_scale
+    extra = (E * ALT * N_LAYER * 2 + 2 * E * E * 3 * 2  # per_layer_model_proj, altup projs
+             + ALT * N_LAYER * Q6K + ALT * 4  # one per_layer_token_embd row, per_layer_proj_norm
+             + N_LAYER * per_layer_extra)
+    assert b[stages.GEMMA3N_EXTRA] == extra
+    assert b[stages.NORM] == N_LAYER * 4 * E * 4 + E * 4  # attn, post-attn, ffn, post-ffw norms; output_norm
     assert b[stages.KV_STORE] == KV_OWNERS * CELL
+    assert set(b) == set(stages.STAGES) - {stages.HOST}
 
 
 @pytest.mark.parametrize(("depth", "expected"), [
@@ -80,9 +83,28 @@ def test_e4b_kv_read_by_hand(depth, expected):
 
 
 def test_e4b_kv_variants_and_cache_types():
-    padded = e4b_exact("exact_padded")
+    # no flash attention: n_kv = min(cache, max(256, PAD(L+1, 256))) cells in every layer, sliding ones included
+    padded = e4b_exact("exact_padded")  # n_ctx 0: the context ends at the decoded token
+    assert not padded.flash_attn and e4b_exact().flash_attn
     assert padded.bytes_per_token(13)[stages.ATTN_KV] == 35 * 256 * CELL  # 14 cells padded to 256
-    assert padded.bytes_per_token(658)[stages.ATTN_KV] == 7 * 768 * CELL + 28 * 512 * CELL  # window cap 512
+    assert padded.bytes_per_token(13)[stages.ATTN_KV] / MIB == pytest.approx(17.5)  # issue 13 (a)
+    # the default sweep (n_ctx 659): sliding cache PAD(min(768, 512 + 512), 256) = 768 cells, all read
+    sweep = e4b_exact("exact_padded", n_ctx=659)
+    assert sweep.bytes_per_token(658)[stages.ATTN_KV] == 35 * 768 * CELL
+    deep = e4b_exact("exact_padded", n_ctx=4097)  # sliding cache 1,024 cells; global 4,352
+    assert deep.bytes_per_token(658)[stages.ATTN_KV] == 35 * 768 * CELL
+    assert deep.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 1024 * CELL
+    # a copied-in state keeps only the window's 512 cells in the sliding cache: 513 used -> 768 read, not 1,024
+    restored = e4b_exact("exact_padded", n_ctx=4097, restored=True)
+    assert restored.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 768 * CELL
+    assert restored.bytes_per_token(172)[stages.ATTN_KV] == deep.bytes_per_token(172)[stages.ATTN_KV]
+    small_ub = e4b_exact("exact_padded", n_ctx=4097, n_ubatch=256)  # sliding cache PAD(512 + 256) = 768
+    assert small_ub.bytes_per_token(4096)[stages.ATTN_KV] == 7 * 4352 * CELL + 28 * 768 * CELL
+    # definitions: shared-KV layers' reads are counted and split out; GQA re-reads are split out, not counted
+    m = e4b_exact()
+    assert m.kv_shared_read_bytes(172) == 15 * 173 * CELL
+    assert m.kv_gqa_reread_bytes(172) == 3 * m.kv_read_bytes(172)  # 8 query heads over 2 KV heads
+    assert [lay.cache_layer for lay in m.kv_layers[18:]] == [18, 19] + [18, 18, 18, 18, 19] * 3
     q8 = e4b_exact(cache_type_k="q8_0", cache_type_v="q8_0")
     assert q8.bytes_per_token(13)[stages.ATTN_KV] == 35 * 14 * (2 * 256 * 2 * 34 / 32)
     mixed = e4b_exact(cache_type_k="f32", cache_type_v="q4_0")
@@ -104,7 +126,8 @@ def test_weight_bytes_sum_to_the_tensors_read_each_token():
     read = sum(t.n_bytes for t in info.tensors if t.name not in tables | shared)
     rows = sum(t.n_bytes / t.shape[1] for t in info.tensors if t.name in tables)
     tied_head = info.tensor("token_embd.weight").n_bytes
-    assert weights == pytest.approx(read + rows + tied_head, abs=1e-6)
+    router_again = sum(t.n_bytes for t in info.tensors if ".altup_router" in t.name)  # predict and correct
+    assert weights == pytest.approx(read + rows + tied_head + router_again, abs=1e-6)
     assert m.footprint_bytes == info.tensor_bytes
 
 
@@ -117,7 +140,7 @@ def test_plain_architecture_reduces_to_the_plain_formula():
         assert m.bytes_per_token(depth)[stages.ATTN_KV] == 2 * (depth + 1) * cell
     b = m.bytes_per_token(5)
     assert b[stages.LM_HEAD] == info.tensor("output.weight").n_bytes
-    assert b[rm.EMBED] == info.tensor("token_embd.weight").n_bytes / 1024
+    assert b[stages.OTHER] == info.tensor("token_embd.weight").n_bytes / 1024  # the embd lookup row
     assert b[stages.GEMMA3N_EXTRA] == 0
 
 

@@ -41,7 +41,7 @@ def test_gemma3n_layer_fragment():
     assert got == [
         s.OTHER, s.GEMMA3N_EXTRA, s.NORM, s.NORM, s.ATTN_PROJ, s.ATTN_PROJ, s.ATTN_PROJ, s.KV_STORE, s.ATTN_KV,
         s.ATTN_KV, s.ATTN_PROJ, s.ATTN_PROJ, s.GEMMA3N_EXTRA, s.FFN, s.FFN, s.FFN, s.FFN, s.NORM, s.NORM,
-        s.GEMMA3N_EXTRA, s.OTHER, s.LM_HEAD, s.LM_HEAD, s.LM_HEAD, s.OTHER,
+        s.GEMMA3N_EXTRA, s.GEMMA3N_EXTRA, s.LM_HEAD, s.LM_HEAD, s.LM_HEAD, s.OTHER,
     ]
     layers = s.classify_layers(nodes)
     assert layers[7] == 0 and layers[9] == 0 and layers[13] == 0 and layers[0] == -1
@@ -78,3 +78,61 @@ def test_noop_views_join_their_consumer():
         ("node_566", "FLASH_ATTN_EXT", "Qcur_pos-5 (view) (permuted)"),
     ]
     assert s.classify_graph(nodes) == [s.KV_STORE, s.KV_STORE, s.KV_STORE, s.ATTN_KV, s.ATTN_KV]
+
+
+def test_one_tensor_to_stage_mapping_keyed_on_gguf_names():
+    import gguf
+
+    T = gguf.MODEL_TENSOR
+    assert set(s.TENSOR_STAGES) == set(gguf.TENSOR_NAMES)  # every gguf-py tensor kind has a stage
+    assert s.gguf_tensor("blk.12.ffn_up.weight") is T.FFN_UP
+    assert s.gguf_tensor("blk.0.post_attention_norm.weight") is T.ATTN_POST_NORM
+    assert s.gguf_tensor("Qcur-0") is None and s.gguf_tensor("attn_inp_kq_mask") is None
+    expect = {
+        "blk.3.ffn_down.weight": s.FFN, "blk.3.attn_q.weight": s.ATTN_PROJ, "blk.3.attn_q.bias": s.ATTN_PROJ,
+        "blk.3.attn_q_norm.weight": s.ATTN_PROJ, "blk.3.attn_k_norm.weight": s.ATTN_PROJ,  # Qcur_normed, Kcur_normed
+        "blk.3.attn_norm.weight": s.NORM, "blk.3.post_ffw_norm.weight": s.NORM, "output_norm.weight": s.NORM,
+        "output.weight": s.LM_HEAD, "token_embd.weight": s.LM_HEAD,  # multiplied: the tied LM head
+        # Gemma 3n norms and scales that AltUp / LAuReL / per-layer-input nodes multiply (issue 13 d)
+        "blk.3.altup_router_norm.weight": s.GEMMA3N_EXTRA, "blk.3.laurel_post_norm.weight": s.GEMMA3N_EXTRA,
+        "blk.3.post_norm.weight": s.GEMMA3N_EXTRA, "per_layer_proj_norm.weight": s.GEMMA3N_EXTRA,
+        "blk.3.altup_correct_scale.weight": s.GEMMA3N_EXTRA, "per_layer_token_embd.weight": s.GEMMA3N_EXTRA,
+    }
+    assert {n: s.tensor_stage(n) for n in expect} == expect
+    assert s.tensor_stage("token_embd.weight", "GET_ROWS") == s.OTHER  # the embd lookup
+    assert s.tensor_stage("inp_embd") is None
+
+
+def test_altup_layer_output_copy_is_gemma3n_extra():
+    # the tail of a Gemma 3n layer and the head of the next one (names as llama.cpp gives them)
+    nodes = [
+        ("first_prediction_out-0", "MUL", "norm-0", "blk.0.post_norm.weight"),
+        ("node_123", "ADD", "corrected-0 (view)", "first_prediction_out-0"),  # corrected[1:] += first_prediction
+        ("l_out-0", "CONCAT", "corrected-0 (view)", "node_123"),
+        ("l_out-0 (permuted)", "PERMUTE", "l_out-0", ""),
+        ("l_out-0 (permuted) (cont)", "CONT", "l_out-0 (permuted)", ""),  # layer 1's altup_predict input
+        ("l_out-0 (view)", "VIEW", "l_out-0", ""),
+        ("norm-1", "RMS_NORM", "l_out-0 (view)", ""),
+        ("node_129", "MUL", "norm-1", "blk.1.altup_router_norm.weight"),
+        ("node_131", "MUL_MAT", "blk.1.altup_router.weight", "node_130"),
+    ]
+    assert s.classify_graph(nodes) == [s.GEMMA3N_EXTRA] * len(nodes)
+    assert s.classify_graph([n[:3] for n in nodes]) == [s.GEMMA3N_EXTRA] * len(nodes)  # capture's triples too
+    llama = [("ffn_out-1", "MUL_MAT", "blk.1.ffn_down.weight"), ("l_out-1", "ADD", "ffn_out-1")]
+    assert s.classify_graph(llama) == [s.FFN, s.OTHER]  # elsewhere l_out is the residual add
+
+
+def test_global_weights_have_no_layer():
+    nodes = [
+        ("node_1", "GET_ROWS", "per_layer_token_embd.weight"),
+        ("node_5", "REPEAT", "inp_scaled"),
+        ("node_6", "MUL_MAT", "altup_proj.weight"),
+        ("Qcur-0", "MUL_MAT", "blk.0.attn_q.weight"),
+        ("l_out-34", "CONCAT", "corrected-34 (view)"),
+        ("l_out-34 (view)", "VIEW", "l_out-34"),
+        ("node_3100", "MUL_MAT", "altup_unembd_proj.weight"),  # the final AltUp unembed projection
+        ("l_out-34 (view)", "VIEW", "l_out-34"),
+        ("node_3102", "SQR", "l_out-34 (view)"),
+        ("altup_unembd", "DIV", "node_3101"),
+    ]
+    assert s.classify_layers(nodes) == [-1, -1, -1, 0, 34, 34, -1, 34, -1, -1]

@@ -1,0 +1,297 @@
+"""Bytes one decode step reads, from the ggml graph itself: per stage, per layer, per attention layer.
+
+Input: the graph's nodes in execution order (``Node``: name, op, ggml type, shape ``ne``, bytes and
+``srcs``, each a ``Tensor`` with the same fields plus the name of the tensor it is a view of), and
+the stage and layer of each node (``harness.stages.classify_graph`` / ``classify_layers``). Any
+object with those attributes works (``as_node``), so the engine's own node records plug in as-is.
+
+Byte definitions (the same ones ``analysis.readmodel`` models; README "The read model"):
+
+- ``weight``: model tensors an op reads (a ``gguf.MODEL_TENSOR`` name). A matmul reads the whole
+  matrix (activation sparsity skips nothing); ``GET_ROWS`` reads one row per index; ``MUL_MAT_ID``
+  the experts its ids select. A tensor read by two ops is counted twice (the tied ``token_embd``:
+  one row as the lookup, all of it as the LM head).
+- ``kv``: KV-cache cells the attention ops read (a source that views ``cache_k_l*``/``cache_v_l*``),
+  as the graph shapes them: the view spans ``n_kv`` cells (``llama_kv_cache::get_n_kv``). The
+  non-flash path (``kq``/``kqv`` MUL_MATs) reads all of them, masked cells included.
+  ``FLASH_ATTN_EXT`` on the CPU skips every cell its mask sets to -inf
+  (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), so it reads the mask's visible cells
+  when the node reader counted them (``Tensor.visible``), else the view (``fa_cells == "view"``,
+  an upper bound). Each KV head's cells count once: the n_head / n_head_kv query heads that share
+  one (grouped-query attention) re-read it from cache, split out as ``kv_gqa_reread_bytes``. A layer
+  that reads another layer's cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own
+  read; that share is split out as ``kv_shared_bytes``.
+- ``act``: every other source an op reads (activations, masks, indices), by its shape; views,
+  reshapes and permutes read nothing.
+- ``kv_written``: bytes ``SET_ROWS``/``CPY`` store into the KV cache (the ``kv_store`` stage).
+
+"Bytes per token" in the analysis is ``weight`` + ``kv`` + ``kv_written`` (``per_token``, what the
+read model models); ``act`` stays apart (mostly cache-resident; the read model does not cover it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import gguf
+
+from harness import stages
+
+_CACHE_RE = re.compile(r"^cache_[kv]_l(\d+)")
+_SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
+_ATTN_OPS = {"FLASH_ATTN_EXT", "MUL_MAT"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One source of a node. ``visible``: for a KQ mask, the cells of its first row that are not -inf."""
+
+    name: str
+    op: str
+    type: str  # ggml type name: f32, f16, q8_0, q4_K, ...
+    ne: tuple[int, ...]
+    nbytes: int
+    nb: tuple[int, ...] = ()
+    view_src: str = ""  # the tensor this one is a view of ("" when none)
+    visible: int | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    type: str
+    ne: tuple[int, ...]
+    nbytes: int
+    srcs: tuple[Tensor, ...] = ()
+
+
+def _tensor(o) -> Tensor:
+    return Tensor(name=o.name, op=o.op, type=o.type, ne=tuple(int(x) for x in o.ne), nbytes=int(o.nbytes),
+                  nb=tuple(getattr(o, "nb", ()) or ()), view_src=getattr(o, "view_src", "") or "",
+                  visible=getattr(o, "visible", None))
+
+
+def as_node(o) -> Node | None:
+    """A Node from any object with name, op, type, ne, nbytes and srcs (each with name, op, type, ne,
+    nbytes, view_src); None when it lacks them (a node reader that keeps names only)."""
+    try:
+        return Node(name=o.name, op=o.op, type=o.type, ne=tuple(int(x) for x in o.ne), nbytes=int(o.nbytes),
+                    srcs=tuple(_tensor(s) for s in o.srcs))
+    except AttributeError:
+        return None
+
+
+def type_bytes(ggml_type: str, ne: tuple[int, ...]) -> int:
+    """Bytes of ``ne`` elements laid out densely (rows of ne[0]) at a ggml type: ggml_row_size x rows."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type.upper()]]
+    rows = 1
+    for d in ne[1:]:
+        rows *= int(d)
+    return int(ne[0]) // block * size * rows if ne else 0
+
+
+def _bytes(t: Tensor) -> int:
+    """Bytes a source holds: its elements at its type (a strided view counts its elements, not its span)."""
+    try:
+        return type_bytes(t.type, t.ne)
+    except KeyError:
+        return t.nbytes
+
+
+@dataclass(frozen=True)
+class KVRead:
+    """One attention op's read of the KV cache."""
+
+    layer: int  # the layer that attends
+    cache_layer: int  # the layer whose cache it reads (differs for a shared-KV layer)
+    op: str  # FLASH_ATTN_EXT or MUL_MAT (kq + kqv)
+    n_kv: int  # cells the graph's K view spans
+    cells: int  # cells read: n_kv without flash attention; with it the mask's visible cells when known
+    visible: int | None  # cells the mask leaves visible (None: not read)
+    n_head: int
+    n_head_kv: int
+    k_bytes: int
+    v_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.k_bytes + self.v_bytes
+
+    @property
+    def gqa_reread_bytes(self) -> int:
+        return self.bytes * (self.n_head // max(1, self.n_head_kv) - 1)
+
+
+def _by_stage() -> dict[str, int]:
+    return {s: 0 for s in stages.STAGES if s != stages.HOST}
+
+
+@dataclass(frozen=True)
+class GraphBytes:
+    fa_on: bool  # a FLASH_ATTN_EXT node is in the graph: flash attention as llama.cpp resolved it
+    n_nodes: int
+    fa_cells: str  # "visible" (mask counted), "view" (mask unread: view cells, an upper bound) or "" (no FA)
+    weight: dict[str, int] = field(default_factory=_by_stage)  # stage -> weight bytes read
+    kv: dict[str, int] = field(default_factory=_by_stage)  # stage -> KV-cache bytes read
+    act: dict[str, int] = field(default_factory=_by_stage)  # stage -> other bytes read
+    kv_written: dict[str, int] = field(default_factory=_by_stage)  # stage -> bytes stored into the cache
+    layer_weight: dict[int, int] = field(default_factory=dict)  # layer (-1: none) -> weight bytes
+    layer_kv: dict[int, int] = field(default_factory=dict)  # layer -> KV bytes read
+    kv_reads: tuple[KVRead, ...] = ()
+
+    def read(self) -> dict[str, int]:
+        """Stage -> weight + KV bytes read per token."""
+        return {s: self.weight.get(s, 0) + self.kv.get(s, 0) for s in self.weight}
+
+    def per_token(self) -> dict[str, int]:
+        """Stage -> weight + KV read + KV written per token: what ``ReadModel.bytes_per_token`` models."""
+        return {s: v + self.kv_written.get(s, 0) for s, v in self.read().items()}
+
+    @property
+    def total_read(self) -> int:
+        return sum(self.read().values())
+
+    @property
+    def kv_read_bytes(self) -> int:
+        return sum(self.kv.values())
+
+    @property
+    def kv_shared_bytes(self) -> int:
+        return sum(r.bytes for r in self.kv_reads if r.cache_layer != r.layer)
+
+    @property
+    def kv_gqa_reread_bytes(self) -> int:
+        return sum(r.gqa_reread_bytes for r in self.kv_reads)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_weight"] = {str(k): v for k, v in self.layer_weight.items()}
+        d["layer_kv"] = {str(k): v for k, v in self.layer_kv.items()}
+        d["kv_reads"] = [asdict(r) for r in self.kv_reads]
+        d["kv_read_bytes"], d["kv_shared_bytes"] = self.kv_read_bytes, self.kv_shared_bytes
+        d["kv_gqa_reread_bytes"], d["total_read_bytes"] = self.kv_gqa_reread_bytes, self.total_read
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GraphBytes:
+        return cls(fa_on=bool(d["fa_on"]), n_nodes=int(d["n_nodes"]), fa_cells=d.get("fa_cells", ""),
+                   weight=dict(d["weight"]), kv=dict(d["kv"]), act=dict(d["act"]), kv_written=dict(d["kv_written"]),
+                   layer_weight={int(k): v for k, v in d["layer_weight"].items()},
+                   layer_kv={int(k): v for k, v in d["layer_kv"].items()},
+                   kv_reads=tuple(KVRead(**r) for r in d["kv_reads"]))
+
+
+def _cache_layer(t: Tensor) -> int | None:
+    m = _CACHE_RE.match(t.view_src) or _CACHE_RE.match(t.name)
+    return int(m.group(1)) if m else None
+
+
+def _weight_bytes(node: Node, i: int, t: Tensor) -> int | None:
+    """Bytes of model tensor ``t`` that ``node`` reads as its source ``i``; None if t is no model tensor."""
+    base = t.view_src if stages.gguf_tensor(t.view_src) is not None else _SUFFIX_RE.sub("", t.name).strip()
+    if stages.gguf_tensor(base) is None:
+        return None
+    full = _bytes(t) if t.view_src else t.nbytes
+    if i == 0 and node.op == "GET_ROWS" and len(node.srcs) > 1:
+        idx = node.srcs[1].ne
+        n_idx = idx[0] * idx[1] * idx[2] if len(idx) >= 3 else idx[0]
+        return type_bytes(t.type, (t.ne[0], n_idx)) if t.ne else full
+    if i == 0 and node.op == "MUL_MAT_ID" and len(node.srcs) > 2 and len(t.ne) > 2 and t.ne[2] > 0:
+        ids = node.srcs[2].ne
+        used = min(t.ne[2], ids[0] * (ids[1] if len(ids) > 1 else 1))
+        return full // t.ne[2] * used
+    return full
+
+
+def _is_k(t: Tensor) -> bool:
+    return (t.view_src or t.name).startswith("cache_k")
+
+
+def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]]) -> tuple[KVRead, dict[int, int]]:
+    """The KV read of one attention op; also returns per-source bytes (FA scaled to the visible cells).
+
+    Shapes (``build_attn_mha``): K and non-transposed V views are [head_dim, n_kv, n_head_kv]; the
+    transposed V view of the non-flash path is [n_kv, head_dim, n_head_kv]."""
+    fa = node.op == "FLASH_ATTN_EXT"
+    q = node.srcs[0] if fa else node.srcs[1]
+    first = kv_srcs[0][2]
+    n_kv = int(first.ne[1] if fa or _is_k(first) else first.ne[0])
+    visible = node.srcs[3].visible if fa and len(node.srcs) > 3 else None
+    cells = visible if fa and visible is not None else n_kv
+    out = {i: _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
+    kb = sum(out[i] for i, _, t in kv_srcs if _is_k(t))
+    n_head_kv = int(first.ne[2]) if len(first.ne) > 2 else 1
+    read = KVRead(layer=layer, cache_layer=kv_srcs[0][1], op=node.op, n_kv=n_kv, cells=cells, visible=visible,
+                  n_head=int(q.ne[2]) if len(q.ne) > 2 else n_head_kv, n_head_kv=n_head_kv, k_bytes=kb,
+                  v_bytes=sum(out.values()) - kb)
+    return read, out
+
+
+def _merge_mul_mat_reads(reads: list[KVRead]) -> list[KVRead]:
+    """Without flash attention a layer reads K in ``kq`` and V in ``kqv``: one record per layer and cache."""
+    out: dict[tuple[int, int, str], KVRead] = {}
+    for r in reads:
+        key = (r.layer, r.cache_layer, r.op)
+        if key in out and r.op == "MUL_MAT":
+            o = out[key]
+            out[key] = KVRead(layer=r.layer, cache_layer=r.cache_layer, op=r.op, n_kv=max(o.n_kv, r.n_kv),
+                              cells=max(o.cells, r.cells), visible=o.visible if o.visible is not None else r.visible,
+                              n_head=max(o.n_head, r.n_head), n_head_kv=max(o.n_head_kv, r.n_head_kv),
+                              k_bytes=o.k_bytes + r.k_bytes, v_bytes=o.v_bytes + r.v_bytes)
+        else:
+            out[key] = r
+    return list(out.values())
+
+
+def from_nodes(nodes: list[Node], stage_of: list[str], layer_of: list[int]) -> GraphBytes:
+    """Aggregate the bytes every node reads (see the module docstring) by stage, layer and attention op."""
+    if not (len(nodes) == len(stage_of) == len(layer_of)):
+        raise ValueError("nodes, stages and layers differ in length")
+    weight, kv, act, written = _by_stage(), _by_stage(), _by_stage(), _by_stage()
+    layer_w: dict[int, int] = {}
+    layer_kv: dict[int, int] = {}
+    reads: list[KVRead] = []
+    fa_on = any(n.op == "FLASH_ATTN_EXT" for n in nodes)
+    fa_visible = True
+    for node, stage, layer in zip(nodes, stage_of, layer_of, strict=True):
+        stage = stage if stage in weight else stages.OTHER
+        if node.op in stages.NOOP_OPS:
+            continue
+        srcs = list(enumerate(node.srcs))
+        if node.op in ("SET_ROWS", "CPY"):  # SET_ROWS(values, idx, dst) / CPY(values, dst)
+            dst = node.srcs[2] if node.op == "SET_ROWS" and len(node.srcs) > 2 else node.srcs[-1]
+            if _cache_layer(dst) is not None and node.srcs:
+                vals = node.srcs[0]
+                rows = vals.ne[1] * vals.ne[2] * vals.ne[3] if len(vals.ne) >= 4 else 1
+                written[stage] += type_bytes(node.type, (node.ne[0], rows)) if node.op == "SET_ROWS" else _bytes(dst)
+            srcs = [(i, t) for i, t in srcs if t is not dst]
+        kv_srcs = [(i, c, t) for i, t in srcs if (c := _cache_layer(t)) is not None] if node.op in _ATTN_OPS else []
+        kv_bytes: dict[int, int] = {}
+        if kv_srcs:
+            read, kv_bytes = _attention(node, layer, kv_srcs)
+            reads.append(read)
+            fa_visible &= node.op != "FLASH_ATTN_EXT" or read.visible is not None
+        for i, t in srcs:
+            if i in kv_bytes:
+                kv[stage] += kv_bytes[i]
+                layer_kv[layer] = layer_kv.get(layer, 0) + kv_bytes[i]
+                continue
+            wb = _weight_bytes(node, i, t)
+            if wb is not None:
+                weight[stage] += wb
+                layer_w[layer] = layer_w.get(layer, 0) + wb
+            else:
+                act[stage] += _bytes(t)
+    return GraphBytes(fa_on=fa_on, n_nodes=len(nodes), fa_cells=("visible" if fa_visible else "view") if fa_on else "",
+                      weight=weight, kv=kv, act=act, kv_written=written, layer_weight=layer_w, layer_kv=layer_kv,
+                      kv_reads=tuple(_merge_mul_mat_reads(reads)))
+
+
+def from_capture(nodes: list, stage_of: list[str], layer_of: list[int]) -> GraphBytes | None:
+    """``from_nodes`` on a capture's node records; None when they carry names only (no types or shapes)."""
+    got = [as_node(n) for n in nodes]
+    if not got or any(n is None for n in got):
+        return None
+    return from_nodes(got, stage_of, layer_of)  # type: ignore[arg-type]
