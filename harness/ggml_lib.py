@@ -51,6 +51,8 @@ class _Lib:
         self._handle, self._sigs = handle, sigs
 
     def __getattr__(self, name: str):
+        if name not in self._sigs:
+            raise AttributeError(name)
         restype, argtypes = self._sigs[name]
         fn = ctypes.CFUNCTYPE(restype, *argtypes)((name, self._handle()))
         setattr(self, name, fn)
