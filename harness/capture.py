@@ -9,23 +9,25 @@ Modes:
 - ``stages``: ask only at the last node of each run of same-stage nodes (a few hundred syncs).
 - ``ops``: ask at every node (thousands of syncs): a full per-op table, at a higher overhead.
 
-The ask phase does no Python work beyond a list lookup: the node -> ask table is built once
-per graph from a discovery step that reads every node's name, op and first source.
+The ask phase runs no Python with the native hook (a table lookup in C; ``harness.hook``): the
+node -> ask table is built once per graph from a discovery step that reads every node
+(``engine.read_node``). ``step(..., extra_splits=k)`` asks k more nodes for sync-cost calibration.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-import time
 from dataclasses import dataclass
 
 from harness import stages
-from harness.engine import Context, EvalCallback, GraphNode, NativeHook, read_node
+from harness.engine import Context, GraphNode, read_node
 from harness.errors import EngineError
+from harness.hook import make_hook
 
 log = logging.getLogger(__name__)
 MODES = ("stages", "ops")
+_ALL = "all"  # ask-table key: every node asked (calibrate)
 
 
 @dataclass(frozen=True)
@@ -37,20 +39,21 @@ class Segment:
 
 @dataclass(frozen=True)
 class StepProfile:
+    """One timed decode step: wall time of the decode call, the part no segment covers (host),
+    the segments in graph order, and ``n_splits``, the asked boundaries observed (one per segment:
+    each is one scheduler sync and one more graph compute call)."""
+
     wall_ns: int
     host_ns: int
     segments: tuple[Segment, ...]
-
-    @property
-    def n_splits(self) -> int:
-        return len(self.segments)
+    n_splits: int = 0
 
 
 class Capture:
     """Owns the eval callback of one context and turns its calls into timed segments.
 
-    ``native`` (default when a C compiler is available) uses engine.NativeHook: no Python runs per
-    node while timing. Otherwise a Python ctypes callback does the same bookkeeping.
+    ``native`` (default: when a C compiler is available) picks ``hook.NativeHook``, which runs no
+    Python per node while timing; otherwise ``hook.PythonHook``. Both have one interface.
     """
 
     def __init__(self, mode: str = "stages", native: bool | None = None):
@@ -60,138 +63,104 @@ class Capture:
         self.nodes: list[GraphNode] = []
         self.stages: list[str] = []
         self.layers: list[int] = []
-        self._ask: list[bool] = []
-        self._discovering = False
         self._found: list[GraphNode] = []
-        self._i = 0
-        self._t_first = 0
-        self._marks: list[tuple[int, int]] = []
-        self._generation = 0  # bumped by every discovery
-        self._py_callback = EvalCallback(self._cb)
-        use_native = NativeHook.available() if native is None else native
-        self.hook = NativeHook(self._py_callback) if use_native else None
-        self.callback = self.hook.callback if self.hook else self._py_callback
-        self.user_data = self.hook.user_data if self.hook else None
-        self.backend = "native" if self.hook else "python"
+        self._tables: dict[int | str, list[bool]] = {}  # ask tables of the current graph, by key
+        self._active: int | str | None = None  # key of the table the hook holds
+        self.hook = make_hook(self._on_node, native)
+        self.callback, self.user_data, self.backend = self.hook.callback, self.hook.user_data, self.hook.backend
 
-    # The callback runs on llama.cpp's thread, in the middle of graph compute: keep it tiny and
-    # never let an exception escape (ctypes would print it and return False, aborting compute).
-    def _cb(self, t, ask, _user_data):
-        if ask:
-            i = self._i
-            self._i = i + 1
-            if i == 0:
-                self._t_first = time.perf_counter_ns()
-            if self._discovering:
-                try:
-                    self._found.append(read_node(t))
-                except Exception:  # noqa: BLE001 - must not raise into C
-                    self._found.append(GraphNode("?", "?", "", ""))
-                return False
-            return self._ask[i] if i < len(self._ask) else True
-        self._marks.append((self._i - 1, time.perf_counter_ns()))
-        return True
-
-    def _reset(self, discovering: bool) -> None:
-        self._i = 0
-        self._marks = []
-        self._discovering = discovering
-        if self.hook:
-            self.hook.reset(discovering)
+    def _on_node(self, t: int) -> None:
+        try:
+            self._found.append(read_node(t))
+        except Exception:  # noqa: BLE001 - a node we cannot read still holds its place
+            log.exception("could not read graph node %d", len(self._found))
+            self._found.append(GraphNode("?", "?", "", ""))
 
     def discover(self, ctx: Context, token: int) -> int:
         """Decode one untimed token reading every node; build the stage and ask tables."""
         self._found = []
-        self._reset(discovering=True)
+        self.hook.reset(discovering=True)
         try:
             ctx.step(token)
         finally:
-            self._reset(discovering=False)
-        self.nodes = self._found
-        self._generation += 1
+            self.hook.reset(discovering=False)
+        self.nodes, self._found = self._found, []
         triples = [(n.name, n.op, n.src0) for n in self.nodes]
         self.stages = stages.classify_graph(triples)
         self.layers = stages.classify_layers(triples)
         n = len(self.nodes)
-        self._ask = self._ask_table()
-        if self.hook:
-            self.hook.set_ask(self._ask)
-        log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(self._ask), self.backend)
+        base = [True] * n if self.mode == "ops" else \
+            [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+        self._tables, self._active = {0: base}, None
+        log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(base), self.backend)
         return n
 
-    def _ask_table(self) -> list[bool]:
-        n = len(self.nodes)
-        if self.mode == "ops":
-            return [True] * n
-        return [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+    def _table(self, key: int | str) -> list[bool]:
+        if key not in self._tables:
+            self._tables[key] = [True] * len(self.nodes) if key == _ALL else self._with_extra(key)
+        return self._tables[key]
+
+    def _with_extra(self, k: int) -> list[bool]:
+        """The base table plus k asks on nodes it does not ask, spread evenly through the graph.
+
+        Each extra ask splits one segment in two inside a run of one stage (the base table asks
+        the last node of every run), so both halves keep the stage of their last node. Nodes that
+        compute something are preferred over no-op views. Deterministic: same graph and k, same
+        nodes. At most as many as there are unasked nodes (none in ops mode)."""
+        ask = list(self._tables[0])
+        free = [i for i, a in enumerate(ask) if not a]
+        real = [i for i in free if self.nodes[i].op not in stages.NOOP_OPS]
+        pool = real if len(real) >= k else free
+        k = min(k, len(pool))
+        if k < len(pool) and k > 0:
+            pool = [pool[(2 * j + 1) * len(pool) // (2 * k)] for j in range(k)]
+        for i in pool[:k]:
+            ask[i] = True
+        return ask
 
     def calibrate(self, ctx: Context, token: int, steps: int = 3) -> float:
         """Per-sync cost in ns: the median time of segments that hold one no-op node (a view,
         reshape, permute or transpose computes nothing, so its time is the ask/observe round trip
-        and the scheduler sync). Measured with every node asked, then the ask table is restored."""
-        saved, generation = self._ask, self._generation
-        self._ask = [True] * len(self.nodes)
-        if self.hook:
-            self.hook.set_ask(self._ask)
-        noop = {i for i, n in enumerate(self.nodes) if n.op in stages.NOOP_OPS}
+        and the scheduler sync), measured with every node asked."""
         times: list[int] = []
-        try:
-            for _ in range(steps):
-                p = self.step(ctx, token)
-                times += [g.time_ns for g in p.segments if g.node_first == g.node_last and g.node_last in noop]
-        finally:
-            if self._generation == generation:
-                self._ask = saved
-            else:  # the graph changed and was rediscovered meanwhile: rebuild for the new graph
-                self._ask = self._ask_table()
-            if self.hook:
-                self.hook.set_ask(self._ask)
+        for _ in range(steps):
+            p = self._profile(ctx, token, _ALL)
+            noop = {i for i, n in enumerate(self.nodes) if n.op in stages.NOOP_OPS}
+            times += [g.time_ns for g in p.segments if g.node_first == g.node_last and g.node_last in noop]
         return float(statistics.median(times)) if times else 0.0
 
     @property
     def syncs_per_token(self) -> int:
-        return sum(self._ask)
-
-    def with_extra_splits(self, k: int) -> list[bool]:
-        """The ask table plus up to k more asked nodes, spread evenly over the nodes not already asked."""
-        free = [i for i, a in enumerate(self._ask) if not a]
-        k = min(k, len(free))
-        ask = list(self._ask)
-        for j in range(k):
-            ask[free[j * len(free) // k]] = True
-        return ask
+        return sum(self._tables.get(0, ()))
 
     def step(self, ctx: Context, token: int, extra_splits: int = 0) -> StepProfile:
-        """Decode one timed token (rolled back afterwards), with ``extra_splits`` more graph splits than the
-        ask table. Rediscovers if the graph changed."""
-        if extra_splits:
-            saved = self._ask
-            self._ask = self.with_extra_splits(extra_splits)
-            if self.hook:
-                self.hook.set_ask(self._ask)
-            try:
-                return self.step(ctx, token)
-            finally:
-                self._ask = saved
-                if self.hook:
-                    self.hook.set_ask(self._ask)
+        """Decode one timed token (rolled back afterwards); rediscovers if the graph changed.
+
+        ``extra_splits=k`` asks k more nodes than the mode does (see ``_with_extra``), for
+        regressing wall time on the number of splits; ``n_splits`` of the result counts them."""
+        if extra_splits < 0:
+            raise ValueError(f"extra_splits must be >= 0, got {extra_splits}")
+        return self._profile(ctx, token, extra_splits)
+
+    def _profile(self, ctx: Context, token: int, key: int | str) -> StepProfile:
         for _attempt in range(2):
-            self._reset(discovering=False)
+            if self._active != key:
+                self.hook.set_ask(self._table(key))
+                self._active = key
+            self.hook.reset(discovering=False)
             wall = ctx.step(token)
-            if self.hook:
-                seen, marks, t_first = self.hook.n_seen, self.hook.marks(), self.hook.t_first
-            else:
-                seen, marks, t_first = self._i, self._marks, self._t_first
-            if seen == len(self.nodes) and marks:
+            marks = self.hook.marks()
+            if self.hook.n_seen == len(self.nodes) and marks:
                 break
-            log.info("decode graph changed (%d nodes, expected %d): rediscovering", seen, len(self.nodes))
+            log.info("decode graph changed (%d nodes, expected %d): rediscovering", self.hook.n_seen, len(self.nodes))
             self.discover(ctx, token)
         else:
             raise EngineError("the decode graph changes from step to step; cannot time it")
+        t_first = self.hook.t_first
         segs = []
         prev_node, prev_t = -1, t_first
         for node, t in marks:
             segs.append(Segment(prev_node + 1, node, t - prev_t))
             prev_node, prev_t = node, t
         covered = prev_t - t_first
-        return StepProfile(wall_ns=wall, host_ns=max(0, wall - covered), segments=tuple(segs))
+        return StepProfile(wall_ns=wall, host_ns=max(0, wall - covered), segments=tuple(segs), n_splits=len(segs))

@@ -168,6 +168,7 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
         extras = {r.label: r for r in residents or []}
         fa_resolved = any(n.op == "FLASH_ATTN_EXT" for n in residents[0].cap.nodes) if residents else None
         callback = residents[0].cap.backend if residents else "unknown"
+        pool = residents[0].plain.threadpool_attached if residents else None
     sweep_s = time.perf_counter() - t_start
     if bandwidth:
         after = device.measure_bandwidth(threads)  # a shared machine can starve one probe; keep the best
@@ -187,7 +188,7 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
                           130 if stop.reason == "SIGINT" else 143)
     record = build_record(cfg, ops, tokens, noise, extras, info, model, model_hash, model_path, dev, threads,
                           bandwidth, Timing(load_s=load_s, sweep_s=sweep_s, prefill_tokens=cfg.max_depth),
-                          stop, resume, fa_resolved, callback)
+                          stop, resume, fa_resolved, callback, pool)
     path = store.write_run(ops, record, store.check_out_dir(cfg.out),
                            store.run_filename(record.label, model_path.stem))
     if on_run is not None:
@@ -201,7 +202,7 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
 
 
 def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, model_hash, model_path, dev, threads,
-                 bandwidth, timing, stop, resume, fa_resolved, callback) -> RunRecord:
+                 bandwidth, timing, stop, resume, fa_resolved, callback, pool) -> RunRecord:
     rd = stats.round_data(ops, tokens)
     summaries, cost_us, cost_ci = stats.summarize(rd)
     contexts = []
@@ -225,7 +226,8 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
         flash_attn=cfg.flash_attn, cache_type_k=cfg.cache_type_k, cache_type_v=cfg.cache_type_v,
         n_gpu_layers=cfg.n_gpu_layers, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch, mode=cfg.mode, n_ctx=cfg.n_ctx,
         callback=callback, threads_source="--threads" if cfg.threads else "physical cores",
-        calib_splits=cfg.calib_splits, flash_attn_resolved=fa_resolved)
+        calib_splits=cfg.calib_splits, flash_attn_resolved=fa_resolved, openmp=engine.openmp_enabled(),
+        threadpool=pool)
     return RunRecord(
         label=label, complete=complete, params=params,
         model=ModelMeta(arch=info.arch, name=info.name, path=str(model_path), file_bytes=info.file_bytes,
