@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import re
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,21 @@ class TensorInfo:
     nb: tuple[int, int, int, int]
     nbytes: int
     view_src: str
+    visible: int | None = None  # a KQ mask (attn_inp_kq_mask*): cells of its first row that are not -inf
+
+
+_NEG_INF = {"f16": (2, "H", 0xFC00), "f32": (4, "I", 0xFF800000)}  # the bit patterns of -inf
+
+
+def mask_visible(name: str, type_name: str, ne0: int, data: int | None) -> int | None:
+    """Cells of the first row of a KQ mask that are not -inf: the cells the CPU flash-attention kernel
+    visits (``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` skips -inf). Inputs are set before the
+    graph computes, so the mask is readable while the eval callback is asked. None for other tensors."""
+    if not name.startswith("attn_inp_kq_mask") or type_name not in _NEG_INF or not data:
+        return None
+    size, code, neg_inf = _NEG_INF[type_name]
+    vals = struct.unpack(f"<{ne0}{code}", ctypes.string_at(data, ne0 * size))
+    return sum(v != neg_inf for v in vals)
 
 
 def _text(b: bytes) -> str:
@@ -101,9 +117,10 @@ def _text(b: bytes) -> str:
 def tensor_info(addr: int, s: ctypes.Structure) -> TensorInfo:
     """A tensor read through engine's ``_GGMLTensor`` struct ``s`` at ``addr``."""
     g = ggml
-    return TensorInfo(name=_text(s.name), op=_text(g.ggml_op_desc(addr)), type=_text(g.ggml_type_name(s.type)),
-                      ne=tuple(s.ne), nb=tuple(s.nb), nbytes=int(g.ggml_nbytes(addr)),
-                      view_src=_text(s.view_src.contents.name) if s.view_src else "")
+    name, type_name = _text(s.name), _text(g.ggml_type_name(s.type))
+    return TensorInfo(name=name, op=_text(g.ggml_op_desc(addr)), type=type_name, ne=tuple(s.ne), nb=tuple(s.nb),
+                      nbytes=int(g.ggml_nbytes(addr)), view_src=_text(s.view_src.contents.name) if s.view_src else "",
+                      visible=mask_visible(name, type_name, int(s.ne[0]), s.data))
 
 
 def sources(src) -> tuple[TensorInfo | None, ...]:

@@ -77,8 +77,10 @@ def as_node(o) -> Node | None:
     """A Node from any object with name, op, type, ne, nbytes and srcs (each with name, op, type, ne,
     nbytes, view_src); None when it lacks them (a node reader that keeps names only)."""
     try:
+        if not o.type:
+            return None
         return Node(name=o.name, op=o.op, type=o.type, ne=tuple(int(x) for x in o.ne), nbytes=int(o.nbytes),
-                    srcs=tuple(_tensor(s) for s in o.srcs))
+                    srcs=tuple(_tensor(s) for s in o.srcs if s is not None))
     except AttributeError:
         return None
 

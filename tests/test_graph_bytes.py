@@ -1,8 +1,8 @@
 """Graph bytes (harness.graph_bytes): hand-made nodes, then the read model against the real llama.cpp graph.
 
-The real-graph tests read every node with tests/_graph_nodes.py (types, shapes, sources and the
-KQ mask's visible cells) during Capture.discover, at depths across the sliding window (tiny: 32
-cells) and the 256-cell padding, flash attention on and off, f16 and q8_0 KV.
+The real-graph tests read every node as the engine does (``engine.read_node``: types, shapes,
+sources and the KQ mask's visible cells) during Capture.discover, at depths across the sliding
+window (tiny: 32 cells) and the 256-cell padding, flash attention on and off, f16 and q8_0 KV.
 """
 
 from __future__ import annotations
@@ -103,12 +103,9 @@ def test_nodes_without_types_give_no_graph_bytes():
 def discover(path, fa: str, depths: list[int], ctk="f16", ctv="f16", ub=512, copied=True):
     """(depth, Capture nodes, stages, layers) per depth. ``copied``: as the harness does, prefill a plain
     context and copy its KV state into the profiled one; else prefill the profiled one itself."""
-    import _graph_nodes
-
     from harness import engine
     from harness.capture import Capture
 
-    _graph_nodes.install()
     cap = Capture("ops")
     cfg = engine.EngineConfig(threads=1, n_ctx=max(depths) + 1, flash_attn=fa, cache_type_k=ctk, cache_type_v=ctv,
                               n_ubatch=ub)
@@ -120,9 +117,8 @@ def discover(path, fa: str, depths: list[int], ctk="f16", ctv="f16", ub=512, cop
                 plain.prefill([100 + i % 500 for i in range(plain.n_past, d)])
                 prof.copy_state_from(plain)
             else:
-                cap._ask = [False] * 100_000  # no syncs while prefilling (test-only)
-                if cap.hook:
-                    cap.hook.set_ask(cap._ask)
+                cap.hook.set_ask([False] * 100_000)  # no syncs while prefilling (test-only)
+                cap._active = None
                 prof.prefill([100 + i % 500 for i in range(prof.n_past, d)])
             cap.discover(prof, 200)
             out.append((d, list(cap.nodes), list(cap.stages), list(cap.layers)))
@@ -209,9 +205,8 @@ def test_e4b_graph_staging_and_bytes():
 
 # ------------------------------------------------------------------ end to end: sweep -> run -> table
 def sweep_with_graph_bytes(model: Path, out: Path, *extra: str) -> Path:
-    """``harness.sweep`` in a subprocess whose capture reads full nodes (tests/_graph_nodes.py)."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import _graph_nodes; _graph_nodes.install(); "
-            "from harness.sweep import main; raise SystemExit(main(sys.argv[1:]))")
+    """``harness.sweep`` in a subprocess, as a user runs it."""
+    code = "import sys; from harness.sweep import main; raise SystemExit(main(sys.argv[1:]))"
     args = ["--model", str(model), "-c", "13,40,300", "-r", "1", "--warmup", "0", "--threads", "1",
             "--no-probe", "--out", str(out), *extra]
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
