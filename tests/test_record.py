@@ -12,6 +12,7 @@ from conftest import run_cli
 from harness import store
 from harness.errors import InputError
 from harness.record import ContextSummary, SweepParams
+from harness.store import read_record, read_run
 from harness.typed import RecordError
 
 
@@ -95,3 +96,88 @@ def test_typed_checks():
         ContextSummary.from_dict({**d, "stage_ms": {"ffn": float("nan")}})
     with pytest.raises(RecordError, match="contexts: missing"):
         SweepParams.from_dict({"rounds": 1})
+
+
+# ---------------------------------------------------------------- format versions
+def test_newer_schema_and_non_runs_are_refused(tiny_run, tiny_gguf, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_run)
+    meta = json.loads(t.schema.metadata[store.META_KEY])
+    meta["schema_version"] = 99
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), tmp_path / "new.parquet")
+    with pytest.raises(store.InputError, match="newer"):
+        read_record(tmp_path / "new.parquet")
+    pq.write_table(t.replace_schema_metadata({}), tmp_path / "plain.parquet")
+    with pytest.raises(store.InputError, match="not a harness run"):
+        read_record(tmp_path / "plain.parquet")
+    with pytest.raises(store.InputError, match="not a Parquet run"):
+        read_record(tiny_gguf)
+    (tmp_path / "cut.parquet").write_bytes(tiny_run.read_bytes()[:1000])
+    with pytest.raises(store.InputError):
+        read_record(tmp_path / "cut.parquet")
+    r = run_cli("harness.sweep", "--model", str(tiny_run), "--no-probe", "--out", str(tmp_path))
+    assert r.returncode == 1 and "bad magic" in r.stderr and "Traceback" not in r.stderr
+
+
+def _as_version_2(tiny_run, path):
+    """Write the tiny run as a schema-2 file would have stored it (sequential repeats x tokens, no rounds)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = read_run(tiny_run)
+    meta = run.record.to_dict()
+    meta["schema_version"] = 2
+    for k in ("rounds", "invariants", "flags"):
+        meta.pop(k)
+    p = meta["params"]
+    p.pop("rounds"), p.pop("order"), p.pop("calib_splits")
+    p["tokens"], p["repeats"] = 3, 2  # 6 rounds = 2 repeats x 3 tokens
+    meta["tokens"] = [[c, d, r // 3, r % 3, ps, w] for c, d, r, ps, _, w in meta["tokens"] if ps != "calibration"]
+    for c in meta["contexts"]:
+        for k in ("plain_ms_ci", "overhead_ratio_ci", "stage_ms_ci", "stage_ms_calibrated_ci", "sync_us_ci",
+                  "calibrated_sum_pct"):
+            c.pop(k)
+    ops = run.ops.assign(repeat=run.ops["round"] // 3, step=run.ops["round"] % 3).drop(columns=["round"])
+    t = pa.Table.from_pandas(ops, preserve_index=False)
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), path)
+    return meta
+
+
+def test_older_schema_is_upgraded_on_read(tiny_run, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    v2 = _as_version_2(tiny_run, tmp_path / "v2.parquet")
+    up = read_run(tmp_path / "v2.parquet")
+    assert up.record.params.order == "sequential" and up.record.params.rounds == 6
+    assert sorted(set(up.ops["round"])) == list(range(6))
+    assert list(up.ops.columns) == list(read_run(tiny_run).ops.columns)
+    assert sorted(set(up.tokens["round"])) == list(range(6))
+    assert up.record.contexts[0].plain_ms_ci is None and up.record.contexts[0].stage_ms == v2["contexts"][0]["stage_ms"]
+    # a version-1 file: no calibration fields yet
+    t = pq.read_table(tmp_path / "v2.parquet")
+    v1 = {**v2, "schema_version": 1, "params": {k: v for k, v in v2["params"].items() if k != "callback"}}
+    v1["contexts"] = [{k: v for k, v in c.items() if k not in ("sync_us", "noop_sync_us", "stage_ms_calibrated",
+                                                                "stage_pct_calibrated")} for c in v2["contexts"]]
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(v1).encode()}), tmp_path / "v1.parquet")
+    rec = read_record(tmp_path / "v1.parquet")
+    assert rec.params.callback == "python" and rec.contexts[0].sync_us is None
+    assert rec.contexts[0].stage_ms_calibrated == rec.contexts[0].stage_ms
+
+
+def test_metadata_is_validated_on_write(tiny_run, tmp_path):
+    run = read_run(tiny_run)
+    c0 = run.record.contexts[0]
+    bad = run.record.replace(contexts=(c0.replace(plain_ms=float("nan")),))
+    with pytest.raises(ValueError, match="contexts.0..plain_ms"):
+        store.write_run(run.ops, bad, tmp_path, "x.parquet")
+    bad = run.record.replace(contexts=(c0.replace(stage_ms={"ffn": -1.0}),))
+    with pytest.raises(ValueError, match="stage_ms.ffn"):
+        store.write_run(run.ops, bad, tmp_path, "x.parquet")
+    assert not list(tmp_path.iterdir())
