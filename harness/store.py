@@ -59,6 +59,25 @@ def run_filename(label: str, model_stem: str, when: datetime | None = None) -> s
     return f"{when:%Y%m%dT%H%M%SZ}_{_slug(label)}_{_slug(model_stem)}.parquet"
 
 
+LAYOUTS = ("flat", "hive")
+
+
+def run_path(out_dir: str | os.PathLike, label: str, model_stem: str, layout: str = "flat",
+             when: datetime | None = None) -> Path:
+    """Where a new run goes. ``flat``: ``<out>/<time>_<label>_<model>.parquet``; ``hive``:
+    ``<out>/device=<label>/model=<model>/<time>.parquet`` (Hive-style partitions: DuckDB, Spark and
+    pyarrow datasets read ``device`` and ``model`` as columns). Write it with
+    ``write_run(ops, meta, path.parent, path.name)``; readers search folders recursively, so both
+    layouts (and a mix) are read alike."""
+    when = when or datetime.now(timezone.utc)
+    if layout == "flat":
+        return Path(out_dir) / run_filename(label, model_stem, when)
+    if layout == "hive":
+        part = Path(out_dir) / f"device={_slug(label)}" / f"model={_slug(model_stem)}"
+        return part / f"{when:%Y%m%dT%H%M%SZ}.parquet"
+    raise UsageError(f"unknown run layout {layout!r} (choose from: {', '.join(LAYOUTS)})")
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Create the output folder if needed and prove it is writable, before any heavy work."""
     d = Path(out_dir)
