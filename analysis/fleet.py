@@ -4,22 +4,38 @@ A *group* is the unit that ``analysis.compare`` reports: runs with the same devi
 same model (content hash, else name + dominant quant type), the same work-changing settings
 (``SETTINGS``), the same completeness and the same reference flag. Runs within a group are
 pooled; runs in different groups are never pooled.
+
+Runs are found recursively, so the flat layout (``runs/<time>_<label>_<model>.parquet``) and the
+Hive layout (``runs/device=<label>/model=<stem>/<time>.parquet``) read alike. Two engines read
+them and give the same results: ``pandas`` (pyarrow, one file at a time on a thread pool) and
+``duckdb`` (one query over every footer, one over every op table: ``analysis.fleet_db``); ``auto``
+picks DuckDB from ``DUCKDB_MIN_RUNS`` runs on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.errors import InputError
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis import slope
+from harness import columns
+from harness.errors import InputError, UsageError
 from harness.store import TMP_PREFIX, read_meta
 
 log = logging.getLogger(__name__)
 SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers")
+ENGINES = ("auto", "pandas", "duckdb")
+DUCKDB_MIN_RUNS = 200  # auto: from here on DuckDB is faster (bench/fleet_bench.py)
 
 
 @dataclass(frozen=True)
@@ -73,10 +89,11 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path
         if not p.exists():
             raise InputError(f"no such file or folder: {p}")
         cands = [p] if p.is_file() else sorted(f for f in p.rglob("*.parquet")
-                                              if f.is_file() and not f.name.startswith((TMP_PREFIX, ".")))
+                                              if not f.name.startswith((TMP_PREFIX, ".")))
         for f in cands:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
+            st = f.stat()  # one call per file: regular? and its identity, for de-duplication
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 (explicit if p.is_file() else found).append(f)
     if not explicit and not found:
         raise InputError(f"no run files (*.parquet) found in {', '.join(map(str, paths))}")
@@ -108,8 +125,11 @@ def model_identity(meta: dict) -> tuple[str, str]:
     return key, display
 
 
+_NUMBER = (int, float)
+
+
 def _num(v, default=float("nan")) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+    return float(v) if type(v) in _NUMBER else default  # type(), not isinstance: a bool is not a number here
 
 
 def _context(c: dict) -> ContextSummary:
@@ -132,13 +152,16 @@ def _read_model(meta: dict):
         return None
 
 
-def run_info(path: Path, meta: dict, with_hostname: bool, rm_cache: dict) -> RunInfo:
+def run_info(path: Path, meta: dict, with_hostname: bool, rm_cache: dict,
+             full_meta: Callable[[], dict] | None = None) -> RunInfo:
+    """``meta`` may lack the tensor table (DuckDB engine); ``full_meta`` then reads the whole footer, once
+    per model and settings, for the read model."""
     key, name = model_identity(meta)
     params = meta.get("params") or {}
     settings = tuple((k, params.get(k)) for k in SETTINGS)
     rm_key = (key, settings)
     if rm_key not in rm_cache:
-        rm_cache[rm_key] = _read_model(meta)
+        rm_cache[rm_key] = _read_model(full_meta() if full_meta else meta)
     bw = (meta.get("device") or {}).get("bandwidth") or {}
     return RunInfo(path=str(path), label=device_label(meta, with_hostname), model_key=key, model_name=name,
                    settings=settings, complete=bool(meta.get("complete", False)),
@@ -153,13 +176,34 @@ def _try_meta(path: Path) -> dict | InputError:
         return e
 
 
-def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False) -> list[RunInfo]:
+def resolve_engine(engine: str, n_runs: int) -> str:
+    if engine not in ENGINES:
+        raise UsageError(f"unknown fleet engine {engine!r} (choose from: {', '.join(ENGINES)})")
+    if engine == "auto":
+        return "duckdb" if n_runs >= DUCKDB_MIN_RUNS else "pandas"
+    return engine
+
+
+def read_metas(files: list[Path], engine: str) -> list[dict | InputError]:
+    """Each file's metadata, or the InputError that reading it raised. DuckDB leaves out the tensor
+    table and per-token times; a file its fast path cannot vouch for is read the pandas way."""
+    fast: list[dict | None] = [None] * len(files)
+    if engine == "duckdb":
+        from analysis import fleet_db
+        fast = fleet_db.read_footers(files)
+    slow = [f for f, m in zip(files, fast, strict=True) if m is None]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        it = iter(list(ex.map(_try_meta, slow)))
+    return [m if m is not None else next(it) for m in fast]
+
+
+def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False, engine: str = "auto") -> list[RunInfo]:
     """RunInfo for every run under ``paths``. A bad file named explicitly is an error; one found in a
     folder is skipped with a warning. Raises InputError when no run is left."""
     explicit, found = find_runs(paths)
     files = explicit + found
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        metas = list(ex.map(_try_meta, files))
+    engine = resolve_engine(engine, len(files))
+    metas = read_metas(files, engine)
     runs, rm_cache, skipped = [], {}, []
     for i, (f, m) in enumerate(zip(files, metas, strict=True)):
         if isinstance(m, InputError):
@@ -167,7 +211,8 @@ def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False) -
                 raise m
             skipped.append(m)
             continue
-        runs.append(run_info(f, m, with_hostname, rm_cache))
+        full = (lambda f=f: read_meta(f)) if engine == "duckdb" else None
+        runs.append(run_info(f, m, with_hostname, rm_cache, full))
     if not runs:
         raise InputError(f"no harness runs among {len(files)} Parquet file(s); first: {skipped[0]}")
     for e in skipped:
@@ -203,3 +248,31 @@ def group_names(groups: list[Group]) -> list[str]:
             parts.append("INCOMPLETE")
         out.append(" ".join(parts))
     return out
+
+
+def _ops_tokens(i: int, path: str) -> pa.Table | None:
+    """Per-token per-stage time_us sums of one run (arrow group-by; only the needed columns are read)."""
+    try:
+        t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+        log.warning("no op table for slopes in %s: %s", path, str(e).splitlines()[0][:120])
+        return None
+    if t.num_rows == 0:
+        return None
+    keys = [c for c in slope.NEEDED_COLUMNS if c != columns.TIME_US]
+    t = t.group_by(keys).aggregate([(columns.TIME_US, "sum")]).rename_columns([*keys, columns.TIME_US])
+    return t.append_column(slope.RUN, pa.array(np.full(t.num_rows, i, dtype=np.int64)))
+
+
+def token_stage_ms(paths: list[str], engine: str = "pandas") -> pd.DataFrame | None:
+    """``slope.token_stage_ms`` of the runs at ``paths`` pooled (``slope.RUN``: index into ``paths``): one row
+    per timed token, ms per stage. None when no run has an op table; one that cannot be read is left out."""
+    if engine == "duckdb":
+        from analysis import fleet_db
+        tok = fleet_db.token_stage_ms(paths)
+        if tok is not None:
+            return tok if len(tok) else None
+    parts = [t for t in (_ops_tokens(i, p) for i, p in enumerate(paths)) if t is not None]
+    if not parts:
+        return None
+    return slope.token_stage_ms(pa.concat_tables(parts, promote_options="permissive").to_pandas())
