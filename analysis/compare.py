@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import fleet, roofline, slope
-from harness import columns, stages, stats, store
+from harness import columns, stages
 from harness.cli import ArgParser, format_table, run_cli
-from harness.errors import InputError, UsageError
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
 GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
@@ -92,7 +92,10 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
     """Fill base_speedup / base_note in place (same model required; differing settings named);
     returns notes on the rows left without a baseline, saying what differs."""
     base_rows = df[df["device"] == base]
-    by_key = {k: sub for k, sub in base_rows.groupby(["context", "depth", "model_key"], sort=False)}
+    by_key: dict[tuple, dict[int, float]] = {}  # (context, depth, model) -> {baseline group: plain ms}
+    for ctx, depth, mk, gi, ms in zip(base_rows["context"], base_rows["depth"], base_rows["model_key"],
+                                      base_rows["group_index"], base_rows["plain_ms"], strict=True):
+        by_key.setdefault((ctx, depth, mk), {}).setdefault(int(gi), ms)
     base_models = {g.model_key: g.model_name for g in groups if g.label == base}
     speed, note, missing = [], [], {}
     for r in df.itertuples(index=False):
@@ -105,12 +108,10 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
             note.append("no baseline: " + ("context" if r.model_key in base_models else "model") + " differs")
             missing.setdefault((r.device, r.group, why), []).append(r.context)
             continue
-        mine = groups[r.group_index].setting
-        diffs = {int(i): [k for k in fleet.SETTINGS if groups[i].setting.get(k) != mine.get(k)]
-                 for i in cand["group_index"]}
+        mine = groups[r.group_index].settings
+        diffs = {i: [k for (k, v), (_, w) in zip(groups[i].settings, mine, strict=True) if v != w] for i in cand}
         bi = min(diffs, key=lambda i: (not groups[i].complete, len(diffs[i]), i))
-        b = cand[cand["group_index"] == bi].iloc[0]
-        speed.append(b["plain_ms"] / r.plain_ms if r.plain_ms > 0 else NAN)
+        speed.append(cand[bi] / r.plain_ms if r.plain_ms > 0 else NAN)
         note.append("; ".join([f"base {k}={groups[bi].setting.get(k)}" for k in diffs[bi]]
                               + (["base INCOMPLETE"] if not groups[bi].complete else [])))
     df["base_speedup"] = speed
@@ -118,39 +119,31 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
     return [f"no speedup for {dev} | {grp} at {', '.join(ctx)}: {why}" for (dev, grp, why), ctx in missing.items()]
 
 
-def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
+def group_slopes(groups: list[fleet.Group], names: list[str], engine: str = "pandas") -> pd.DataFrame:
     """Long table: device, group, stage + slope.SLOPE_COLUMNS; a group's runs pooled by a stratified bootstrap
-    over each run's rounds (only the needed op-table columns are read)."""
+    over each run's rounds (per-round stage sums read with pandas or DuckDB; the reference run has none)."""
+    runs = [(gi, r.path) for gi, g in enumerate(groups) for r in g.runs if not r.reference]
     cols = ["device", "group", columns.STAGE, *slope.SLOPE_COLUMNS]
-    out = []
-    for gi, g in enumerate(groups):
-        rds = []
-        for r in g.runs:
-            if r.reference:
-                continue
-            try:
-                run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
-            except InputError as e:
-                log.warning("no op table for slopes: %s", e)
-                continue
-            if not run.ops.empty:
-                rds.append(stats.round_data(run.ops, run.tokens))
-        if not rds or len({d for rd in rds for d in rd.depths}) < 2:
-            continue
-        fit = slope.pooled_slopes(rds).reset_index()
-        fit = fit[fit["slope_ms_per_1k"].notna() & ((fit["intercept_ms"] != 0) | (fit["slope_ms_per_1k"] != 0))]
-        out.append(fit.assign(device=g.label, group=names[gi]))
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    long = fleet.round_sums([p for _, p in runs], engine) if runs else pd.DataFrame()
+    fit = slope.long_slopes(long, np.array([gi for gi, _ in runs]))
+    if fit.empty:
+        return pd.DataFrame(columns=cols)
+    gi = fit.pop("group").to_numpy()
+    fit["device"] = [groups[i].label for i in gi]
+    fit["group"] = [names[i] for i in gi]
+    return fit[cols]
 
 
-def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list]:
-    """(table, slopes, notes): table has one row per group and context, slope columns merged in."""
+def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True,
+            engine: str = "pandas") -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(table, slopes, notes): table has one row per group and context, slope columns merged in.
+    ``engine`` (pandas or duckdb) reads the op tables for the slopes."""
     names = fleet.group_names(groups)
     df = pd.DataFrame([row for gi, (g, n) in enumerate(zip(groups, names, strict=True))
                        for row in pooled_rows(g, n, gi)])
     df = df.sort_values(["depth", "context", "device", "group"], kind="stable", ignore_index=True)
     notes = add_baseline(df, groups, baseline)
-    sl = group_slopes(groups, names) if slopes else pd.DataFrame(columns=["device", "group", columns.STAGE])
+    sl = group_slopes(groups, names, engine) if slopes else pd.DataFrame(columns=["device", "group", columns.STAGE])
     if not sl.empty:
         wide = sl.pivot_table(index=["device", "group"], columns=columns.STAGE, aggfunc="first", dropna=False,
                               values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
@@ -184,17 +177,20 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
                    for s in shown),
                  _f(r["ffn_gbps"], ".1f"), _f(r["attn_kv_gbps"], ".1f"), _f(r["bandwidth_gbps"], ".1f"),
                  _f(r["x_roofline"]), _f(r["base_speedup"], ".3f"), r["base_note"], r["flags"]]
-                for _, r in sub.iterrows()]
+                for r in sub.to_dict("records")]
         out += ["", f"## context {ctx} (depth {depth})", "", format_table(head, rows, numeric_from=2)]
     if not sl.empty:
-        st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
+        st = [s for s in stages.STAGES if s in set(sl[columns.STAGE])]
         out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]", ""]
+        by_group: dict[tuple[str, str], dict[str, dict]] = {}
+        for r in sl.to_dict("records"):
+            by_group.setdefault((r["device"], r["group"]), {})[r[columns.STAGE]] = r
         rows = []
-        for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
-            by = sub.set_index(columns.STAGE)
-            cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
-                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
-            rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells])
+        for (dev, grp), by in sorted(by_group.items()):
+            cells = [f"{_f(by[s]['slope_ms_per_1k'], '.3f')} [{_f(by[s]['ci95_low_ms_per_1k'], '.3f')}, "
+                     f"{_f(by[s]['ci95_high_ms_per_1k'], '.3f')}]" if s in by else "" for s in st]
+            rows.append([dev, grp, str(int(max(r["n_rounds"] for r in by.values()))),
+                         str(int(max(r["n_depths"] for r in by.values()))), *cells])
         out.append(format_table(["device", "group", "rounds", "depths", *st], rows, numeric_from=2))
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
@@ -209,15 +205,17 @@ def build_parser() -> ArgParser:
     ap.add_argument("--plots", default=None, metavar="DIR", help="write PNG + SVG plots here")
     ap.add_argument("--hostname", action="store_true", help="append @hostname to automatic (CPU-derived) labels")
     ap.add_argument("--no-slopes", action="store_true", help="skip the slope fit (reads no op tables)")
+    ap.add_argument("--engine", choices=fleet.ENGINES, default="auto",
+                    help=f"how the fleet is read (default auto: duckdb from {fleet.DUCKDB_MIN_RUNS} runs on)")
     return ap
 
 
 def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
-    runs = fleet.load_runs(a.paths, with_hostname=a.hostname)
+    runs = fleet.load_runs(a.paths, with_hostname=a.hostname, engine=a.engine)
     groups = fleet.group_runs(runs)
     baseline = choose_baseline(groups, a.baseline)
-    df, sl, notes = compare(groups, baseline, slopes=not a.no_slopes)
+    df, sl, notes = compare(groups, baseline, slopes=not a.no_slopes, engine=fleet.resolve_engine(a.engine, len(runs)))
     if a.format == "csv":
         for n in notes:
             log.warning("note: %s", n)

@@ -1,4 +1,5 @@
-"""Plots of a device compare (``analysis.compare``'s table), PNG + SVG, matplotlib Agg.
+"""Plots of a device compare (``analysis.compare``'s table): standalone matplotlib Figures
+(``make_figures``, no pyplot state), written as PNG + SVG by ``write_plots``.
 
 - ``compare_stage_ms``: grouped bars of stage ms/token, one panel per context, one bar per device group.
 - ``compare_stage_share``: stage share of profiled time vs depth, one panel per main stage, one line per group.
@@ -13,27 +14,23 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness import stages  # noqa: E402
-from harness.errors import UsageError  # noqa: E402
+from harness import stages
+from harness.errors import UsageError
 
 log = logging.getLogger(__name__)
 MAX_GROUPS = 16  # more groups than this: the first ones (table order) are plotted, the rest logged
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "svg"):
         p = out / f"{stem}.{ext}"
         fig.savefig(p, dpi=110, bbox_inches="tight")
         paths.append(p)
-    plt.close(fig)
     return paths
 
 
@@ -49,8 +46,8 @@ def _panels(n: int, width: float, height: float = 3.4):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     width = min(width, 8.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.25 * (1 + MAX_GROUPS // 8)),
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(width * cols, height * rows + 0.25 * (1 + MAX_GROUPS // 8)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -68,7 +65,7 @@ def _maybe_log(ax, totals) -> None:
         ax.set_ylabel("ms / token (log)")
 
 
-def plot_stage_ms(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_stage_ms(df: pd.DataFrame) -> Figure:
     keys = _keys(df)
     shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     ctxs = _contexts(df)
@@ -90,10 +87,10 @@ def plot_stage_ms(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(axis="y", alpha=0.3)
     _legend(fig, *axes[0].get_legend_handles_labels())
     fig.suptitle("Stage time per decoded token")
-    return _save(fig, out, "compare_stage_ms")
+    return fig
 
 
-def plot_stage_share(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_stage_share(df: pd.DataFrame) -> Figure:
     keys = _keys(df)
     shown = [s for s in stages.STAGES if (df[f"{s}_pct"].fillna(0) >= 1.0).any()]
     fig, axes = _panels(len(shown), 4.2)
@@ -111,10 +108,10 @@ def plot_stage_share(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     _legend(fig, *axes[0].get_legend_handles_labels())
     fig.suptitle("Stage share vs context depth")
-    return _save(fig, out, "compare_stage_share")
+    return fig
 
 
-def plot_roofline(df: pd.DataFrame, out: Path) -> list[Path]:
+def plot_roofline(df: pd.DataFrame) -> Figure:
     has_bw = df["bandwidth_gbps"].notna()
     keys = [k for k in _keys(df) if has_bw[df["device"] + " | " + df["group"] == k].any()]
     ctxs = _contexts(df)
@@ -146,7 +143,15 @@ def plot_roofline(df: pd.DataFrame, out: Path) -> list[Path]:
     if keys:
         _legend(fig, *axes[0].get_legend_handles_labels())
     fig.suptitle("Achieved read bandwidth as a fraction of the device roofline")
-    return _save(fig, out, "compare_roofline")
+    return fig
+
+
+def make_figures(df: pd.DataFrame) -> dict[str, Figure]:
+    n = df[["device", "group"]].drop_duplicates().shape[0]
+    if n > MAX_GROUPS:
+        log.warning("plots show the first %d of %d device groups (table order)", MAX_GROUPS, n)
+    return {"compare_stage_ms": plot_stage_ms(df), "compare_stage_share": plot_stage_share(df),
+            "compare_roofline": plot_roofline(df)}
 
 
 def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
@@ -155,7 +160,4 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the plot folder ({e.strerror}): {out}") from None
-    n = df[["device", "group"]].drop_duplicates().shape[0]
-    if n > MAX_GROUPS:
-        log.warning("plots show the first %d of %d device groups (table order)", MAX_GROUPS, n)
-    return [*plot_stage_ms(df, out), *plot_stage_share(df, out), *plot_roofline(df, out)]
+    return [p for stem, fig in make_figures(df).items() for p in _save(fig, out, stem)]

@@ -4,23 +4,39 @@ A *group* is the unit that ``analysis.compare`` reports: runs with the same devi
 same model (content hash, else name + dominant quant type), the same work-changing settings
 (``SETTINGS``), the same completeness and the same reference flag. Runs within a group are
 pooled; runs in different groups are never pooled.
+
+Runs are found recursively, so the flat layout (``runs/<time>_<label>_<model>.parquet``) and the
+Hive layout (``runs/device=<label>/model=<stem>/<time>.parquet``) read alike. Two engines read
+them and give the same results: ``pandas`` (pyarrow, one file at a time on a thread pool) and
+``duckdb`` (one query over every footer, one over every op table: ``analysis.fleet_db``); ``auto``
+picks DuckDB from ``DUCKDB_MIN_RUNS`` runs on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import stat
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.errors import InputError
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis import slope
+from harness import columns
+from harness.errors import InputError, UsageError
 from harness.record import ContextSummary, RunRecord
-from harness.store import TMP_PREFIX, read_record
+from harness.store import TMP_PREFIX, read_record, record_from_meta
 
 log = logging.getLogger(__name__)
 SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers")
+ENGINES = ("auto", "pandas", "duckdb")
+DUCKDB_MIN_RUNS = 200  # auto: from here on DuckDB is faster (bench/fleet_bench.py)
 
 
 @dataclass(frozen=True)
@@ -64,10 +80,11 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path
         if not p.exists():
             raise InputError(f"no such file or folder: {p}")
         cands = [p] if p.is_file() else sorted(f for f in p.rglob("*.parquet")
-                                              if f.is_file() and not f.name.startswith((TMP_PREFIX, ".")))
+                                              if not f.name.startswith((TMP_PREFIX, ".")))
         for f in cands:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
+            st = f.stat()  # one call per file: regular? and its identity, for de-duplication
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 (explicit if p.is_file() else found).append(f)
     if not explicit and not found:
         raise InputError(f"no run files (*.parquet) found in {', '.join(map(str, paths))}")
@@ -103,12 +120,15 @@ def _read_model(rec: RunRecord):
         return None
 
 
-def run_info(path: Path, rec: RunRecord, with_hostname: bool, rm_cache: dict) -> RunInfo:
+def run_info(path: Path, rec: RunRecord, with_hostname: bool, rm_cache: dict,
+             full_record: Callable[[], RunRecord] | None = None) -> RunInfo:
+    """``rec`` may lack the tensor table (DuckDB engine); ``full_record`` then reads the whole footer, once
+    per model and settings, for the read model."""
     key, name = model_identity(rec)
     settings = tuple((k, getattr(rec.params, k)) for k in SETTINGS)
     rm_key = (key, settings)
     if rm_key not in rm_cache:
-        rm_cache[rm_key] = _read_model(rec)
+        rm_cache[rm_key] = _read_model(full_record() if full_record and not rec.model.gguf else rec)
     return RunInfo(path=str(path), label=device_label(rec, with_hostname), model_key=key, model_name=name,
                    settings=settings, complete=rec.complete, reference=rec.reference,
                    bandwidth_gbps=rec.bandwidth_gbps, contexts=rec.contexts, read_model=rm_cache[rm_key],
@@ -122,13 +142,44 @@ def _try_meta(path: Path) -> RunRecord | InputError:
         return e
 
 
-def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False) -> list[RunInfo]:
+def _partial(meta: dict, path: Path) -> RunRecord | InputError:
+    """A record from a footer without its per-token times and tensor table (the DuckDB fast path)."""
+    try:
+        return record_from_meta({**meta, "tokens": meta.get("tokens", [])}, path)
+    except InputError as e:
+        return e
+
+
+def resolve_engine(engine: str, n_runs: int) -> str:
+    if engine not in ENGINES:
+        raise UsageError(f"unknown fleet engine {engine!r} (choose from: {', '.join(ENGINES)})")
+    if engine == "auto":
+        return "duckdb" if n_runs >= DUCKDB_MIN_RUNS else "pandas"
+    return engine
+
+
+def read_records(files: list[Path], engine: str) -> list[RunRecord | InputError]:
+    """Each file's validated record, or the InputError that reading it raised. DuckDB leaves out the tensor
+    table and per-token times (validated like the rest); a file its fast path cannot vouch for is read the
+    pandas way."""
+    fast: list[RunRecord | InputError | None] = [None] * len(files)
+    if engine == "duckdb":
+        from analysis import fleet_db
+        fast = [None if m is None else _partial(m, f) for f, m in zip(files, fleet_db.read_footers(files),
+                                                                       strict=True)]
+    slow = [f for f, m in zip(files, fast, strict=True) if m is None]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        it = iter(list(ex.map(_try_meta, slow)))
+    return [m if m is not None else next(it) for m in fast]
+
+
+def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False, engine: str = "auto") -> list[RunInfo]:
     """RunInfo for every run under ``paths``. A bad file named explicitly is an error; one found in a
     folder is skipped with a warning. Raises InputError when no run is left."""
     explicit, found = find_runs(paths)
     files = explicit + found
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        metas = list(ex.map(_try_meta, files))
+    engine = resolve_engine(engine, len(files))
+    metas = read_records(files, engine)
     runs, rm_cache, skipped = [], {}, []
     for i, (f, m) in enumerate(zip(files, metas, strict=True)):
         if isinstance(m, InputError):
@@ -136,7 +187,8 @@ def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False) -
                 raise m
             skipped.append(m)
             continue
-        runs.append(run_info(f, m, with_hostname, rm_cache))
+        full = (lambda f=f: read_record(f)) if engine == "duckdb" else None
+        runs.append(run_info(f, m, with_hostname, rm_cache, full))
     if not runs:
         raise InputError(f"no harness runs among {len(files)} Parquet file(s); first: {skipped[0]}")
     for e in skipped:
@@ -172,3 +224,33 @@ def group_names(groups: list[Group]) -> list[str]:
             parts.append("INCOMPLETE")
         out.append(" ".join(parts))
     return out
+
+
+def round_sums(paths: list[str], engine: str = "pandas") -> pd.DataFrame:
+    """Stage ms of every profiled token of the runs at ``paths``: columns run (index into ``paths``), context,
+    depth, round, stage, ms. Runs whose op table cannot be read are left out with a warning."""
+    if engine == "duckdb":
+        from analysis import fleet_db
+        long = fleet_db.round_sums(paths)
+        if long is not None:
+            return long
+    parts = [t for t in (_ops_sums(i, p) for i, p in enumerate(paths)) if t is not None]
+    cols = [slope.RUN, *slope.NEEDED_COLUMNS[:-1], "ms"]
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    return pa.concat_tables(parts, promote_options="permissive").to_pandas()[cols]
+
+
+def _ops_sums(i: int, path: str) -> pa.Table | None:
+    """Per-token per-stage time sums of one run (arrow group-by; only the needed columns are read)."""
+    try:
+        t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
+        log.warning("no op table for slopes in %s: %s", path, str(e).splitlines()[0][:120])
+        return None
+    if t.num_rows == 0:
+        return None
+    keys = [c for c in slope.NEEDED_COLUMNS if c != columns.TIME_US]
+    t = t.group_by(keys).aggregate([(columns.TIME_US, "sum")])
+    t = t.append_column("ms", pa.compute.divide(t.column(f"{columns.TIME_US}_sum"), 1000.0))
+    return t.select(keys + ["ms"]).append_column(slope.RUN, pa.array(np.full(t.num_rows, i, dtype=np.int64)))

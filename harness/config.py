@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from harness.engine import CACHE_TYPES, FLASH_ATTN, EngineConfig
 from harness.errors import UsageError
 from harness.record import ContextSpec, RunRecord
+from harness.store import LAYOUTS
 
 NAMED_CONTEXTS = {"short": 13, "medium": 172, "long": 658}
 DEFAULT_CONTEXTS = "short,medium,long"
 MODES = ("stages", "ops")
-LAYOUTS = ("flat", "hive")
 CALIB_ALL = 1 << 20  # extra splits of a calibration token: as many as the graph allows (every node asked)
 # settings that take comma lists, as in llama-bench: config field -> its flag
 LIST_SETTINGS = {"threads": "--threads", "flash_attn": "--flash-attn", "cache_type_k": "--cache-type-k",
@@ -85,7 +85,7 @@ class SweepConfig:
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r} ({' or '.join(MODES)})")
         if self.layout not in LAYOUTS:
-            raise UsageError(f"unknown layout {self.layout!r} ({' or '.join(LAYOUTS)})")
+            raise UsageError(f"unknown layout {self.layout!r} (choose from: {', '.join(LAYOUTS)})")
         self.engine_config(self.threads or 1).validate()
         return self
 

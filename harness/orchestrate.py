@@ -191,8 +191,9 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
     record = build_record(cfg, ops, tokens, noise, extras, info, model, model_hash, model_path, dev, threads,
                           bandwidth, Timing(load_s=load_s, sweep_s=sweep_s, prefill_tokens=cfg.max_depth),
                           stop, resume, fa_resolved, callback, pool)
-    path = store.write_run(ops, record, store.check_out_dir(cfg.out),
-                           store.run_filename(record.label, model_path.stem))
+    target = store.run_path(cfg.out, record.label, model_path.stem, cfg.layout)
+    store.clean_stale_temps(target.parent)
+    path = store.write_run(ops, record, store.check_out_dir(target.parent), target.name)
     if on_run is not None:
         on_run(record, path)
     if failure is not None:

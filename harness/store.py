@@ -56,6 +56,25 @@ def run_filename(label: str, model_stem: str, when: datetime | None = None) -> s
     return f"{when:%Y%m%dT%H%M%SZ}_{_slug(label)}_{_slug(model_stem)}.parquet"
 
 
+LAYOUTS = ("flat", "hive")
+
+
+def run_path(out_dir: str | os.PathLike, label: str, model_stem: str, layout: str = "flat",
+             when: datetime | None = None) -> Path:
+    """Where a new run goes. ``flat``: ``<out>/<time>_<label>_<model>.parquet``; ``hive``:
+    ``<out>/device=<label>/model=<model>/<time>.parquet`` (Hive-style partitions: DuckDB, Spark and
+    pyarrow datasets read ``device`` and ``model`` as columns). Write it with
+    ``write_run(ops, record, path.parent, path.name)``; readers search folders recursively, so both
+    layouts (and a mix) are read alike."""
+    when = when or datetime.now(timezone.utc)
+    if layout == "flat":
+        return Path(out_dir) / run_filename(label, model_stem, when)
+    if layout == "hive":
+        part = Path(out_dir) / f"device={_slug(label)}" / f"model={_slug(model_stem)}"
+        return part / f"{when:%Y%m%dT%H%M%SZ}.parquet"
+    raise UsageError(f"unknown run layout {layout!r} (choose from: {', '.join(LAYOUTS)})")
+
+
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
     """Create the output folder if needed and prove it is writable, before any heavy work."""
     d = Path(out_dir)
@@ -116,11 +135,16 @@ def _read_record(p: Path) -> tuple[RunRecord, int, int]:
         raise InputError(f"run metadata is not valid JSON: {p}") from None
     params = meta.get("params") if isinstance(meta, dict) else None
     n_tok = params.get("tokens") if isinstance(params, dict) else None
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    return record_from_meta(meta, p), version, n_tok if isinstance(n_tok, int) and n_tok > 0 else 1
+
+
+def record_from_meta(meta, path: str | os.PathLike) -> RunRecord:
+    """Upgrade and validate run metadata; InputError naming the field and the file."""
     try:
-        record, version = upgrades.from_meta(meta)
+        return upgrades.from_meta(meta)[0]
     except RecordError as e:
-        raise InputError(f"bad run metadata, {e}: {p}") from None
-    return record, version, n_tok if isinstance(n_tok, int) and n_tok > 0 else 1
+        raise InputError(f"bad run metadata, {e}: {path}") from None
 
 
 def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:

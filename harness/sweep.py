@@ -114,7 +114,8 @@ def resume_config(a: argparse.Namespace, typed: set[str]) -> tuple[store.Run, Sw
     if run.record.engine_version not in (None, engine.engine_version()):
         raise UsageError(f"cannot resume with llama-cpp-python {engine.engine_version()}: the run used "
                          f"{run.record.engine_version}")
-    return run, stored.replace(model=a.model or stored.model, out=a.out, probe=not a.no_probe, force=a.force)
+    return run, stored.replace(model=a.model or stored.model, out=a.out, layout=a.layout, probe=not a.no_probe,
+                               force=a.force)
 
 
 def format_summary(rec: RunRecord) -> str:

@@ -52,3 +52,35 @@ def tiny_run(tiny_gguf, tmp_path_factory) -> Path:
 def tiny_run_1t(tiny_gguf, tmp_path_factory) -> Path:
     """The same sweep on 1 thread, under another device label."""
     return _sweep(tiny_gguf, tmp_path_factory.mktemp("runs"), "--label", "tiny-1t", "--threads", "1")
+
+
+def write_as_version_2(src: Path, path: Path, edit=None) -> dict:
+    """Write a run as a schema-2 file would have stored it (sequential repeats x tokens, no rounds):
+    the tiny runs' 6 rounds become 2 repeats x 3 tokens. ``edit(meta)`` may change the metadata first."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from harness import store
+
+    run = store.read_run(src)
+    meta = run.record.to_dict()
+    meta["schema_version"] = 2
+    for k in ("rounds", "invariants", "flags"):
+        meta.pop(k)
+    p = meta["params"]
+    p.pop("rounds"), p.pop("order"), p.pop("calib_splits")
+    p["tokens"], p["repeats"] = 3, 2
+    meta["tokens"] = [[c, d, r // 3, r % 3, ps, w] for c, d, r, ps, _, w in meta["tokens"] if ps != "calibration"]
+    for c in meta["contexts"]:
+        for k in ("plain_ms_ci", "overhead_ratio_ci", "stage_ms_ci", "stage_ms_calibrated_ci", "sync_us_ci",
+                  "calibrated_sum_pct"):
+            c.pop(k)
+    if edit:
+        edit(meta)
+    ops = run.ops.assign(repeat=run.ops["round"] // 3, step=run.ops["round"] % 3).drop(columns=["round"])
+    t = pa.Table.from_pandas(ops, preserve_index=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), path)
+    return meta

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_as_version_2
 
 from harness import store
 from harness.errors import InputError
@@ -122,38 +122,12 @@ def test_newer_schema_and_non_runs_are_refused(tiny_run, tiny_gguf, tmp_path):
     assert r.returncode == 1 and "bad magic" in r.stderr and "Traceback" not in r.stderr
 
 
-def _as_version_2(tiny_run, path):
-    """Write the tiny run as a schema-2 file would have stored it (sequential repeats x tokens, no rounds)."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    run = read_run(tiny_run)
-    meta = run.record.to_dict()
-    meta["schema_version"] = 2
-    for k in ("rounds", "invariants", "flags"):
-        meta.pop(k)
-    p = meta["params"]
-    p.pop("rounds"), p.pop("order"), p.pop("calib_splits")
-    p["tokens"], p["repeats"] = 3, 2  # 6 rounds = 2 repeats x 3 tokens
-    meta["tokens"] = [[c, d, r // 3, r % 3, ps, w] for c, d, r, ps, _, w in meta["tokens"] if ps != "calibration"]
-    for c in meta["contexts"]:
-        for k in ("plain_ms_ci", "overhead_ratio_ci", "stage_ms_ci", "stage_ms_calibrated_ci", "sync_us_ci",
-                  "calibrated_sum_pct"):
-            c.pop(k)
-    ops = run.ops.assign(repeat=run.ops["round"] // 3, step=run.ops["round"] % 3).drop(columns=["round"])
-    t = pa.Table.from_pandas(ops, preserve_index=False)
-    pq.write_table(t.replace_schema_metadata({store.META_KEY: json.dumps(meta).encode()}), path)
-    return meta
-
-
 def test_older_schema_is_upgraded_on_read(tiny_run, tmp_path):
     import json
 
     import pyarrow.parquet as pq
 
-    v2 = _as_version_2(tiny_run, tmp_path / "v2.parquet")
+    v2 = write_as_version_2(tiny_run, tmp_path / "v2.parquet")
     up = read_run(tmp_path / "v2.parquet")
     assert up.record.params.order == "sequential" and up.record.params.rounds == 6
     assert sorted(set(up.ops["round"])) == list(range(6))
