@@ -74,6 +74,7 @@ ggml = _Lib(lambda: _llama_ggml.libggml, {
     "ggml_backend_reg_get_proc_address": (_p, [_p, ctypes.c_char_p]),
     "ggml_backend_dev_count": (_sz, []), "ggml_backend_dev_get": (_p, [_sz]),
     "ggml_backend_dev_name": (ctypes.c_char_p, [_p]), "ggml_backend_dev_description": (ctypes.c_char_p, [_p]),
+    "ggml_backend_buffer_is_host": (ctypes.c_bool, [_p]),
 })
 llama = _Lib(lambda: _llama_raw._lib, {
     "llama_attach_threadpool": (None, [_p, _p, _p]),
@@ -99,11 +100,14 @@ class TensorInfo:
 _NEG_INF = {"f16": (2, "H", 0xFC00), "f32": (4, "I", 0xFF800000)}  # the bit patterns of -inf
 
 
-def mask_visible(name: str, type_name: str, ne0: int, data: int | None) -> int | None:
+def mask_visible(name: str, type_name: str, ne0: int, data: int | None, buffer: int | None) -> int | None:
     """Cells of the first row of a KQ mask that are not -inf: the cells the CPU flash-attention kernel
     visits (``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` skips -inf). Inputs are set before the
-    graph computes, so the mask is readable while the eval callback is asked. None for other tensors."""
-    if not name.startswith("attn_inp_kq_mask") or type_name not in _NEG_INF or not data:
+    graph computes, so the mask is readable while the eval callback is asked, if it sits in host memory
+    (``ggml_backend_buffer_is_host``; a GPU's copy is not read). None for other tensors."""
+    if not name.startswith("attn_inp_kq_mask") or type_name not in _NEG_INF or not data or not buffer:
+        return None
+    if not ggml.ggml_backend_buffer_is_host(buffer):
         return None
     size, code, neg_inf = _NEG_INF[type_name]
     vals = struct.unpack(f"<{ne0}{code}", ctypes.string_at(data, ne0 * size))
@@ -120,7 +124,7 @@ def tensor_info(addr: int, s: ctypes.Structure) -> TensorInfo:
     name, type_name = _text(s.name), _text(g.ggml_type_name(s.type))
     return TensorInfo(name=name, op=_text(g.ggml_op_desc(addr)), type=type_name, ne=tuple(s.ne), nb=tuple(s.nb),
                       nbytes=int(g.ggml_nbytes(addr)), view_src=_text(s.view_src.contents.name) if s.view_src else "",
-                      visible=mask_visible(name, type_name, int(s.ne[0]), s.data))
+                      visible=mask_visible(name, type_name, int(s.ne[0]), s.data, s.buffer))
 
 
 def sources(src) -> tuple[TensorInfo | None, ...]:
