@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests check structure, not speed. OpenMP's default spin-waiting collapses when two llama.cpp processes
+# share two cores (every barrier waits for a descheduled thread): let idle OpenMP threads sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
