@@ -15,6 +15,8 @@
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
 - Slopes: per group and stage, least squares through each depth's mean ms/token, in ms per 1,000 KV
   tokens, with a 95 % bootstrap interval over rounds (depths paired by round; runs stratified).
+- Crossover: per group, the depth where attention over the KV cache reaches the FFN's time, from the
+  group's time model (``analysis.timemodel``, runs pooled), with its 95 % interval (``crossover_*`` columns).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from analysis import fleet, roofline, slope
+from analysis import fleet, forecast, roofline, slope, timemodel
 from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import InputError, UsageError
@@ -118,13 +120,31 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
     return [f"no speedup for {dev} | {grp} at {', '.join(ctx)}: {why}" for (dev, grp, why), ctx in missing.items()]
 
 
-def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
-    """Long table: device, group, stage + slope.SLOPE_COLUMNS; a group's runs pooled by a stratified bootstrap
-    over each run's rounds (only the needed op-table columns are read)."""
+CROSSOVER_COLUMNS = ["crossover_depth", "crossover_ci_low", "crossover_ci_high", "crossover_note"]
+
+
+def _crossover(rds: list[stats.RoundData], recs: list) -> dict:
+    """The group's attn_kv = ffn depth from its pooled time model (facts of the run with the largest n_ctx)."""
+    try:
+        facts = timemodel.AttnFacts.from_run(max(recs, key=lambda rec: rec.params.n_ctx))
+        x = next(c for c in forecast.crossovers(timemodel.fit(timemodel.depth_means(rds), facts))
+                 if c.key == "attn_eq_ffn")
+    except InputError as e:
+        return dict(zip(CROSSOVER_COLUMNS, [NAN, NAN, NAN, f"no time model: {e}"], strict=True))
+    lo, hi = (NAN if v is None else v for v in x.ci)
+    return {"crossover_depth": NAN if x.depth is None else x.depth, "crossover_ci_low": lo, "crossover_ci_high": hi,
+            "crossover_note": "" if x.depth is not None and x.crossed_pct >= 97.5 else
+            f"{x.crossed_pct:.0f} % of resamples cross below the context length {x.limit}"}
+
+
+def group_slopes(groups: list[fleet.Group], names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(slopes, crossovers). Slopes: long table of device, group, stage + slope.SLOPE_COLUMNS; crossovers: device,
+    group + CROSSOVER_COLUMNS. A group's runs pooled by a stratified bootstrap over each run's rounds (only the
+    needed op-table columns are read)."""
     cols = ["device", "group", columns.STAGE, *slope.SLOPE_COLUMNS]
-    out = []
+    out, cross = [], []
     for gi, g in enumerate(groups):
-        rds = []
+        rds, recs = [], []
         for r in g.runs:
             if r.reference:
                 continue
@@ -135,12 +155,15 @@ def group_slopes(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
                 continue
             if not run.ops.empty:
                 rds.append(stats.round_data(run.ops, run.tokens))
+                recs.append(run.record)
         if not rds or len({d for rd in rds for d in rd.depths}) < 2:
             continue
         fit = slope.pooled_slopes(rds).reset_index()
         fit = fit[fit["slope_ms_per_1k"].notna() & ((fit["intercept_ms"] != 0) | (fit["slope_ms_per_1k"] != 0))]
         out.append(fit.assign(device=g.label, group=names[gi]))
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+        cross.append({"device": g.label, "group": names[gi], **_crossover(rds, recs)})
+    return (pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols),
+            pd.DataFrame(cross, columns=["device", "group", *CROSSOVER_COLUMNS]))
 
 
 def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -150,7 +173,8 @@ def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tu
                        for row in pooled_rows(g, n, gi)])
     df = df.sort_values(["depth", "context", "device", "group"], kind="stable", ignore_index=True)
     notes = add_baseline(df, groups, baseline)
-    sl = group_slopes(groups, names) if slopes else pd.DataFrame(columns=["device", "group", columns.STAGE])
+    sl, cross = group_slopes(groups, names) if slopes else (pd.DataFrame(columns=["device", "group", columns.STAGE]),
+                                                             pd.DataFrame())
     if not sl.empty:
         wide = sl.pivot_table(index=["device", "group"], columns=columns.STAGE, aggfunc="first", dropna=False,
                               values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
@@ -160,11 +184,21 @@ def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True) -> tu
                  for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k", f"{s}_slope_ci95_high_ms_per_1k")
                  if c in wide.columns]
         df = df.merge(wide[order].reset_index(), on=["device", "group"], how="left")
+    if not cross.empty:
+        df = df.merge(cross, on=["device", "group"], how="left")
     return df, sl, notes
 
 
 def _f(v: float, fmt: str = ".2f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _crossover_cell(df: pd.DataFrame, dev: str, grp: str) -> str:
+    if "crossover_depth" not in df.columns:
+        return ""
+    r = df[(df["device"] == dev) & (df["group"] == grp)].iloc[0]
+    d, lo, hi = (_f(r[k], ",.0f") or "beyond" for k in ("crossover_depth", "crossover_ci_low", "crossover_ci_high"))
+    return f"{d} [{lo}, {hi}]" + (f" ({r['crossover_note']})" if r["crossover_note"] else "")
 
 
 def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: str, n_runs: int) -> str:
@@ -188,14 +222,17 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
         out += ["", f"## context {ctx} (depth {depth})", "", format_table(head, rows, numeric_from=2)]
     if not sl.empty:
         st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
-        out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]", ""]
+        out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]; "
+                "crossover: the time model's depth where attn_kv reaches ffn (python -m analysis.predict)", ""]
         rows = []
         for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
             by = sub.set_index(columns.STAGE)
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
                      f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
-            rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells])
-        out.append(format_table(["device", "group", "rounds", "depths", *st], rows, numeric_from=2))
+            rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells,
+                         _crossover_cell(df, dev, grp)])
+        out.append(format_table(["device", "group", "rounds", "depths", *st, "attn_kv = ffn at depth [95 %]"], rows,
+                                numeric_from=2))
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)
@@ -208,7 +245,7 @@ def build_parser() -> ArgParser:
     ap.add_argument("--format", choices=("md", "csv"), default="md")
     ap.add_argument("--plots", default=None, metavar="DIR", help="write PNG + SVG plots here")
     ap.add_argument("--hostname", action="store_true", help="append @hostname to automatic (CPU-derived) labels")
-    ap.add_argument("--no-slopes", action="store_true", help="skip the slope fit (reads no op tables)")
+    ap.add_argument("--no-slopes", action="store_true", help="skip the slope and time-model fits (reads no op tables)")
     return ap
 
 
