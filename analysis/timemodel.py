@@ -229,10 +229,15 @@ def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
         notes.append("the run has no calibration tokens: stage times are raw (profiled); the offset absorbs "
                      "the profiling overhead")
     pinv = np.linalg.pinv(x)
+    theta = pinv @ dm.stage[idx, ATTN]
+    n_b = len(own) if form == "per-regime" else 1  # the b parameters come last
+    if (theta[-n_b:] < 0).any():
+        notes.append("a fitted per-byte cost is negative: at the fitting depths attention does not grow with the KV "
+                     "bytes read (noise?); predictions away from them do not hold")
     const, const_boot = dm.stage[idx].mean(0), dm.stage_boot[:, idx].mean(1)
     const[ATTN], const_boot[:, ATTN] = 0.0, 0.0
     return TimeModel(
-        facts=facts, form=form, own=own, use=use, theta=pinv @ dm.stage[idx, ATTN],
+        facts=facts, form=form, own=own, use=use, theta=theta,
         theta_boot=(pinv @ dm.stage_boot[:, idx, ATTN].T).T, const=const, const_boot=const_boot,
         offset=float((dm.plain[idx] - dm.stage[idx].sum(1)).mean()),
         offset_boot=(dm.plain_boot[:, idx] - dm.stage_boot[:, idx].sum(2)).mean(1),
