@@ -31,7 +31,7 @@ import pandas as pd
 from analysis import fleet, forecast, roofline, slope, timemodel
 from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
-from harness.errors import InputError, UsageError
+from harness.errors import HarnessError, InputError, UsageError
 
 log = logging.getLogger(__name__)
 GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
@@ -126,10 +126,12 @@ CROSSOVER_COLUMNS = ["crossover_depth", "crossover_ci_low", "crossover_ci_high",
 def _crossover(rds: list[stats.RoundData], recs: list) -> dict:
     """The group's attn_kv = ffn depth from its pooled time model (facts of the run with the largest n_ctx)."""
     try:
-        facts = timemodel.AttnFacts.from_run(max(recs, key=lambda rec: rec.params.n_ctx))
+        for rec, path in recs:
+            forecast.check_record(rec, path)
+        facts = timemodel.AttnFacts.from_run(max((rec for rec, _ in recs), key=lambda rec: rec.params.n_ctx))
         x = next(c for c in forecast.crossovers(timemodel.fit(timemodel.depth_means(rds), facts))
                  if c.key == "attn_eq_ffn")
-    except InputError as e:
+    except HarnessError as e:
         return dict(zip(CROSSOVER_COLUMNS, [NAN, NAN, NAN, f"no time model: {e}"], strict=True))
     lo, hi = (NAN if v is None else v for v in x.ci)
     return {"crossover_depth": NAN if x.depth is None else x.depth, "crossover_ci_low": lo, "crossover_ci_high": hi,
@@ -155,7 +157,7 @@ def group_slopes(groups: list[fleet.Group], names: list[str]) -> tuple[pd.DataFr
                 continue
             if not run.ops.empty:
                 rds.append(stats.round_data(run.ops, run.tokens))
-                recs.append(run.record)
+                recs.append((run.record, r.path))
         if not rds or len({d for rd in rds for d in rd.depths}) < 2:
             continue
         fit = slope.pooled_slopes(rds).reset_index()

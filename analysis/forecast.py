@@ -26,15 +26,20 @@ CRITERIA = (("attn_25pct", "attn_kv reaches 25 % of decode"), ("attn_50pct", "at
 NO_CONTEXT_LENGTH_LIMIT = 1 << 17  # search limit when the model does not say its context length
 
 
-def fit_run(run: store.Run, fit_depths=None, n_boot: int = stats.N_BOOT, seed: int = 0) -> tuple[TimeModel, DepthMeans]:
-    """The time model of one run, fitted on ``fit_depths`` (default: all its depths), and its depth means.
-    InputError (one line) when the run cannot carry one; UsageError for fitting depths it did not measure."""
-    rec, path = run.record, run.path
+def check_record(rec, path: str) -> None:
+    """InputError unless the run's rounds can carry a time model: measured (not the reference), round-robin."""
     if rec.reference:
         raise InputError(f"a reference run (recorded figures, no per-round measurements): no time model: {path}")
     if rec.params.order != "round-robin":
         raise InputError(f"the run was measured in {rec.params.order} order, not round-robin: its depths are not "
                          f"paired by round, so drift would enter the fit; measure it again: {path}")
+
+
+def fit_run(run: store.Run, fit_depths=None, n_boot: int = stats.N_BOOT, seed: int = 0) -> tuple[TimeModel, DepthMeans]:
+    """The time model of one run, fitted on ``fit_depths`` (default: all its depths), and its depth means.
+    InputError (one line) when the run cannot carry one; UsageError for fitting depths it did not measure."""
+    rec, path = run.record, run.path
+    check_record(rec, path)
     if run.ops.empty or not rec.tokens:
         raise InputError(f"the run has no per-round measurements: {path}")
     facts = AttnFacts.from_run(rec)

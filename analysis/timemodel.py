@@ -207,7 +207,10 @@ def _design(count: np.ndarray, mib: np.ndarray, regs: tuple[str, ...], own: tupl
 def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
     """Fit the model on ``fit_depths`` (default: every depth of ``dm``)."""
     fd = np.array(sorted(set(dm.depths.tolist() if fit_depths is None else fit_depths)), dtype=int)
-    idx = np.searchsorted(dm.depths, fd)
+    idx = np.minimum(np.searchsorted(dm.depths, fd), len(dm.depths) - 1)
+    if (dm.depths[idx] != fd).any():
+        raise InputError(f"fitting depths {', '.join(map(str, fd))} are not all measured "
+                         f"(depths: {', '.join(map(str, dm.depths))})")
     if len(fd) < 2:
         raise InputError(f"the time model needs at least 2 fitting depths, got {len(fd)}")
     regs = facts.all_regimes()

@@ -128,3 +128,14 @@ def test_plots_and_compare_show_the_model(run4, tmp_path):
     assert df["crossover_depth"].nunique(dropna=False) == 1  # one value per group, on every context row
     r = run_cli("analysis.compare", str(run4))
     assert r.returncode == 0 and "attn_kv = ffn at depth [95 %]" in r.stdout, r.stderr
+
+
+def test_a_run_not_measured_round_robin_has_no_time_model(run4, tmp_path):
+    from test_compare import copy_run
+
+    seq = copy_run(run4, tmp_path / "seq.parquet", params={"order": "sequential"})
+    assert_one_line_error(run_cli("analysis.predict", str(seq)), 1, "not round-robin")
+    r = run_cli("analysis.compare", str(seq), "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert df["crossover_depth"].isna().all() and df["crossover_note"].str.contains("not round-robin").all()
