@@ -148,7 +148,8 @@ def crossovers(tm: TimeModel, chunk: int = 2048) -> list[Crossover]:
         for k in range(thr.shape[1]):
             hit = attn >= thr[None, :, k]
             new = hit.any(0) & np.isinf(first[:, k])
-            first[new, k] = depths[hit.argmax(0)[new]]
+            if new.any():
+                first[new, k] = depths[hit[:, new].argmax(0)]
         if np.isfinite(first[valid]).all():
             break
     out = []
