@@ -6,15 +6,15 @@
   work-changing settings (threads, flash_attn, cache_type_k/v, n_gpu_layers) are pooled; the row
   label shows the model and every setting that differs between groups. Incomplete runs form
   their own groups, marked INCOMPLETE.
-- Main table from the per-context summaries in each run's metadata (no op table read):
-  plain ms/token (mean over tokens, pooled token-weighted over runs; +/- is the std across runs when
-  a group has >= 2 runs, else across tokens), tokens/s, stage ms/token and share of profiled
-  time, achieved GB/s of ffn and attn_kv (read-model bytes / stage time), the device's measured
-  read bandwidth, x roofline (plain ms / (read-model bytes per token / bandwidth)), and speedup vs
-  the baseline device (baseline ms / row ms, same model; a differing setting is named in base_note).
+- Main table from each run's context summaries (no op table read): plain ms/token (pooled over
+  runs; +/- is the std across runs, else across tokens), tokens/s, calibrated stage ms/token and
+  share, achieved GB/s of ffn and attn_kv, the device's read bandwidth, x roofline (``analysis.roofline``),
+  and speedup vs the baseline device (same model; a differing setting is named in base_note).
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
 - Slopes: per group and stage, least squares through each depth's mean ms/token, in ms per 1,000 KV
   tokens, with a 95 % bootstrap interval over rounds (depths paired by round; runs stratified).
+- Crossover: per group, the depth where attention over the KV cache reaches the FFN's time, from the
+  group's time model (``analysis.timemodel``, runs pooled), with its 95 % interval (``--crossover``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import sys
 import numpy as np
 import pandas as pd
 
-from analysis import fleet, roofline, slope
-from harness import columns, stages
+from analysis import fleet, forecast, roofline, slope, timemodel
+from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
-from harness.errors import UsageError
+from harness.errors import HarnessError, InputError, UsageError
 
 log = logging.getLogger(__name__)
 GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
@@ -134,16 +134,63 @@ def group_slopes(groups: list[fleet.Group], names: list[str], engine: str = "pan
     return fit[cols]
 
 
-def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True,
-            engine: str = "pandas") -> tuple[pd.DataFrame, pd.DataFrame, list]:
-    """(table, slopes, notes): table has one row per group and context, slope columns merged in.
-    ``engine`` (pandas or duckdb) reads the op tables for the slopes."""
+CROSSOVER_COLUMNS = ["crossover_depth", "crossover_ci_low", "crossover_ci_high", "crossover_note"]
+
+
+def _crossover(rds: list[stats.RoundData], recs: list) -> dict:
+    """The group's attn_kv = ffn depth from its pooled time model (facts of the run with the largest n_ctx)."""
+    try:
+        for rec, path in recs:
+            forecast.check_record(rec, path)
+        facts = timemodel.AttnFacts.from_run(max((rec for rec, _ in recs), key=lambda rec: rec.params.n_ctx))
+        x = next(c for c in forecast.crossovers(timemodel.fit(timemodel.depth_means(rds), facts))
+                 if c.key == "attn_eq_ffn")
+    except HarnessError as e:
+        return dict(zip(CROSSOVER_COLUMNS, [NAN, NAN, NAN, f"no time model: {e}"], strict=True))
+    lo, hi = (NAN if v is None else v for v in x.ci)
+    return {"crossover_depth": NAN if x.depth is None else x.depth, "crossover_ci_low": lo, "crossover_ci_high": hi,
+            "crossover_note": "" if x.depth is not None and x.crossed_pct >= 97.5 else
+            f"{x.crossed_pct:.0f} % of resamples cross below the context length {x.limit}"}
+
+
+CROSSOVER_AUTO_GROUPS = 50  # --crossover auto: fit each group's time model up to this many groups
+
+
+def group_crossovers(groups: list[fleet.Group], names: list[str]) -> pd.DataFrame:
+    """device, group + CROSSOVER_COLUMNS: the attn_kv = ffn depth of each group's pooled time model (each run
+    read whole: its token table carries the plain and calibration passes the model needs)."""
+    cross = []
+    for gi, g in enumerate(groups):
+        rds, recs = [], []
+        for r in g.runs:
+            if r.reference:
+                continue
+            try:
+                run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
+            except InputError as e:
+                log.warning("no op table for the time model: %s", e)
+                continue
+            if not run.ops.empty:
+                rds.append(stats.round_data(run.ops, run.tokens))
+                recs.append((run.record, r.path))
+        if rds and len({d for rd in rds for d in rd.depths}) >= 2:
+            cross.append({"device": g.label, "group": names[gi], **_crossover(rds, recs)})
+    return pd.DataFrame(cross, columns=["device", "group", *CROSSOVER_COLUMNS])
+
+
+def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True, engine: str = "pandas",
+            crossover: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(table, slopes, notes): table has one row per group and context, slope and crossover columns merged in.
+    ``engine`` (pandas or duckdb) reads the op tables for the slopes; ``crossover`` (default: up to
+    CROSSOVER_AUTO_GROUPS groups, and only with slopes) fits each group's time model."""
+    crossover = slopes and (len(groups) <= CROSSOVER_AUTO_GROUPS if crossover is None else crossover)
     names = fleet.group_names(groups)
     df = pd.DataFrame([row for gi, (g, n) in enumerate(zip(groups, names, strict=True))
                        for row in pooled_rows(g, n, gi)])
     df = df.sort_values(["depth", "context", "device", "group"], kind="stable", ignore_index=True)
     notes = add_baseline(df, groups, baseline)
     sl = group_slopes(groups, names, engine) if slopes else pd.DataFrame(columns=["device", "group", columns.STAGE])
+    cross = group_crossovers(groups, names) if crossover else pd.DataFrame()
     if not sl.empty:
         wide = sl.pivot_table(index=["device", "group"], columns=columns.STAGE, aggfunc="first", dropna=False,
                               values=["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k"])
@@ -153,11 +200,21 @@ def compare(groups: list[fleet.Group], baseline: str, slopes: bool = True,
                  for c in (f"{s}_slope_ms_per_1k", f"{s}_slope_ci95_low_ms_per_1k", f"{s}_slope_ci95_high_ms_per_1k")
                  if c in wide.columns]
         df = df.merge(wide[order].reset_index(), on=["device", "group"], how="left")
+    if not cross.empty:
+        df = df.merge(cross, on=["device", "group"], how="left")
     return df, sl, notes
 
 
 def _f(v: float, fmt: str = ".2f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _crossover_cell(df: pd.DataFrame, dev: str, grp: str) -> str:
+    if "crossover_depth" not in df.columns:
+        return ""
+    r = df[(df["device"] == dev) & (df["group"] == grp)].iloc[0]
+    d, lo, hi = (_f(r[k], ",.0f") or "beyond" for k in ("crossover_depth", "crossover_ci_low", "crossover_ci_high"))
+    return f"{d} [{lo}, {hi}]" + (f" ({r['crossover_note']})" if r["crossover_note"] else "")
 
 
 def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: str, n_runs: int) -> str:
@@ -180,18 +237,18 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
                 for r in sub.to_dict("records")]
         out += ["", f"## context {ctx} (depth {depth})", "", format_table(head, rows, numeric_from=2)]
     if not sl.empty:
-        st = [s for s in stages.STAGES if s in set(sl[columns.STAGE])]
-        out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]", ""]
-        by_group: dict[tuple[str, str], dict[str, dict]] = {}
-        for r in sl.to_dict("records"):
-            by_group.setdefault((r["device"], r["group"]), {})[r[columns.STAGE]] = r
+        st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
+        out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]; "
+                "crossover: the time model's depth where attn_kv reaches ffn (python -m analysis.predict)", ""]
         rows = []
-        for (dev, grp), by in sorted(by_group.items()):
-            cells = [f"{_f(by[s]['slope_ms_per_1k'], '.3f')} [{_f(by[s]['ci95_low_ms_per_1k'], '.3f')}, "
-                     f"{_f(by[s]['ci95_high_ms_per_1k'], '.3f')}]" if s in by else "" for s in st]
-            rows.append([dev, grp, str(int(max(r["n_rounds"] for r in by.values()))),
-                         str(int(max(r["n_depths"] for r in by.values()))), *cells])
-        out.append(format_table(["device", "group", "rounds", "depths", *st], rows, numeric_from=2))
+        for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
+            by = sub.set_index(columns.STAGE)
+            cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
+                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
+            rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells,
+                         _crossover_cell(df, dev, grp)])
+        out.append(format_table(["device", "group", "rounds", "depths", *st, "attn_kv = ffn at depth [95 %]"], rows,
+                                numeric_from=2))
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)
@@ -204,7 +261,10 @@ def build_parser() -> ArgParser:
     ap.add_argument("--format", choices=("md", "csv"), default="md")
     ap.add_argument("--plots", default=None, metavar="DIR", help="write PNG + SVG plots here")
     ap.add_argument("--hostname", action="store_true", help="append @hostname to automatic (CPU-derived) labels")
-    ap.add_argument("--no-slopes", action="store_true", help="skip the slope fit (reads no op tables)")
+    ap.add_argument("--no-slopes", action="store_true", help="skip the slope and time-model fits (reads no op tables)")
+    ap.add_argument("--crossover", choices=("auto", "on", "off"), default="auto",
+                    help="fit each group's time model for its crossover depth (auto: up to "
+                    f"{CROSSOVER_AUTO_GROUPS} groups; a fleet's slopes stay fast without it)")
     ap.add_argument("--engine", choices=fleet.ENGINES, default="auto",
                     help=f"how the fleet is read (default auto: duckdb from {fleet.DUCKDB_MIN_RUNS} runs on)")
     return ap
@@ -215,7 +275,9 @@ def _main(argv: list[str] | None) -> int:
     runs = fleet.load_runs(a.paths, with_hostname=a.hostname, engine=a.engine)
     groups = fleet.group_runs(runs)
     baseline = choose_baseline(groups, a.baseline)
-    df, sl, notes = compare(groups, baseline, slopes=not a.no_slopes, engine=fleet.resolve_engine(a.engine, len(runs)))
+    cross = {"auto": None, "on": True, "off": False}[a.crossover]
+    df, sl, notes = compare(groups, baseline, slopes=not a.no_slopes, engine=fleet.resolve_engine(a.engine, len(runs)),
+                            crossover=cross)
     if a.format == "csv":
         for n in notes:
             log.warning("note: %s", n)

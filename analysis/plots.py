@@ -3,8 +3,10 @@
     python -m analysis.plots RUN.parquet -o DIR [--model-variant auto|exact|exact_padded|seed] [--model GGUF]
 
 1. ``read_per_token``: modelled FFN and attention-KV MiB read per token against context depth.
-2. ``stage_shares``: measured decode stage shares (% of the profiled wall time) against depth.
-3. ``stage_ms``: stacked measured ms/token of every stage per context, with the plain decode time.
+2. ``stage_shares``: measured decode stage shares (calibrated) against depth; with a time model
+   (``analysis.timemodel``), its predicted FFN and attention shares as dashed curves with 95 % bands.
+3. ``stage_ms``: stacked measured ms/token of every stage per context, with the plain decode time; with
+   a time model, a second panel of plain, FFN and attention ms against depth, measured and predicted.
 4. ``roofline``: measured stage ms/token against modelled bytes/token per stage, with the
    device's measured read bandwidth as the roofline (omitted, and said so, when not measured).
 """
@@ -18,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import table
+from analysis import forecast, predict_plots, table
 from analysis.readmodel import ReadModel
+from analysis.timemodel import TimeModel
 from harness import stages, store
 from harness.cli import ArgParser, run_cli
 from harness.errors import UsageError
@@ -33,10 +36,10 @@ COLORS = {stages.FFN: "#1f77b4", stages.ATTN_KV: "#d62728", stages.KV_STORE: "#f
 FIGURES = ("read_per_token", "stage_shares", "stage_ms", "roofline")
 
 
-def _subplots(figsize: tuple[float, float]):
+def _subplots(figsize: tuple[float, float], ncols: int = 1):
     """A standalone Figure (no pyplot state, no backend switch): Jupyter displays it, savefig writes it."""
     fig = Figure(figsize=figsize)
-    return fig, fig.subplots()
+    return fig, fig.subplots(1, ncols)
 
 
 def _title_suffix(rec: RunRecord) -> str:
@@ -74,10 +77,12 @@ def plot_read_per_token(rec: RunRecord, model: ReadModel) -> Figure:
     return fig
 
 
-def plot_stage_shares(rec: RunRecord) -> Figure:
+def plot_stage_shares(rec: RunRecord, tm: TimeModel | None = None) -> Figure:
     ctxs = rec.sorted_contexts()
     depths = [c.depth for c in ctxs]
     fig, ax = _subplots(figsize=(7.5, 4.5))
+    if tm is not None:
+        predict_plots.draw_shares(ax, predict_plots.curve(tm, max(depths) * 1.15), COLORS, tm)
     for s in stages.STAGES:
         vals = [c.share(s) for c in ctxs]
         if not any(v > 0 for v in vals):
@@ -96,11 +101,15 @@ def plot_stage_shares(rec: RunRecord) -> Figure:
     return fig
 
 
-def plot_stage_ms(rec: RunRecord) -> Figure:
+def plot_stage_ms(rec: RunRecord, tm: TimeModel | None = None) -> Figure:
     ctxs = rec.sorted_contexts()
     labels = [f"{c.context}\n({c.depth})" for c in ctxs]
     x = np.arange(len(ctxs))
-    fig, ax = _subplots(figsize=(7.5, 4.5))
+    if tm is not None:
+        fig, (ax, ax2) = _subplots(figsize=(13.5, 4.5), ncols=2)
+        predict_plots.draw_ms(ax2, rec, predict_plots.curve(tm, max(c.depth for c in ctxs) * 1.15), COLORS, tm)
+    else:
+        fig, ax = _subplots(figsize=(7.5, 4.5))
     bottom = np.zeros(len(ctxs))
     for s in stages.STAGES:
         vals = np.array([c.stage(s) for c in ctxs])
@@ -152,15 +161,16 @@ def plot_roofline(rec: RunRecord, model: ReadModel) -> Figure:
     return fig
 
 
-def make_figures(rec: RunRecord, model: ReadModel) -> dict[str, Figure]:
-    return {"read_per_token": plot_read_per_token(rec, model), "stage_shares": plot_stage_shares(rec),
-            "stage_ms": plot_stage_ms(rec), "roofline": plot_roofline(rec, model)}
+def make_figures(rec: RunRecord, model: ReadModel, tm: TimeModel | None = None) -> dict[str, Figure]:
+    """The four figures; ``tm`` (``forecast.fit_run``/``try_fit``) adds the time model's curves."""
+    return {"read_per_token": plot_read_per_token(rec, model), "stage_shares": plot_stage_shares(rec, tm),
+            "stage_ms": plot_stage_ms(rec, tm), "roofline": plot_roofline(rec, model)}
 
 
-def write_plots(rec: RunRecord, model: ReadModel, out_dir: str | Path) -> list[Path]:
+def write_plots(rec: RunRecord, model: ReadModel, out_dir: str | Path, tm: TimeModel | None = None) -> list[Path]:
     d = store.check_out_dir(out_dir)
     written = []
-    for name, fig in make_figures(rec, model).items():
+    for name, fig in make_figures(rec, model, tm).items():
         for ext in ("png", "svg"):
             p = d / f"{name}.{ext}"
             try:
@@ -179,7 +189,10 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--model", default=None, help="GGUF whose tensor table to use when the run lacks one")
     a = ap.parse_args(argv)
     run, model = table.load(a.run, a.model_variant, a.model)
-    for p in write_plots(run.record, model, a.out):
+    tm, _, why = forecast.try_fit(run)
+    if tm is None:
+        log.info("no time-model curves: %s", why)
+    for p in write_plots(run.record, model, a.out, tm):
         sys.stdout.write(f"{p}\n")
     return 0
 

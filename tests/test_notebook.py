@@ -48,6 +48,7 @@ def test_notebook_runs_on_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert images == 4
     assert "tiny-2t" in text and "read model: exact" in text
     assert "| Context | Input tokens | KV-cache MB |" in text
+    assert "## Crossovers" in text and "attn_kv reaches ffn" in text  # the time model's cell
 
 
 def test_notebook_parameter_cell_defaults_to_reference_run():
@@ -67,3 +68,4 @@ def test_notebook_runs_on_reference_run(tmp_path, monkeypatch):
     text, images = _outputs(_execute(tmp_path))
     assert images == 4
     assert "| short | 13 | 0.89 | 1680.0 | 0.89 | 0.001 | 75.3 | 0.9 |" in text
+    assert "No time model for this run: a reference run" in text

@@ -1,0 +1,171 @@
+"""analysis.timemodel and analysis.forecast on synthetic round data with known parameters (no engine):
+recovery, kernel regimes and the fallbacks when the depths do not identify them, crossovers, coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis import forecast, readmodel, timemodel
+from analysis.timemodel import CHUNKED, MATMUL, OFFLOADED, SPLIT, AttnFacts
+from harness import stages, stats
+from harness.errors import InputError
+
+CONST = {stages.FFN: 34.0, stages.LM_HEAD: 16.0, stages.ATTN_PROJ: 7.0, stages.GEMMA3N_EXTRA: 9.0,
+         stages.KV_STORE: 0.5, stages.NORM: 1.0, stages.OTHER: 1.5, stages.HOST: 0.5}
+E4B_DEPTHS = (13, 172, 658, 2048, 4096, 8192)
+
+
+def facts(preset: str = "gemma-3n-e4b", ctype: str = "f16", n_ctx: int = 8193, fa: bool = True, ngl: int = 0):
+    info = readmodel.preset_model_info(preset)
+    rm = readmodel.from_model_info(info, "exact" if fa else "exact_padded", ctype, ctype, n_ctx=n_ctx,
+                                   n_batch=512, n_ubatch=512, restored=True)
+    return AttnFacts(rm, info.n_ctx_train, ngl == 0)
+
+
+def true_attn(f: AttnFacts, depths, a: dict, b: dict) -> np.ndarray:
+    count, mib = f.layer_terms(depths)
+    regs = f.all_regimes()
+    return sum(a[r] * count[:, j] + b[r] * mib[:, j] for j, r in enumerate(regs))
+
+
+def synth(f: AttnFacts, depths, a: dict, b: dict, noise: float = 0.0, rounds: int = 12, seed: int = 0,
+          offset: float = 0.3, const: dict | None = None) -> stats.RoundData:
+    """Round data whose attn_kv is exactly the model with (a, b) plus Gaussian noise (ms) per round and stage."""
+    rng = np.random.default_rng(seed)
+    const = const or CONST
+    d = np.array(depths)
+    st = np.zeros((rounds, len(d), len(stats.S)))
+    for s, v in const.items():
+        st[:, :, stats.S[s]] = v
+    st[:, :, stats.S[stages.ATTN_KV]] = true_attn(f, d, a, b)[None]
+    st += rng.normal(0, noise, st.shape)
+    plain = st.sum(2) + offset + rng.normal(0, noise, (rounds, len(d)))
+    return stats.RoundData(tuple(map(str, d)), tuple(int(x) for x in d), np.arange(rounds), plain, plain * 1.02, st,
+                           np.zeros((len(d), len(stats.S))), np.zeros(rounds), np.ones(rounds))
+
+
+A, B = {CHUNKED: 0.02, SPLIT: 0.05}, {CHUNKED: 0.9, SPLIT: 0.6}
+
+
+def test_layer_terms_are_the_read_models_kv_bytes():
+    f = facts()
+    for depth in (0, 13, 300, 511, 658, 4096, 30000):
+        count, mib = f.layer_terms([depth])
+        assert count.sum() == 35
+        assert mib.sum() * timemodel.MIB == pytest.approx(f.model.kv_read_bytes(depth))
+    count, _ = f.layer_terms([13, 172, 658, 2048])
+    assert count[:, 1].tolist() == [0, 0, 35, 35]  # the n_kv view reaches 512 past depth 255 in every layer
+
+
+def test_regimes_follow_the_cpu_kernels():
+    assert facts().regime(511) == CHUNKED and facts().regime(512) == SPLIT
+    assert facts(ctype="q8_0").regime(4096) == CHUNKED  # the split-KV path takes f16/f32 caches only
+    assert facts(fa=False).all_regimes() == (MATMUL,)
+    assert facts(ngl=99).all_regimes() == (OFFLOADED,)
+
+
+def test_recovers_known_parameters_and_predicts_unseen_depths():
+    f = facts()
+    dm = timemodel.depth_means(synth(f, E4B_DEPTHS, A, B, noise=0.01), n_boot=300)
+    tm = timemodel.fit(dm, f, [13, 172, 658, 2048])
+    assert tm.form == "per-regime" and tm.own == (CHUNKED, SPLIT) and not tm.notes
+    assert tm.param_names == ["a[chunked]", "a[split-kv]", "b[chunked]", "b[split-kv]"]
+    np.testing.assert_allclose(tm.theta, [A[CHUNKED], A[SPLIT], B[CHUNKED], B[SPLIT]], rtol=0.05, atol=2e-3)
+    assert tm.const[stats.S[stages.FFN]] == pytest.approx(34.0, abs=0.02) and tm.offset == pytest.approx(0.3, abs=0.02)
+    val = forecast.validate(tm, dm).set_index("depth")
+    assert not val.loc[4096, "fitted"] and val.loc[2048, "fitted"]
+    assert abs(val.loc[8192, "attn_kv_error_pct"]) < 1 and abs(val.loc[8192, "plain_error_pct"]) < 0.1
+    p = forecast.predict(tm, [8192])
+    truth = true_attn(f, [8192], A, B)[0]
+    assert p.stage_ci[0, 0, stats.S[stages.ATTN_KV]] <= truth <= p.stage_ci[1, 0, stats.S[stages.ATTN_KV]]
+    assert p.share[0].sum() == pytest.approx(100)
+    assert p.regimes == ("35 split-kv",)
+
+
+def test_one_regime_when_no_fitting_depth_reaches_the_split_path():
+    f = facts()
+    tm = timemodel.fit(timemodel.depth_means(synth(f, (13, 100, 172, 658), A, B), n_boot=100), f, [13, 100, 172])
+    assert tm.form == "one-regime" and tm.own == (CHUNKED,) and tm.use[SPLIT] == CHUNKED
+    assert any("no fitting depth puts a layer in the split-kv regime" in n for n in tm.notes)
+    np.testing.assert_allclose(tm.theta, [A[CHUNKED], B[CHUNKED]], rtol=1e-6)
+
+
+def test_shared_slope_when_a_regime_has_one_depth():
+    f = facts()
+    tm = timemodel.fit(timemodel.depth_means(synth(f, (13, 172, 658), A, B), n_boot=100), f)
+    assert tm.form == "shared-slope" and tm.param_names == ["a[chunked]", "a[split-kv]", "b"]
+    assert any("shared-slope" in n for n in tm.notes)
+
+
+def test_depths_that_read_the_same_bytes_cannot_be_fitted():
+    f = facts()
+    rd = synth(f, (13, 658), A, B)
+    with pytest.raises(InputError, match="at least 2 fitting depths"):
+        timemodel.fit(timemodel.depth_means(rd, n_boot=50), f, [13])
+    f_tiny = facts("tiny", n_ctx=641)  # window 32: no sliding growth, but 5 global layers keep growing
+    rd = synth(f_tiny, (13, 40), {CHUNKED: 0.01, SPLIT: 0.01}, {CHUNKED: 1.0, SPLIT: 1.0})
+    assert timemodel.fit(timemodel.depth_means(rd, n_boot=50), f_tiny).form == "one-regime"
+
+
+def crossover_truth(f: AttnFacts, thr: float) -> int | None:
+    depths = np.arange(f.context_length)
+    hit = np.nonzero(true_attn(f, depths, A, B) >= thr)[0]
+    return int(depths[hit[0]]) if len(hit) else None
+
+
+def test_crossovers_match_a_brute_force_search():
+    f = facts()
+    tm = timemodel.fit(timemodel.depth_means(synth(f, E4B_DEPTHS, A, B), n_boot=50), f)
+    rest = sum(CONST.values())
+    xs = {x.key: x for x in forecast.crossovers(tm)}
+    for key, thr in (("attn_25pct", rest / 3), ("attn_50pct", rest), ("attn_eq_ffn", CONST[stages.FFN])):
+        assert xs[key].depth == crossover_truth(f, thr), key
+        assert xs[key].ci == (xs[key].depth, xs[key].depth) and xs[key].crossed_pct == 100  # no noise: no spread
+    assert xs["attn_eq_ffn"].limit == 32768
+
+
+def test_crossover_beyond_the_context_length_is_said_so():
+    f = facts()
+    small = {CHUNKED: 1e-4, SPLIT: 1e-4}
+    tm = timemodel.fit(timemodel.depth_means(synth(f, E4B_DEPTHS, small, small, noise=1e-4), n_boot=100), f)
+    x = next(x for x in forecast.crossovers(tm) if x.key == "attn_50pct")
+    assert x.depth is None and x.crossed_pct == 0 and x.ci == (None, None)
+    assert x.text() == "beyond the model's context length (32,768)" and x.ci_text() == "[beyond, beyond]"
+
+
+def test_intervals_cover_the_truth():
+    """Bootstrap percentile intervals over rounds: the true attn_kv at an unseen depth is inside most of them."""
+    f = facts()
+    truth = true_attn(f, [8192], A, B)[0]
+    hits = []
+    for seed in range(40):
+        dm = timemodel.depth_means(synth(f, E4B_DEPTHS, A, B, noise=0.3, rounds=16, seed=seed), n_boot=400)
+        ci = forecast.predict(timemodel.fit(dm, f, [13, 172, 658, 2048]), [8192]).stage_ci[:, 0, stats.S["attn_kv"]]
+        hits.append(ci[0] <= truth <= ci[1])
+    assert np.mean(hits) >= 0.8, np.mean(hits)
+
+
+def test_pooled_runs_and_a_kv_run_combine():
+    f = facts()
+    rd1, rd2 = synth(f, E4B_DEPTHS, A, B, 0.01, seed=1), synth(f, (13, 658, 4096), A, B, 0.01, seed=2)
+    dm = timemodel.depth_means([rd1, rd2], n_boot=100)
+    assert dm.depths.tolist() == list(E4B_DEPTHS) and dm.n_rounds == 24
+    tm = timemodel.fit(dm, f)
+    fq = facts(ctype="q8_0")
+    kv = timemodel.fit(timemodel.depth_means(synth(fq, E4B_DEPTHS, A, B, 0.01, const={**CONST, "kv_store": 0.9}),
+                                             n_boot=100), fq)
+    both = timemodel.with_kv(tm, kv, "from a q8_0 run")
+    assert both.facts.cache_types == ("q8_0", "q8_0") and both.own == (CHUNKED,)
+    assert both.const[stats.S[stages.KV_STORE]] == pytest.approx(0.9, abs=0.01)
+    assert both.offset == tm.offset and both.notes[-1] == "from a q8_0 run"
+    assert both.to_dict()["cache_type_k"] == "q8_0"
+
+
+def test_a_negative_per_byte_cost_is_flagged():
+    f = facts()
+    falling = synth(f, (13, 172), {CHUNKED: 0.1, SPLIT: 0.1}, {CHUNKED: -0.5, SPLIT: -0.5})
+    tm = timemodel.fit(timemodel.depth_means(falling, n_boot=50), f)
+    assert tm.theta[-1] < 0 and any("per-byte cost is negative" in n for n in tm.notes)
+    tm = timemodel.fit(timemodel.depth_means(synth(f, (13, 172), A, B), n_boot=50), f)
+    assert not any("negative" in n for n in tm.notes)
