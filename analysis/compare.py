@@ -146,7 +146,8 @@ def _crossover(rds: list[stats.RoundData], recs: list) -> dict:
         x = next(c for c in forecast.crossovers(timemodel.fit(timemodel.depth_means(rds), facts))
                  if c.key == "attn_eq_ffn")
     except HarnessError as e:
-        return dict(zip(CROSSOVER_COLUMNS, [NAN, NAN, NAN, f"no time model: {e}"], strict=True))
+        why = str(e).rsplit(": /", 1)[0]  # the reason, without the file (the row names the group)
+        return dict(zip(CROSSOVER_COLUMNS, [NAN, NAN, NAN, f"no time model: {why}"], strict=True))
     lo, hi = (NAN if v is None else v for v in x.ci)
     return {"crossover_depth": NAN if x.depth is None else x.depth, "crossover_ci_low": lo, "crossover_ci_high": hi,
             "crossover_note": "" if x.depth is not None and x.crossed_pct >= 97.5 else

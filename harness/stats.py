@@ -63,13 +63,14 @@ def round_data(ops: pd.DataFrame, tokens: pd.DataFrame) -> RoundData:
     present = ~np.isnan(prof)
     st[present] = 0.0
     g = ops.groupby([columns.CONTEXT, columns.ROUND, columns.STAGE])[columns.TIME_US].sum()
-    for (c, r, s), v in g.items():
-        st[ri[r], di[str(c)], S[s]] = v / 1000.0
+    for (c, r, s), v in g.items():  # a stage this harness does not know counts as other
+        i, j, k = ri[r], di[str(c)], S.get(s, S[stages.OTHER])
+        st[i, j, k] = (0.0 if np.isnan(st[i, j, k]) else st[i, j, k]) + v / 1000.0
     n_tok = ops.groupby(columns.CONTEXT)[columns.ROUND].nunique()
     segs = np.zeros((n_d, len(S)))
     timed = ops[ops[columns.STAGE] != stages.HOST]
     for (c, s), n in timed.groupby([columns.CONTEXT, columns.STAGE]).size().items():
-        segs[di[str(c)], S[s]] = n / max(1, int(n_tok.get(c, 1)))
+        segs[di[str(c)], S.get(s, S[stages.OTHER])] += n / max(1, int(n_tok.get(c, 1)))
     delta, extra = np.full(n_r, np.nan), np.zeros(n_r)
     cal = by_pass[columns.CALIBRATION]
     prof_splits = by_pass[columns.PROFILED].set_index([columns.CONTEXT, columns.ROUND])[columns.SPLITS]
