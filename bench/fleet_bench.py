@@ -58,7 +58,7 @@ def make_sources(tmp: Path) -> list[Path]:
     for threads in (1, 2):
         d = tmp / f"source-{threads}t"
         subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                        "--tokens", "3", "--repeats", "2", "--warmup", "1", "--no-probe", "--threads", str(threads),
+                        "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", str(threads),
                         "--label", "bench", "--out", str(d)], check=True, cwd=ROOT, capture_output=True)
         out.append(next(d.glob("*.parquet")))
     return out

@@ -45,14 +45,14 @@ def build_noomp(version: str, venv: Path, source: str | None, rebuild: bool) -> 
     """The venv's python, with llama-cpp-python ``version`` built without OpenMP (built if missing)."""
     py = _venv_python(venv)
     if not rebuild and py.exists() and _installed_version(py) == version:
-        print(f"using the existing no-OpenMP build in {venv.relative_to(ROOT)}", flush=True)
+        print(f"using the existing no-OpenMP build in {venv}", flush=True)
         return py
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     spec = source or f"llama-cpp-python=={version}"
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_OPENMP=OFF"}
     log = venv / "build.log"
-    print(f"building {spec} with CMAKE_ARGS=-DGGML_OPENMP=OFF into {venv.relative_to(ROOT)} "
+    print(f"building {spec} with CMAKE_ARGS=-DGGML_OPENMP=OFF into {venv} "
           f"(several minutes; log: {log.relative_to(ROOT)})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
