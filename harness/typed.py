@@ -9,6 +9,7 @@ values of fields whose name carries a unit (``_ms``, ``_us``, ``_s``, ``_bytes``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -33,9 +34,26 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@functools.cache
+def _parts(tp) -> tuple:
+    return typing.get_origin(tp), typing.get_args(tp), dataclasses.is_dataclass(tp)
+
+
+def _number(value: Any, where) -> float:
+    """A float from an int or float (not a bool); ``where()`` names the field only when it is needed."""
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RecordError(where(), f"expected a number, got {value!r}"[:120])
+    value = float(value)
+    if (math.isnan(value) or value < 0) and _has_unit(where()):
+        raise RecordError(where(), f"a duration, size or rate must be >= 0, got {value}")
+    return value
+
+
 def _check(value: Any, tp, where: str) -> Any:
     """``value`` converted to annotation ``tp`` (records built, lists made tuples), else RecordError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    origin, args, is_record = _parts(tp)
+    if tp is float:
+        return _number(value, lambda: where)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -48,7 +66,7 @@ def _check(value: Any, tp, where: str) -> Any:
             except RecordError as e:
                 errors.append(e)
         raise errors[0]
-    if dataclasses.is_dataclass(tp):
+    if is_record:
         if not isinstance(value, dict):
             raise RecordError(where, f"expected an object, got {type(value).__name__}")
         return tp.from_dict(value, where)
@@ -65,14 +83,11 @@ def _check(value: Any, tp, where: str) -> Any:
         if not isinstance(value, dict):
             raise RecordError(where, f"expected an object, got {type(value).__name__}")
         kt, vt = args or (str, Any)
+        if kt is str and vt is float:  # the stage maps: the common case, kept fast
+            if any(type(k) is not str for k in value):
+                raise RecordError(where, "expected text keys")
+            return {k: _number(v, lambda k=k: f"{where}.{k}") for k, v in value.items()}
         return {_check(k, kt, where): _check(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecordError(where, f"expected a number, got {value!r}"[:120])
-        value = float(value)
-        if _has_unit(where) and (math.isnan(value) or value < 0):
-            raise RecordError(where, f"a duration, size or rate must be >= 0, got {value}")
-        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecordError(where, f"expected an integer, got {value!r}"[:120])
@@ -98,6 +113,12 @@ def _plain(v: Any) -> Any:
     return v
 
 
+@functools.cache
+def _schema(cls) -> tuple[dict, tuple]:
+    """A record class's resolved annotations and fields, computed once (get_type_hints is slow)."""
+    return typing.get_type_hints(cls), dataclasses.fields(cls)
+
+
 class Record:
     """Mixin: ``to_dict`` gives plain JSON data; ``from_dict`` validates and builds (unknown keys are kept
     out of the record: newer minor fields never break an older reader of the same schema version)."""
@@ -109,9 +130,9 @@ class Record:
     def from_dict(cls, d: dict, where: str = ""):
         if not isinstance(d, dict):
             raise RecordError(where or cls.__name__, f"expected an object, got {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
+        hints, fields = _schema(cls)
         kw = {}
-        for f in dataclasses.fields(cls):
+        for f in fields:
             path = f"{where}.{f.name}" if where else f.name
             if f.name not in d:
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
