@@ -78,8 +78,9 @@ def prompt_tokens(model: engine.Model, synthetic: bool, n: int, seed: int = 0) -
     return ids[:n]
 
 
-def check_model(cfg: SweepConfig, model_path: Path):
-    info = read_model(model_path)  # validates the GGUF before llama.cpp sees it
+def check_model(cfg: SweepConfig, model_path: Path, info=None):
+    """The model's record (parsed here unless given), checked against one config before llama.cpp sees it."""
+    info = info or read_model(model_path)  # validates the GGUF
     if info.arch not in KNOWN_ARCHS:
         raise InputError(f"architecture {info.arch!r} is not one llama.cpp knows: {model_path}")
     if info.n_ctx_train and cfg.n_ctx > info.n_ctx_train:
@@ -112,7 +113,9 @@ def run_sweeps(configs: list[SweepConfig], model_path: Path, resume: store.Run |
     """Run every config (one run each); the model is loaded once per n_gpu_layers value. ``on_run(record,
     path)`` is called as each run is written."""
     paths: list[Path] = []
-    infos = {cfg: check_model(cfg, model_path) for cfg in configs}
+    info = read_model(model_path)  # parsed once for every config of a product sweep
+    for cfg in configs:
+        check_model(cfg, model_path, info)
     out_dirs = {cfg.out: store.check_out_dir(cfg.out) for cfg in configs}
     for d in out_dirs.values():
         store.clean_stale_temps(d)
@@ -130,13 +133,13 @@ def run_sweeps(configs: list[SweepConfig], model_path: Path, resume: store.Run |
                 load_s = time.perf_counter() - t0
                 log.info("loaded %s (%s, %.2f B params) in %.1f s%s", model_path.name, model.desc,
                          model.n_params / 1e9, load_s, " [SYNTHETIC TWIN: random weights]"
-                         if infos[configs[0]].synthetic else "")
+                         if info.synthetic else "")
                 for i, cfg in enumerate(c for c in configs if c.n_gpu_layers == ngl):
                     if stop:
                         break
                     if len(configs) > 1:
                         log.info("run %d of %d: %s", len(paths) + 1, len(configs), describe(cfg))
-                    paths.append(run_one(cfg, model, infos[cfg], model_hash, model_path, dev,
+                    paths.append(run_one(cfg, model, info, model_hash, model_path, dev,
                                          load_s if i == 0 else 0.0, stop, bar, resume, on_run))
     return paths
 
