@@ -293,7 +293,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("analysis.compare", _main, argv)
+    with fleet.paused_gc():  # a short command: see paused_gc
+        return run_cli("analysis.compare", _main, argv)
 
 
 if __name__ == "__main__":

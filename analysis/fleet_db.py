@@ -1,8 +1,9 @@
 """The DuckDB fleet engine: the footers and the op tables of thousands of runs, one query each.
 
 - ``read_footers``: ``parquet_kv_metadata`` reads every file's key-value metadata (footers only,
-  in parallel); ``json_merge_patch`` drops the bulky parts inside DuckDB (the model's tensor table
-  and the per-token wall times: ~85 % of a run's JSON), so Python parses ~7 kB per run, not ~46 kB.
+  in parallel); ``json_merge_patch`` drops inside DuckDB what compare never reads (the model's
+  tensor table, the per-token wall times and per-round noise, each context's intervals, sensors and
+  per-layer graph-bytes lists: ~85 % of a run's JSON), so Python parses and validates ~9 kB a run.
   A file the fast path cannot vouch for (no ``harness.run`` key, invalid JSON, another schema
   version: it needs an upgrade or a refusal) comes back as None and is read one by one.
 - ``round_sums``: one ``read_parquet`` over every op table, summed per run, context, round and stage
@@ -28,16 +29,24 @@ from harness.record import SCHEMA_VERSION
 from harness.store import META_KEY
 
 log = logging.getLogger(__name__)
-DROP = json.dumps({"tokens": None, "model": {"gguf": None}})  # merge patch: null removes the key
+DROP = json.dumps({"tokens": None, "rounds": None, "model": {"gguf": None}})  # merge patch: null removes the key
+CONTEXT_DROP = json.dumps({**dict.fromkeys(["stage_ms_ci", "stage_ms_calibrated_ci", "plain_ms_ci", "overhead_ratio_ci",
+                                            "sync_us_ci", "sensors_before", "sensors_after"]),
+                           "graph_bytes": dict.fromkeys(["kv_reads", "layer_weight", "layer_kv", "act"])})
 FOOTERS = f"""
-SELECT file_name, try(json_merge_patch(decode(value), '{DROP}'))
-FROM parquet_kv_metadata($files) WHERE key = $key
+WITH m AS (SELECT file_name, try(json_merge_patch(decode(value), '{DROP}')) AS j
+           FROM parquet_kv_metadata($files) WHERE key = $key)
+SELECT file_name, CASE WHEN json_type(j, '$.contexts') = 'ARRAY' THEN json_merge_patch(j, json_object('contexts',
+    list_transform(json_extract(j, '$.contexts[*]'), lambda c: json_merge_patch(c, '{CONTEXT_DROP}')))) ELSE j END
+FROM m
 """
-_KEYS = ", ".join(f'"{c}"' for c in slope.NEEDED_COLUMNS if c not in (columns.TIME_US,))
-_RUNS = f"(SELECT unnest($files) AS filename, generate_subscripts($files, 1) - 1 AS {slope.RUN})"
+# file_index (a virtual column: which file of $files a row came from) keeps file names out of the 60 M-row
+# group-by; a context is one depth, so it rides along as any_value.
 ROUND_SUMS = f"""
-SELECT {slope.RUN}, {_KEYS}, sum("{columns.TIME_US}") / 1000.0 AS ms
-FROM read_parquet($files, filename = true, hive_partitioning = false) JOIN {_RUNS} USING (filename) GROUP BY ALL
+SELECT file_index AS {slope.RUN}, any_value("{columns.CONTEXT}") AS "{columns.CONTEXT}", "{columns.DEPTH}",
+       "{columns.ROUND}", "{columns.STAGE}", sum("{columns.TIME_US}") / 1000.0 AS ms
+FROM read_parquet($files, hive_partitioning = false) GROUP BY file_index, "{columns.DEPTH}", "{columns.ROUND}",
+       "{columns.STAGE}"
 """
 
 
@@ -55,19 +64,20 @@ def _database() -> duckdb.DuckDBPyConnection:
 
 
 def _query(sql: str, files: Sequence[str | os.PathLike], rows: bool = False, **params):
-    """A DataFrame (or, with ``rows``, a list of tuples: no pandas strings for big text), or None."""
+    """A DataFrame (through Arrow), or with ``rows`` a list of tuples (no pandas strings for big text); None
+    when DuckDB fails."""
     try:
         with _database().cursor() as con:
             con.execute("SET enable_progress_bar = false")
-            res = con.execute(sql, {"files": [str(f) for f in files], **params})
-            return res.fetchall() if rows else res.df()
+            res = con.sql(sql, params={"files": [str(f) for f in files], **params})
+            return res.fetchall() if rows else res.to_arrow_table().to_pandas()
     except duckdb.Error as e:
         log.warning("DuckDB could not read the fleet (%s); reading file by file", str(e).splitlines()[0][:160])
         return None
 
 
 def read_footers(files: Sequence[str | os.PathLike]) -> list[dict | None]:
-    """Per file: its run metadata without ``model.gguf`` and ``tokens``, or None (see the module doc)."""
+    """Per file: its run metadata without the parts named in the module doc, or None."""
     found = _query(FOOTERS, files, rows=True, key=META_KEY)
     if found is None:
         return [None] * len(files)

@@ -29,47 +29,139 @@ SLOPE_COLUMNS = ["slope_ms_per_1k", "ci95_low_ms_per_1k", "ci95_high_ms_per_1k",
 Sample = tuple[np.ndarray, np.ndarray]  # (depths (D,), ms per token (R, D, K)): one run
 
 
+CHUNK = 256  # runs of one shape bootstrapped together (bounds the (runs, resamples, rounds) count array)
+Bucket = tuple[np.ndarray, np.ndarray, np.ndarray]  # runs of one shape: ms (n, R, D, K), depths (n, D), group (n,)
+
+
 def _fit(depths: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares slope and intercept against depths (D,) of y (..., D, K), per leading index and column."""
+    """Least-squares slope and intercept against depths (D,), or (..., 1, D) per group, of y (..., D, K), per
+    leading index and column; NaN cells of y are left out."""
     ok = ~np.isnan(y)
-    w = ok.astype(float)
-    n = w.sum(axis=-2)
-    x = np.broadcast_to(depths.astype(float)[:, None], y.shape)
-    y0 = np.where(ok, y, 0.0)
+    x = np.broadcast_to(depths.astype(float)[..., :, None], y.shape)
+    x0, y0 = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
     with np.errstate(all="ignore"):
-        xm, ym = (w * x).sum(axis=-2) / n, y0.sum(axis=-2) / n
-        xc = np.where(ok, x - xm[..., None, :], 0.0)
-        sxx = (xc**2).sum(axis=-2)
-        slope = np.where(sxx > 0, (xc * (y0 - ym[..., None, :])).sum(axis=-2) / sxx, np.nan)
-    return slope, ym - slope * xm
+        n = ok.sum(axis=-2)
+        sx, sy = x0.sum(axis=-2), y0.sum(axis=-2)
+        sxx, sxy = (x0 * x0).sum(axis=-2) - sx * sx / n, (x0 * y0).sum(axis=-2) - sx * sy / n
+        slope = np.where(sxx > 0, sxy / sxx, np.nan)
+        return slope, (sy - slope * sx) / n
+
+
+def _buckets(samples: list[Sample], group: np.ndarray) -> list[Bucket]:
+    """Samples stacked by shape (rounds, depths)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, (_, y) in enumerate(samples):
+        by_shape.setdefault(y.shape[:2], []).append(i)
+    return [(np.stack([samples[i][1] for i in idx]), np.stack([samples[i][0] for i in idx]), group[idx])
+            for idx in by_shape.values()]
+
+
+class _Depths:
+    """Each group's depths (the union over its runs), as a 0-padded (G, Dmax) matrix, and where each run's
+    depths sit in it (``cell``: row g * Dmax + position)."""
+
+    def __init__(self, buckets: list[Bucket], n_groups: int):
+        key = np.unique(np.concatenate([(gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64).reshape(len(gs), -1)
+                                        for _, ds, gs in buckets], axis=None))
+        g, first = np.unique(key >> 32, return_index=True)
+        pos = np.arange(len(key)) - np.repeat(first, np.diff(np.r_[first, len(key)]))
+        self.n = np.bincount(key >> 32, minlength=n_groups)
+        self.dmax = int(self.n.max())
+        self.matrix = np.zeros((n_groups, self.dmax))
+        self.matrix[key >> 32, pos] = key & 0xFFFFFFFF
+        self._key, self._row = key, (key >> 32) * self.dmax + pos
+
+    def cell(self, ds: np.ndarray, gs: np.ndarray) -> np.ndarray:
+        """Rows (n, D) of the runs' depths ``ds`` (n, D) of groups ``gs`` (n,)."""
+        return self._row[np.searchsorted(self._key, (gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64))]
+
+
+def _curves(buckets: list[Bucket], n_boot: int, seed: int):
+    """Per group (0..G-1): its depths (G, Dmax; 0-padded), the per-depth mean curves of the data and of every
+    resample (G, n_boot + 1, Dmax, K; NaN where no run measured a depth), its rounds and depths (G,). Each
+    run's rounds are resampled within that run (a stratified bootstrap); runs of one shape together."""
+    n_groups, k = max(int(g.max()) for _, _, g in buckets) + 1, buckets[0][0].shape[3]
+    gd = _Depths(buckets, n_groups)
+    acc = np.zeros((n_groups * gd.dmax, (n_boot + 1) * k))
+    cnt = np.zeros((n_groups * gd.dmax, k))
+    rounds = np.zeros(n_groups)
+    rng = np.random.default_rng(seed)
+    for ys, ds, gs in buckets:
+        n_all, r, d = ys.shape[:3]
+        np.add.at(rounds, gs, r)
+        for a in range(0, n_all, CHUNK):
+            y, g = ys[a:a + CHUNK].reshape(-1, r, d * k), gs[a:a + CHUNK]
+            ok = ~np.isnan(y)
+            counts = np.concatenate([np.ones((len(y), 1, r)),  # row 0: the data itself
+                                     rng.multinomial(r, np.full(r, 1.0 / r), size=(len(y), n_boot))], axis=1)
+            with np.errstate(all="ignore"):  # NaN where a resample has no data
+                means = (counts @ np.where(ok, y, 0.0)) / (counts @ ok.astype(float))
+            means = means.reshape(len(y), n_boot + 1, d, k).transpose(0, 2, 1, 3).reshape(len(y) * d, -1)
+            rows = gd.cell(ds[a:a + CHUNK], g).ravel()  # each run's depths, as rows of acc
+            order = np.argsort(rows, kind="stable")
+            rows, first = np.unique(rows[order], return_index=True)
+            acc[rows] += np.add.reduceat(np.nan_to_num(means[order]), first)
+            cnt[rows] += np.add.reduceat(~np.isnan(means[order, :k]), first)
+    with np.errstate(all="ignore"):
+        curve = (acc.reshape(n_groups, gd.dmax, n_boot + 1, k) / cnt.reshape(n_groups, gd.dmax, 1, k))
+    return gd.matrix, curve.transpose(0, 2, 1, 3), rounds, gd.n
+
+
+def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, n_groups: int, k: int):
+    """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell. A least-squares slope is
+    linear in the per-depth means, so each run's rounds are first folded over depths with its group's
+    weights, and only (rounds x stages) per run are resampled: a depth-fold less work than the curves."""
+    gd = _Depths(buckets, n_groups)
+    cells = [gd.cell(ds, gs) for _, ds, gs in buckets]
+    n_at = np.bincount(np.concatenate([c.ravel() for c in cells]), minlength=n_groups * gd.dmax)
+    x = np.where(np.arange(gd.dmax) < gd.n[:, None], gd.matrix, np.nan)
+    xc = x - np.nanmean(x, axis=1, keepdims=True)
+    with np.errstate(all="ignore"):  # a group with one depth has no slope
+        weight = np.nan_to_num(xc / np.nansum(xc**2, axis=1, keepdims=True)).ravel() / np.maximum(n_at, 1)
+    slopes = np.zeros((n_groups, n_boot + 1, k))
+    rng = np.random.default_rng(seed)
+    for (ys, _, gs), cell in zip(buckets, cells, strict=True):
+        n_all, r = ys.shape[:2]
+        z = np.einsum("nrdk,nd->nrk", ys, weight[cell] / r)  # each round folded over depths
+        for a in range(0, n_all, CHUNK):
+            zc, g = z[a:a + CHUNK], gs[a:a + CHUNK]
+            counts = np.concatenate([np.ones((len(zc), 1, r)),
+                                     rng.multinomial(r, np.full(r, 1.0 / r), size=(len(zc), n_boot))], axis=1)
+            part = counts @ zc
+            order = np.argsort(g, kind="stable")
+            g, first = np.unique(g[order], return_index=True)
+            slopes[g] += np.add.reduceat(part[order], first, axis=0)
+    return slopes
+
+
+def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """SLOPE_COLUMNS per group and column (arrays of shape (G, K)). Groups whose runs all have every cell take
+    the folded fast path for the bootstrap; the data's own slope and intercept come from the curves."""
+    n_groups, k = max(int(g.max()) for _, _, g in buckets) + 1, buckets[0][0].shape[3]
+    dirty = np.zeros(n_groups, bool)
+    for ys, _, gs in buckets:
+        dirty[gs[np.isnan(ys).any(axis=(1, 2, 3))]] = True
+    depths, curve, rounds, n_depths = _curves([(ys, ds, gs) for ys, ds, gs in buckets], 0, seed)
+    slope, intercept = _fit(depths[:, None, :], curve)
+    boot = np.full((n_groups, n_boot, k), np.nan)
+    if n_boot and not dirty.all():
+        boot[~dirty] = _clean_slopes(buckets, n_boot, seed, n_groups, k)[~dirty, 1:]
+    if n_boot and dirty.any():  # the curves of every resample, for those groups only (renumbered 0..)
+        renum = np.cumsum(dirty) - 1
+        sub = [(ys[m], ds[m], renum[gs[m]]) for ys, ds, gs in buckets if (m := dirty[gs]).any()]
+        sub_depths, c_dirty, _, _ = _curves(sub, n_boot, seed)
+        boot[dirty] = _fit(sub_depths[:, None, :], c_dirty)[0][:, 1:]
+    lo, hi = stats.interval(boot, axis=1) if n_boot else (slope[:, 0], slope[:, 0])
+    shape = slope[:, 0].shape
+    return {"slope_ms_per_1k": slope[:, 0] * 1000, "ci95_low_ms_per_1k": lo * 1000, "ci95_high_ms_per_1k": hi * 1000,
+            "intercept_ms": intercept[:, 0], "n_rounds": np.broadcast_to(rounds[:, None], shape),
+            "n_depths": np.broadcast_to(n_depths[:, None], shape)}
 
 
 def pooled_slopes(samples: list[Sample], names: list[str], n_boot: int = stats.N_BOOT, seed: int = 0) -> pd.DataFrame:
     """Slopes of the per-depth means pooled over runs; interval from a stratified bootstrap over rounds."""
-    depths = np.array(sorted({int(d) for dep, _ in samples for d in dep}))
-    rng = np.random.default_rng(seed)
-    acc = np.zeros((n_boot + 1, len(depths), len(names)))
-    cnt = np.zeros((1, len(depths), len(names)))
-    for dep, y in samples:
-        r = y.shape[0]
-        counts = np.vstack([np.ones(r), rng.multinomial(r, np.full(r, 1.0 / r), size=n_boot)])  # row 0: the data
-        ok = ~np.isnan(y)
-        flat, mask = np.where(ok, y, 0.0).reshape(r, -1), ok.reshape(r, -1).astype(float)
-        with np.errstate(all="ignore"):
-            means = (counts @ flat) / (counts @ mask)  # resampled means, NaN where a resample has no data
-        pos = np.searchsorted(depths, dep)
-        means = means.reshape(n_boot + 1, len(dep), len(names))
-        acc[:, pos] += np.nan_to_num(means)
-        cnt[:, pos] += ~np.isnan(means[:1])
-    with np.errstate(all="ignore"):
-        curve = np.where(cnt > 0, acc / cnt, np.nan)
-    slope, intercept = _fit(depths, curve)
-    lo, hi = stats.interval(slope[1:]) if n_boot else (slope[0], slope[0])
-    df = pd.DataFrame({"slope_ms_per_1k": slope[0] * 1000, "ci95_low_ms_per_1k": lo * 1000,
-                       "ci95_high_ms_per_1k": hi * 1000, "intercept_ms": intercept[0],
-                       "n_rounds": sum(y.shape[0] for _, y in samples), "n_depths": len(depths)},
-                      index=pd.Index(names, name=columns.STAGE))
-    return df[SLOPE_COLUMNS]
+    fit = _slopes(_buckets(samples, np.zeros(len(samples), dtype=int)), n_boot, seed)
+    return pd.DataFrame({c: v[0] for c, v in fit.items()}, index=pd.Index(names, name=columns.STAGE))[SLOPE_COLUMNS]
 
 
 def round_data_sample(rd: stats.RoundData) -> Sample:
@@ -89,24 +181,34 @@ def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400)
     cols = ["group", columns.STAGE, *SLOPE_COLUMNS]
     if long.empty:
         return pd.DataFrame(columns=cols)
-    present = set(long[columns.STAGE])
-    shown = [s for s in STAGES if s in present] + sorted(present - set(STAGES))
-    wide = long.pivot_table(index=[RUN, columns.DEPTH, columns.ROUND], columns=columns.STAGE, values="ms",
-                            aggfunc="sum", fill_value=0.0).reindex(columns=shown, fill_value=0.0)
-    keys = wide.index.to_frame(index=False)
-    runs = keys[RUN].to_numpy()
-    starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
-    by_group: dict[int, list[Sample]] = {}
-    values = wide.to_numpy()
-    for a, b in zip(starts, [*starts[1:], len(runs)], strict=True):
-        dep, rnd = keys[columns.DEPTH].to_numpy()[a:b], keys[columns.ROUND].to_numpy()[a:b]
-        ud, ur = np.unique(dep), np.unique(rnd)
-        y = np.full((len(ur), len(ud), len(shown)), np.nan)
-        y[np.searchsorted(ur, rnd), np.searchsorted(ud, dep)] = values[a:b]
-        by_group.setdefault(int(group_of_run[runs[a]]), []).append((ud, y))
-    out = []
-    for g, samples in sorted(by_group.items()):
-        fit = pooled_slopes(samples, shown, n_boot).reset_index()
-        fit = fit[fit["slope_ms_per_1k"].notna()]
-        out.append(fit.assign(group=g))
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    found, present = pd.factorize(long[columns.STAGE])
+    present = list(present)
+    shown = [s for s in STAGES if s in present] + sorted(set(present) - set(STAGES))
+    st = np.array([shown.index(s) for s in present])[found]
+    run_codes, runs = np.unique(long[RUN].to_numpy(), return_inverse=True)
+    dep, rnd = long[columns.DEPTH].to_numpy(), long[columns.ROUND].to_numpy()
+    # each run's depths and rounds, numbered 0.. within the run
+    di = pd.Series(dep).groupby(runs).rank(method="dense").to_numpy(int) - 1
+    ri = pd.Series(rnd).groupby(runs).rank(method="dense").to_numpy(int) - 1
+    n_d, n_r = np.zeros(len(run_codes), int), np.zeros(len(run_codes), int)
+    np.maximum.at(n_d, runs, di + 1)
+    np.maximum.at(n_r, runs, ri + 1)
+    k, group_ids, group = len(shown), *np.unique(group_of_run[run_codes], return_inverse=True)
+    buckets: list[Bucket] = []
+    for r, d in {(int(a), int(b)) for a, b in zip(n_r, n_d, strict=True)}:
+        members = np.flatnonzero((n_r == r) & (n_d == d))
+        slot = np.full(len(run_codes), -1)
+        slot[members] = np.arange(len(members))
+        sel = slot[runs] >= 0
+        cell = (slot[runs[sel]] * r + ri[sel]) * d + di[sel]  # (run in bucket, round, depth)
+        size = len(members) * r * d
+        ys = np.bincount(cell * k + st[sel], weights=long["ms"].to_numpy(float)[sel], minlength=size * k)
+        ys = ys.reshape(size, k)
+        ys[np.bincount(cell, minlength=size) == 0] = np.nan  # a (round, depth) with no row was not measured
+        depths = np.zeros((len(members), d))
+        depths[slot[runs[sel]], di[sel]] = dep[sel]
+        buckets.append((ys.reshape(len(members), r, d, k), depths, group[members]))
+    fit = _slopes(buckets, n_boot, 0)
+    df = pd.DataFrame({"group": np.repeat(group_ids, k), columns.STAGE: np.tile(shown, len(group_ids)),
+                       **{c: np.asarray(v).ravel() for c, v in fit.items()}})
+    return df[df["slope_ms_per_1k"].notna()].reset_index(drop=True)[cols]

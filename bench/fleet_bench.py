@@ -139,7 +139,7 @@ def main() -> int:
     try:
         base = a.keep or tmp / "fleet"
         bounds = [0, *sizes]
-        parts = [(base / f"part-{hi:05d}", lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+        parts = [(base / f"part-{lo:05d}-{hi:05d}", lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
         todo = [p for p in parts if not p[0].exists()]
         if todo:
             t0 = time.perf_counter()
@@ -149,6 +149,9 @@ def main() -> int:
                   f"({du:.2f} GB under {base})")
         for k, n in enumerate(sizes):
             roots = [p[0] for p in parts[: k + 1]]
+            found = sum(1 for r in roots for _ in r.rglob("*.parquet"))
+            if found != n:  # a kept folder from another --sizes, or a half-written one
+                raise SystemExit(f"{found:,} runs under {', '.join(map(str, roots))}, expected {n:,}: remove them")
             outs = {}
             for engine in engines:
                 load = os.getloadavg()[0]

@@ -14,6 +14,7 @@ segments x that cost; their sum is compared with the plain ms/token (``calibrate
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,12 @@ def boot_indices(n_rounds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarr
 
 
 def interval(samples: np.ndarray, axis: int = 0) -> np.ndarray:
-    """95 % percentile interval along ``axis`` (low, high stacked first)."""
-    return np.nanpercentile(samples, [2.5, 97.5], axis=axis)
+    """95 % percentile interval along ``axis`` (low, high stacked first); NaN samples are left out."""
+    if not np.isnan(samples).any():
+        return np.percentile(samples, [2.5, 97.5], axis=axis)
+    with warnings.catch_warnings():  # an all-NaN column (a stage no resample saw) gives NaN, said elsewhere
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanpercentile(samples, [2.5, 97.5], axis=axis)
 
 
 def split_cost_ms(delta: np.ndarray, extra: np.ndarray) -> float:

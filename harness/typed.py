@@ -13,6 +13,7 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Union
 
 UNIT_SUFFIXES = ("_ms", "_us", "_s", "_bytes", "_gbps", "_pct", "_mhz")
@@ -51,56 +52,118 @@ def _number(value: Any, where) -> float:
 
 def _check(value: Any, tp, where: str) -> Any:
     """``value`` converted to annotation ``tp`` (records built, lists made tuples), else RecordError."""
+    return _checker(tp)(value, where)
+
+
+def _num_check(value, where):
+    if type(value) is float and value >= 0:  # the common case: no NaN (NaN >= 0 is False), no negative
+        return value
+    return _number(value, lambda: where)
+
+
+def _clean_floats(values) -> bool:
+    """All floats, none negative or NaN (the stage maps: most of a footer's numbers)."""
+    for v in values:  # noqa: SIM110 (a plain loop: faster than all() over a generator, and this is hot)
+        if type(v) is not float or not v >= 0:
+            return False
+    return True
+
+
+def _all_of(tp) -> Callable[[Any], bool]:
+    def clean(values) -> bool:
+        for v in values:  # noqa: SIM110 (as above)
+            if type(v) is not tp:
+                return False
+        return True
+    return clean
+
+
+def _pass(value, where):
+    return value
+
+
+@functools.cache
+def _checker(tp) -> Callable[[Any, str], Any]:
+    """A function (value, where) -> value converted to annotation ``tp``, built once per annotation (no
+    per-value dispatch on the annotation)."""
     origin, args, is_record = _parts(tp)
     if tp is float:
-        return _number(value, lambda: where)
+        return _num_check
     if tp is Any:
-        return value
+        return _pass
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return _check(value, a, where)
-            except RecordError as e:
-                errors.append(e)
-        raise errors[0]
+        alts = [_checker(a) for a in args if a is not type(None)]
+        nullable = type(None) in args
+
+        def union(value, where):
+            if value is None and nullable:
+                return None
+            errors = []
+            for check in alts:
+                try:
+                    return check(value, where)
+                except RecordError as e:
+                    errors.append(e)
+            raise errors[0]
+        return union
     if is_record:
-        if not isinstance(value, dict):
-            raise RecordError(where, f"expected an object, got {type(value).__name__}")
-        return tp.from_dict(value, where)
+        def record(value, where):
+            if not isinstance(value, dict):
+                raise RecordError(where, f"expected an object, got {type(value).__name__}")
+            return tp.from_dict(value, where)
+        return record
     if origin is tuple:
+        return _tuple_checker(args)
+    if origin is dict:
+        return _dict_checker(*(args or (str, Any)))
+    if tp is int:
+        def integer(value, where):
+            if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RecordError(where, f"expected an integer, got {value!r}"[:120])
+            return value
+        return integer
+    if tp in (str, bool, dict, list):
+        def exact(value, where):
+            if not isinstance(value, tp):
+                shown = repr(value) if tp in (str, bool) else type(value).__name__
+                raise RecordError(where, f"expected {_type_name(tp)}, got {shown}"[:120])
+            return value
+        return exact
+    raise TypeError(f"unsupported annotation {tp!r}")  # a bug in this module, not in the run
+
+
+def _tuple_checker(args) -> Callable[[Any, str], Any]:
+    items = [_checker(a) for a in args if a is not Ellipsis]
+
+    def tuple_(value, where):
         if not isinstance(value, (list, tuple)):
             raise RecordError(where, f"expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if args and len(args) != len(value):
-            raise RecordError(where, f"expected {len(args)} items, got {len(value)}")
-        return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))) \
-            if args else tuple(value)
-    if origin is dict:
+            check = items[0]
+            return tuple(check(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if not args:
+            return tuple(value)
+        if len(items) != len(value):
+            raise RecordError(where, f"expected {len(items)} items, got {len(value)}")
+        if items == [_num_check] * len(items) and all(type(v) is float and v >= 0 for v in value):
+            return tuple(value)  # an interval of two clean floats: the common case
+        return tuple(check(v, f"{where}[{i}]") for i, (v, check) in enumerate(zip(value, items, strict=True)))
+    return tuple_
+
+
+def _dict_checker(kt, vt) -> Callable[[Any, str], Any]:
+    kcheck, vcheck = _checker(kt), _checker(vt)
+    clean = _clean_floats if vt is float else _all_of(vt) if vt in (int, str) else None
+
+    def dict_(value, where):
         if not isinstance(value, dict):
             raise RecordError(where, f"expected an object, got {type(value).__name__}")
-        kt, vt = args or (str, Any)
-        if kt is str and vt is float:  # the stage maps: the common case, kept fast
-            if any(type(k) is not str for k in value):
-                raise RecordError(where, "expected text keys")
-            return {k: _number(v, lambda k=k: f"{where}.{k}") for k, v in value.items()}
-        return {_check(k, kt, where): _check(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecordError(where, f"expected an integer, got {value!r}"[:120])
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise RecordError(where, f"expected {_type_name(tp)}, got {value!r}"[:120])
-        return value
-    if tp in (dict, list):
-        if not isinstance(value, tp):
-            raise RecordError(where, f"expected {_type_name(tp)}, got {type(value).__name__}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # a bug in this module, not in the run
+        if kt is str and not set(map(type, value)) <= {str}:
+            raise RecordError(where, "expected text keys")
+        if clean is not None and clean(value.values()):
+            return dict(value)  # the stage maps, units and counts: the common cases, kept fast
+        return {kcheck(k, where): vcheck(v, f"{where}.{k}") for k, v in value.items()}
+    return dict_
 
 
 def _plain(v: Any) -> Any:
@@ -113,10 +176,42 @@ def _plain(v: Any) -> Any:
     return v
 
 
+_NO_DEFAULT = object()
+_INLINE = {  # annotation -> the test that passes a clean value without a call (else its checker decides)
+    float: "type(v) is float and v >= 0", int: "type(v) is int", str: "type(v) is str", bool: "type(v) is bool",
+    float | None: "v is None or (type(v) is float and v >= 0)", int | None: "v is None or type(v) is int",
+    str | None: "v is None or type(v) is str"}
+
+
 @functools.cache
-def _schema(cls) -> tuple[dict, tuple]:
-    """A record class's resolved annotations and fields, computed once (get_type_hints is slow)."""
-    return typing.get_type_hints(cls), dataclasses.fields(cls)
+def _from_dict(cls) -> Callable[[dict, str], Any]:
+    """A record class's validating constructor, generated once from its annotations: one straight-line
+    block per field, clean scalars tested inline, the field path built only for a nested value or an
+    error. The frozen dataclass ``__init__`` (one ``object.__setattr__`` per field) is skipped: every
+    field is set here and no record has a ``__post_init__``."""
+    hints = typing.get_type_hints(cls)
+    ns: dict[str, Any] = {"RecordError": RecordError, "new": object.__new__, "cls": cls}
+    body = ["def from_dict(d, where):",
+            "    if not isinstance(d, dict):",
+            f"        raise RecordError(where or {cls.__name__!r}, f'expected an object, got {{type(d).__name__}}')",
+            "    p = where + '.' if where else ''",
+            "    rec = new(cls)",
+            "    kw = rec.__dict__"]
+    for i, f in enumerate(dataclasses.fields(cls)):
+        ns[f"c{i}"], test = _checker(hints[f.name]), _INLINE.get(hints[f.name])
+        body += [f"    if {f.name!r} in d:", f"        v = d[{f.name!r}]",
+                 f"        kw[{f.name!r}] = v if {test} else c{i}(v, p + {f.name!r})" if test else
+                 f"        kw[{f.name!r}] = c{i}(v, p + {f.name!r})"]
+        if f.default is not dataclasses.MISSING:
+            ns[f"d{i}"] = f.default
+            body += [f"    else:\n        kw[{f.name!r}] = d{i}"]
+        elif f.default_factory is not dataclasses.MISSING:
+            ns[f"d{i}"] = f.default_factory
+            body += [f"    else:\n        kw[{f.name!r}] = d{i}()"]
+        else:
+            body += [f"    else:\n        raise RecordError(p + {f.name!r}, 'missing')"]
+    exec("\n".join([*body, "    return rec"]), ns)  # noqa: S102 (code built above from the class's own fields)
+    return ns["from_dict"]
 
 
 class Record:
@@ -128,18 +223,7 @@ class Record:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = ""):
-        if not isinstance(d, dict):
-            raise RecordError(where or cls.__name__, f"expected an object, got {type(d).__name__}")
-        hints, fields = _schema(cls)
-        kw = {}
-        for f in fields:
-            path = f"{where}.{f.name}" if where else f.name
-            if f.name not in d:
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                    continue
-                raise RecordError(path, "missing")
-            kw[f.name] = _check(d[f.name], hints[f.name], path)
-        return cls(**kw)
+        return _from_dict(cls)(d, where)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
