@@ -17,9 +17,12 @@
   cells across threads (``split-kv``); smaller views and quantized caches split query heads
   (``chunked``); without flash attention the ``kq``/``kqv`` matmuls are one regime (``matmul``).
 - a_r (ms per layer: the latency floor seen at small depths) and b_r (ms per MiB read) are least
-  squares on the per-depth mean calibrated ``attn_kv`` ms. Only what the fitting depths identify is
-  fitted: a regime no fitting depth reaches uses another's parameters; when a regime's own slope is
-  not identified, the regimes share one (``shared-slope``), else one regime (``one-regime``).
+  squares on the per-depth mean calibrated ``attn_kv`` ms, in one of three forms: ``per-regime``,
+  ``shared-slope`` (one b) or ``one-regime`` (one a, one b); a regime no fitting depth reaches uses
+  another's parameters. The form is chosen by forward validation (``_choose_form``): fitted without
+  the deepest fitting depth, the form that predicts it best wins, among the forms that can be
+  fitted without it (a per-regime line through 512-2048 cells over-predicts deeper depths on a
+  CPU whose kernel gets cheaper per cell once a thread's KV slice leaves L2: bench/NOTES.md §8b).
 
 Intervals: every parameter, prediction and crossover is refitted on bootstrap resamples of rounds
 (``harness.stats.boot_indices``: depths paired by round, the split cost re-estimated per resample).
@@ -204,6 +207,33 @@ def _design(count: np.ndarray, mib: np.ndarray, regs: tuple[str, ...], own: tupl
     return np.hstack([c.sum(1, keepdims=True), m.sum(1, keepdims=True)])
 
 
+def _identified(x: np.ndarray) -> bool:
+    return x.shape[0] >= x.shape[1] and np.linalg.matrix_rank(x) == x.shape[1]
+
+
+def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.ndarray, own: tuple[str, ...],
+                 use: dict[str, str]) -> tuple[str, str]:
+    """(form, note). Forward validation inside the fitting depths: every form still identified without the
+    deepest fitting depth is fitted on the others and predicts it; the smallest error wins (the model is
+    used to extrapolate, and a per-regime line can bend the wrong way past the depths it saw)."""
+    if len(forms) == 1 or len(fd) < 3:
+        return forms[0], ""
+    count, mib = facts.layer_terms(fd[:-1])
+    regs = facts.all_regimes()
+    errors = {}
+    for form in forms:
+        x = _design(count, mib, regs, own, use, form)
+        if _identified(x):
+            pred = _design(*facts.layer_terms(fd[-1:]), regs, own, use, form) @ np.linalg.pinv(x) @ attn[:-1]
+            errors[form] = 100 * (pred[0] / attn[-1] - 1) if attn[-1] > 0 else np.inf
+    if not errors:
+        return forms[0], ""
+    best = min(errors, key=lambda f: abs(errors[f]))
+    shown = ", ".join(f"{f} {e:+.1f} %" for f, e in errors.items())
+    return best, (f"form chosen by forward validation (fitted on {', '.join(map(str, fd[:-1]))}, attn_kv at "
+                  f"{fd[-1]} predicted: {shown}): {best}")
+
+
 def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
     """Fit the model on ``fit_depths`` (default: every depth of ``dm``)."""
     fd = np.array(sorted(set(dm.depths.tolist() if fit_depths is None else fit_depths)), dtype=int)
@@ -219,15 +249,13 @@ def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
     use = {r: r if r in own else own[0] for r in regs}
     notes = [f"no fitting depth puts a layer in the {r} regime ({REGIME_TEXT[r]}): such layers use the "
              f"{use[r]} parameters" for r in regs if r not in own]
-    for form in FORMS[2:] if len(own) == 1 else FORMS:
-        x = _design(count, mib, regs, own, use, form)
-        if len(fd) >= x.shape[1] and np.linalg.matrix_rank(x) == x.shape[1]:
-            break
-    else:
+    forms = [f for f in (FORMS[2:] if len(own) == 1 else FORMS) if _identified(_design(count, mib, regs, own, use, f))]
+    if not forms:
         raise InputError(f"cannot fit attention over the KV cache: the fitting depths {', '.join(map(str, fd))} "
                          "do not tell a fixed cost from a per-byte cost (they read the same KV bytes)")
-    if form != FORMS[0] and len(own) > 1:
-        notes.append(f"the fitting depths do not identify a per-byte cost for each of {', '.join(own)}: {form} fit")
+    form, why = _choose_form(forms, facts, fd, dm.stage[idx, ATTN], own, use)
+    notes += [why] if why else []
+    x = _design(count, mib, regs, own, use, form)
     if not dm.calibrated:
         notes.append("the run has no calibration tokens: stage times are raw (profiled); the offset absorbs "
                      "the profiling overhead")

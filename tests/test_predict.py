@@ -65,7 +65,8 @@ def test_csv_and_json(run4):
     r = run_cli("analysis.predict", str(run4), "--format", "json", "--fit-depths", "13,80,320", "--boot", "200")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["model"]["fit_depths"] == [13, 80, 320] and doc["model"]["form"] == "shared-slope"
+    # three fitting depths: one-regime is the only form forward validation (fit on two, predict 320) can check
+    assert doc["model"]["fit_depths"] == [13, 80, 320] and doc["model"]["form"] == "one-regime"
     assert [v["depth"] for v in doc["validation"] if not v["fitted"]] == [40]
     assert {x["key"] for x in doc["crossovers"]} == {"attn_25pct", "attn_50pct", "attn_eq_ffn"}
     assert 4096 not in [p["depth"] for p in doc["predictions"]]  # defaults stay below the context length
