@@ -4,7 +4,8 @@
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
-  gemma3n_extra, norm; calibrated ms) -- target <= 2 %;
+  gemma3n_extra, norm; each depth's median over rounds of calibrated ms, as the run's check judges it;
+  the means' spread beside it) -- target <= 2 %;
 - the attn_kv rise from the shallowest to the deepest context against the plain-decode rise,
   both paired by round -- target: within 10 % (with the 95 % interval of that disagreement, a bootstrap
   over rounds: how much of it the plain pass's noise explains);
@@ -57,7 +58,8 @@ def one_sweep(a, out: Path, i: int) -> dict:
     return {
         "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
-        "invariant_per_stage_pct": rec.invariants.per_stage_pct,
+        "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
+        "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
@@ -121,7 +123,9 @@ def report_one(i: int, r: dict) -> None:
           f"ms/1k; split {r['sync_us']:.2f} us", flush=True)
     print("   overhead " + " ".join(f"{d}:x{v:.3f}" for d, v in r["overhead"].items())
           + " | calibrated sum/plain " + " ".join(f"{d}:{v:.1f}%" for d, v in r["calibrated_sum_pct"].items())
-          + " | per-stage spread " + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_pct"].items())
+          + f" | per-stage spread ({r['invariant_estimator']}s) "
+          + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_pct"].items())
+          + " (means " + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_mean_pct"].items()) + ")"
           + f" | steal {r['steal_pct']:.1f} % others {r['others_cpu_pct']:.1f} % | flags {r['flags'] or '-'}",
           flush=True)
 

@@ -222,7 +222,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
                      graph_bytes=r.graph_bytes,
                      sensors_after=Sensors.from_dict(device.sample_sensors()))
         contexts.append(ContextSummary(**s))
-    inv = checks.invariants(contexts)
+    inv = checks.invariants(contexts, rd)
     complete = not stop
     label = cfg.label or DeviceMeta(cpu_model=dev["cpu_model"], physical_cores=dev["physical_cores"]).auto_label
     flags = checks.flags(contexts, inv, noise, cores=threads, synthetic=info.synthetic, complete=complete,

@@ -198,3 +198,40 @@ def test_native_callback_is_used_when_a_compiler_exists(tiny_run):
 
     expected = "native" if (shutil.which("cc") or shutil.which("gcc")) else "python"
     assert read_record(tiny_run).params.callback == expected
+
+
+def test_invariance_check_uses_medians_over_rounds():
+    """A lost core makes a few outlier tokens; three of them on one depth move its attn_proj mean by ~6 % but
+    not its median, so no drift is flagged. A real shift of every round at one depth is flagged either way."""
+    import numpy as np
+
+    from harness import stats
+    from harness.record import ContextSummary
+
+    rng = np.random.default_rng(0)
+    n_rounds, depths = 40, (13, 658, 4096)
+    base = {stages.FFN: 60.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 7.0}
+
+    def run(shift_at_deepest: float, outliers_ms: float):
+        st = np.zeros((n_rounds, len(depths), len(stages.STAGES)))
+        for s, v in base.items():
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.003, (n_rounds, len(depths))))
+        st[:, -1, stats.S[stages.ATTN_PROJ]] *= shift_at_deepest
+        st[:3, -1, stats.S[stages.ATTN_PROJ]] += outliers_ms
+        plain = st.sum(axis=2)
+        rd = stats.RoundData(tuple(map(str, depths)), depths, np.arange(n_rounds), plain, plain, st,
+                             np.zeros((len(depths), len(stages.STAGES))), np.full(n_rounds, np.nan), np.zeros(n_rounds))
+        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
+        inv = checks.invariants(contexts, rd)
+        flagged = "drift" in {f.kind for f in checks.flags(contexts, inv, [], cores=2, synthetic=False,
+                                                             complete=True, stop_reason=None)}
+        return inv, flagged
+
+    inv, flagged = run(1.0, outliers_ms=4.0)
+    assert inv.estimator == "median" and inv.per_stage_pct[stages.ATTN_PROJ] < 1.0 and not flagged
+    assert inv.per_stage_mean_pct[stages.ATTN_PROJ] > 5.0  # the means see the outliers
+    inv, flagged = run(1.05, outliers_ms=0.0)
+    assert inv.stage == stages.ATTN_PROJ and 4.0 < inv.max_disagreement_pct < 6.0 and flagged
+    assert checks.invariants(contexts=[ContextSummary(**s) for s in stats.summarize(
+        stats.RoundData(("a", "b"), (1, 2), np.arange(2), np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2, 9)),
+                        np.zeros((2, 9)), np.full(2, np.nan), np.zeros(2)), n_boot=5)[0]]).estimator == "mean"
