@@ -4,8 +4,9 @@
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
-  gemma3n_extra, norm; each depth's median over rounds of calibrated ms, as the run's check judges it;
-  the means' spread beside it) -- target <= 2 %;
+  gemma3n_extra, norm; each depth's 20 % trimmed mean over rounds of calibrated ms, as the run's check judges it;
+  the means' spread beside it, and the noise floor: the 95th percentile of the spread with the depths
+  shuffled within rounds) -- target <= 2 %;
 - the attn_kv rise from the shallowest to the deepest context against the plain-decode rise,
   both paired by round -- target: within 10 % (with the 95 % interval of that disagreement, a bootstrap
   over rounds: how much of it the plain pass's noise explains);
@@ -60,6 +61,7 @@ def one_sweep(a, out: Path, i: int) -> dict:
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
+        "invariant_noise_floor_pct": _noise_floor(run),
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
@@ -71,6 +73,25 @@ def one_sweep(a, out: Path, i: int) -> dict:
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
         "others_cpu_pct": 100 * sum(x.others_cpu_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
     }
+
+
+def _noise_floor(run, n_perm: int = 400) -> dict[str, float]:
+    """Per invariant stage: the 95th percentile of the spread across depths of its 20 % trimmed means (the run
+    check's estimator) when the depths are shuffled within each round (a permutation null: every round's
+    drift kept, any effect of depth gone)."""
+    from harness import checks, stats
+
+    rd = stats.round_data(run.ops, run.tokens)
+    cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
+    rng = np.random.default_rng(0)
+    out = {}
+    for s in checks.INVARIANT_STAGES:
+        x = cal[:, :, stats.S[s]]
+        if np.nanmean(x) <= 0:
+            continue
+        med = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), checks.TRIM) for _ in range(n_perm)])  # (P, D)
+        out[s] = float(np.percentile(100 * (med.max(1) - med.min(1)) / med.mean(1), 95))
+    return out
 
 
 def _paired_rise(run) -> tuple[float, list[float]]:
@@ -95,10 +116,13 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--contexts", default="13,172,658,4096")
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
     a = ap.parse_args()
     res = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = a.keep or tmp
+        Path(d).mkdir(parents=True, exist_ok=True)
         for i in range(a.sweeps):
             res.append(one_sweep(a, Path(d), i))
             report_one(i, res[-1])
@@ -125,7 +149,9 @@ def report_one(i: int, r: dict) -> None:
           + " | calibrated sum/plain " + " ".join(f"{d}:{v:.1f}%" for d, v in r["calibrated_sum_pct"].items())
           + f" | per-stage spread ({r['invariant_estimator']}s) "
           + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_pct"].items())
-          + " (means " + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_mean_pct"].items()) + ")"
+          + " (means " + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_mean_pct"].items())
+          + "; noise floor, 95th percentile with depths shuffled within rounds: "
+          + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_noise_floor_pct"].items()) + ")"
           + f" | steal {r['steal_pct']:.1f} % others {r['others_cpu_pct']:.1f} % | flags {r['flags'] or '-'}",
           flush=True)
 

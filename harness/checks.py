@@ -8,8 +8,6 @@ device drifted within the run, and the run says so.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from harness import stages, stats
@@ -18,6 +16,7 @@ from harness.record import ContextSummary, Flag, Invariants, RoundNoise
 INVARIANT_STAGES = (stages.FFN, stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N_EXTRA, stages.NORM)
 INVARIANT_THRESHOLD_PCT = 2.0  # largest allowed (max - min) / mean across depths of an invariant stage
 INVARIANT_MIN_SHARE_PCT = 5.0  # judged only on stages holding at least this share (smaller ones: reported)
+TRIM = 0.2  # each depth's value: the mean of its rounds without the lowest and highest 20 %
 OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
 STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
 CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms within this
@@ -27,19 +26,17 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
                threshold_pct: float = INVARIANT_THRESHOLD_PCT) -> Invariants | None:
     """Largest disagreement across depths of the depth-invariant stages, judged on stages holding >=
     INVARIANT_MIN_SHARE_PCT of decode; None with fewer than two depths. With the run's rounds ``rd`` (same
-    depth order as ``contexts``), each depth's value is the median over rounds of its calibrated stage ms:
-    the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on one
-    depth move its mean by more than the 2 % this check is for (bench/NOTES.md §9b). Without rounds (the
-    seed's reference run), the summaries' means."""
+    depth order as ``contexts``), each depth's value is the 20 % trimmed mean over rounds of its calibrated
+    stage ms: the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on
+    one depth move a 40-round mean by 2-4 % with no drift at all; trimmed, the noise floor is 1-2 %
+    (bench/NOTES.md §9b). Without rounds (the seed's reference run), the summaries' means."""
     if len(contexts) < 2:
         return None
     means = np.array([[c.stage(s) for s in INVARIANT_STAGES] for c in contexts])  # (D, K)
     values = means
     if rd is not None:
         cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
-        with warnings.catch_warnings():  # a depth no round reached: NaN, left out below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            values = np.nanmedian(cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]], axis=0)
+        values = stats.trimmed_mean(cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]], TRIM)
 
     def spread(v: np.ndarray) -> float:
         v = v[~np.isnan(v)]
@@ -56,7 +53,8 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
         return None
     worst = max(judged, key=judged.get)
     return Invariants(max_disagreement_pct=judged[worst], stage=worst, threshold_pct=threshold_pct,
-                      per_stage_pct=per, estimator="median" if rd is not None else "mean", per_stage_mean_pct=per_mean)
+                      per_stage_pct=per, estimator=f"{TRIM * 100:g} % trimmed mean" if rd is not None else "mean",
+                      per_stage_mean_pct=per_mean)
 
 
 def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[RoundNoise], *, cores: int,
@@ -69,8 +67,8 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
         out.append(Flag("incomplete", f"the sweep stopped early ({stop_reason}): fewer rounds than asked"))
     if inv is not None and inv.max_disagreement_pct > inv.threshold_pct:
         out.append(Flag("drift", f"{inv.stage} differs by {inv.max_disagreement_pct:.1f} % across depths "
-                        f"({inv.estimator}s; its work does not depend on depth; threshold {inv.threshold_pct:g} %): "
-                        "the device drifted"))
+                        f"({inv.estimator}s over rounds; its work does not depend on depth; threshold "
+                        f"{inv.threshold_pct:g} %): the device drifted"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:

@@ -173,7 +173,7 @@ class Invariants(Record):
     stage: str  # the stage where it occurred
     threshold_pct: float
     per_stage_pct: dict[str, float] = field(default_factory=dict)
-    estimator: str = "mean"  # what each depth's value is: "median" over rounds (robust to outlier tokens) or "mean"
+    estimator: str = "mean"  # each depth's value over rounds: "20 % trimmed mean" (robust to outlier tokens) or "mean"
     per_stage_mean_pct: dict[str, float] = field(default_factory=dict)  # the same spread of the per-depth means
 
 

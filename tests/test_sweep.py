@@ -200,9 +200,9 @@ def test_native_callback_is_used_when_a_compiler_exists(tiny_run):
     assert read_record(tiny_run).params.callback == expected
 
 
-def test_invariance_check_uses_medians_over_rounds():
+def test_invariance_check_uses_trimmed_means_over_rounds():
     """A lost core makes a few outlier tokens; three of them on one depth move its attn_proj mean by ~6 % but
-    not its median, so no drift is flagged. A real shift of every round at one depth is flagged either way."""
+    not its 20 % trimmed mean, so no drift is flagged. A real shift of every round at one depth is flagged."""
     import numpy as np
 
     from harness import stats
@@ -228,10 +228,20 @@ def test_invariance_check_uses_medians_over_rounds():
         return inv, flagged
 
     inv, flagged = run(1.0, outliers_ms=4.0)
-    assert inv.estimator == "median" and inv.per_stage_pct[stages.ATTN_PROJ] < 1.0 and not flagged
+    assert inv.estimator == "20 % trimmed mean" and inv.per_stage_pct[stages.ATTN_PROJ] < 1.0 and not flagged
     assert inv.per_stage_mean_pct[stages.ATTN_PROJ] > 5.0  # the means see the outliers
     inv, flagged = run(1.05, outliers_ms=0.0)
     assert inv.stage == stages.ATTN_PROJ and 4.0 < inv.max_disagreement_pct < 6.0 and flagged
     assert checks.invariants(contexts=[ContextSummary(**s) for s in stats.summarize(
         stats.RoundData(("a", "b"), (1, 2), np.arange(2), np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2, 9)),
                         np.zeros((2, 9)), np.full(2, np.nan), np.zeros(2)), n_boot=5)[0]]).estimator == "mean"
+
+
+def test_trimmed_mean_drops_both_tails_and_skips_nan():
+    import numpy as np
+
+    from harness import stats
+
+    x = np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 5.0], [4.0, 5.0], [100.0, 50.0]])
+    np.testing.assert_allclose(stats.trimmed_mean(x, 0.2), [3.0, 16.25])  # 5 values: 1 cut each side; 4: none
+    np.testing.assert_allclose(stats.trimmed_mean(x, 0.0), [22.0, 16.25])
