@@ -68,7 +68,7 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
     if inv is not None and inv.max_disagreement_pct > inv.threshold_pct:
         out.append(Flag("drift", f"{inv.stage} differs by {inv.max_disagreement_pct:.1f} % across depths "
                         f"({inv.estimator}s over rounds; its work does not depend on depth; threshold "
-                        f"{inv.threshold_pct:g} %): the device drifted"))
+                        f"{inv.threshold_pct:g} %): the device drifted, or its noise is above the threshold"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:

@@ -137,7 +137,7 @@ def format_summary(rec: RunRecord) -> str:
         means = max(inv.per_stage_mean_pct.get(s, 0.0) for s in inv.per_stage_pct) if inv.per_stage_mean_pct else None
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
-                     + (f"; the means disagree by up to {means:.2f} % (outlier tokens)" if means is not None else ""))
+                     + (f"; the means: up to {means:.2f} %" if means is not None else ""))
     return "\n".join(lines)
 
 
