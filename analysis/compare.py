@@ -11,8 +11,8 @@
   share, achieved GB/s of ffn and attn_kv, the device's read bandwidth, x roofline (``analysis.roofline``),
   and speedup vs the baseline device (same model; a differing setting is named in base_note).
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
-- Slopes: per group and stage, least squares through each depth's mean ms/token, in ms per 1,000 KV
-  tokens, with a 95 % bootstrap interval over rounds (depths paired by round; runs stratified).
+- Slopes: per group and stage, ms per 1,000 KV tokens through each depth's mean, 95 % bootstrap interval
+  over rounds (depths paired by round; runs stratified).
 - Crossover: per group, the depth where attention over the KV cache reaches the FFN's time, from the
   group's time model (``analysis.timemodel``, runs pooled), with its 95 % interval (``--crossover``).
 """
