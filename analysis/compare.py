@@ -13,8 +13,7 @@
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
 - Slopes: per group and stage, ms per 1,000 KV tokens through each depth's mean, 95 % bootstrap interval
   over rounds (depths paired by round; runs stratified).
-- Crossover: per group, the depth where attention over the KV cache reaches the FFN's time, from the
-  group's time model (``analysis.timemodel``, runs pooled), with its 95 % interval (``--crossover``).
+- Crossover: per group, where attn_kv reaches the FFN's time (its time model, runs pooled; ``--crossover``).
 """
 
 from __future__ import annotations
