@@ -47,6 +47,18 @@ def _fit(depths: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return slope, (sy - slope * sx) / n
 
 
+def _counts(rng: np.random.Generator, n: int, r: int, n_boot: int) -> np.ndarray:
+    """(n, n_boot + 1, r) how often each of r rounds is drawn, per run and resample; row 0 is the data itself."""
+    return np.concatenate([np.ones((n, 1, r)), rng.multinomial(r, np.full(r, 1.0 / r), size=(n, n_boot))], axis=1)
+
+
+def _add_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """target[rows] += values, summing the values of repeated rows (unlike fancy-index +=)."""
+    order = np.argsort(rows, kind="stable")
+    rows, first = np.unique(rows[order], return_index=True)
+    target[rows] += np.add.reduceat(values[order], first, axis=0)
+
+
 def _buckets(samples: list[Sample], group: np.ndarray) -> list[Bucket]:
     """Samples stacked by shape (rounds, depths)."""
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -92,16 +104,13 @@ def _curves(buckets: list[Bucket], n_boot: int, seed: int):
         for a in range(0, n_all, CHUNK):
             y, g = ys[a:a + CHUNK].reshape(-1, r, d * k), gs[a:a + CHUNK]
             ok = ~np.isnan(y)
-            counts = np.concatenate([np.ones((len(y), 1, r)),  # row 0: the data itself
-                                     rng.multinomial(r, np.full(r, 1.0 / r), size=(len(y), n_boot))], axis=1)
+            counts = _counts(rng, len(y), r, n_boot)
             with np.errstate(all="ignore"):  # NaN where a resample has no data
                 means = (counts @ np.where(ok, y, 0.0)) / (counts @ ok.astype(float))
             means = means.reshape(len(y), n_boot + 1, d, k).transpose(0, 2, 1, 3).reshape(len(y) * d, -1)
             rows = gd.cell(ds[a:a + CHUNK], g).ravel()  # each run's depths, as rows of acc
-            order = np.argsort(rows, kind="stable")
-            rows, first = np.unique(rows[order], return_index=True)
-            acc[rows] += np.add.reduceat(np.nan_to_num(means[order]), first)
-            cnt[rows] += np.add.reduceat(~np.isnan(means[order, :k]), first)
+            _add_rows(acc, rows, np.nan_to_num(means))
+            _add_rows(cnt, rows, ~np.isnan(means[:, :k]))
     with np.errstate(all="ignore"):
         curve = (acc.reshape(n_groups, gd.dmax, n_boot + 1, k) / cnt.reshape(n_groups, gd.dmax, 1, k))
     return gd.matrix, curve.transpose(0, 2, 1, 3), rounds, gd.n
@@ -124,13 +133,8 @@ def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, n_groups: int, 
         n_all, r = ys.shape[:2]
         z = np.einsum("nrdk,nd->nrk", ys, weight[cell] / r)  # each round folded over depths
         for a in range(0, n_all, CHUNK):
-            zc, g = z[a:a + CHUNK], gs[a:a + CHUNK]
-            counts = np.concatenate([np.ones((len(zc), 1, r)),
-                                     rng.multinomial(r, np.full(r, 1.0 / r), size=(len(zc), n_boot))], axis=1)
-            part = counts @ zc
-            order = np.argsort(g, kind="stable")
-            g, first = np.unique(g[order], return_index=True)
-            slopes[g] += np.add.reduceat(part[order], first, axis=0)
+            zc = z[a:a + CHUNK]
+            _add_rows(slopes, gs[a:a + CHUNK], _counts(rng, len(zc), r, n_boot) @ zc)
     return slopes
 
 
@@ -141,7 +145,7 @@ def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarr
     dirty = np.zeros(n_groups, bool)
     for ys, _, gs in buckets:
         dirty[gs[np.isnan(ys).any(axis=(1, 2, 3))]] = True
-    depths, curve, rounds, n_depths = _curves([(ys, ds, gs) for ys, ds, gs in buckets], 0, seed)
+    depths, curve, rounds, n_depths = _curves(buckets, 0, seed)
     slope, intercept = _fit(depths[:, None, :], curve)
     boot = np.full((n_groups, n_boot, k), np.nan)
     if n_boot and not dirty.all():
@@ -186,7 +190,7 @@ def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400)
     shown = [s for s in STAGES if s in present] + sorted(set(present) - set(STAGES))
     st = np.array([shown.index(s) for s in present])[found]
     run_codes, runs = np.unique(long[RUN].to_numpy(), return_inverse=True)
-    dep, rnd = long[columns.DEPTH].to_numpy(), long[columns.ROUND].to_numpy()
+    dep, rnd, ms = long[columns.DEPTH].to_numpy(), long[columns.ROUND].to_numpy(), long["ms"].to_numpy(float)
     # each run's depths and rounds, numbered 0.. within the run
     di = pd.Series(dep).groupby(runs).rank(method="dense").to_numpy(int) - 1
     ri = pd.Series(rnd).groupby(runs).rank(method="dense").to_numpy(int) - 1
@@ -202,7 +206,7 @@ def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400)
         sel = slot[runs] >= 0
         cell = (slot[runs[sel]] * r + ri[sel]) * d + di[sel]  # (run in bucket, round, depth)
         size = len(members) * r * d
-        ys = np.bincount(cell * k + st[sel], weights=long["ms"].to_numpy(float)[sel], minlength=size * k)
+        ys = np.bincount(cell * k + st[sel], weights=ms[sel], minlength=size * k)
         ys = ys.reshape(size, k)
         ys[np.bincount(cell, minlength=size) == 0] = np.nan  # a (round, depth) with no row was not measured
         depths = np.zeros((len(members), d))

@@ -218,13 +218,13 @@ def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.nd
     used to extrapolate, and a per-regime line can bend the wrong way past the depths it saw)."""
     if len(forms) == 1 or len(fd) < 3:
         return forms[0], ""
-    count, mib = facts.layer_terms(fd[:-1])
+    (count, mib), deepest = facts.layer_terms(fd[:-1]), facts.layer_terms(fd[-1:])
     regs = facts.all_regimes()
     errors = {}
     for form in forms:
         x = _design(count, mib, regs, own, use, form)
         if _identified(x):
-            pred = _design(*facts.layer_terms(fd[-1:]), regs, own, use, form) @ np.linalg.pinv(x) @ attn[:-1]
+            pred = _design(*deepest, regs, own, use, form) @ np.linalg.pinv(x) @ attn[:-1]
             errors[form] = 100 * (pred[0] / attn[-1] - 1) if attn[-1] > 0 else np.inf
     if not errors:
         return forms[0], ""

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.slope import run_slopes  # noqa: E402
+from harness import checks, stats  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": 10.0, "overhead": 1.03,
@@ -53,7 +54,9 @@ def one_sweep(a, out: Path, i: int) -> dict:
     rec = run.record
     ctxs = rec.sorted_contexts()
     lo, hi = ctxs[0], ctxs[-1]
-    rd_rise, agree_ci = _paired_rise(run)
+    rd = stats.round_data(run.ops, run.tokens)
+    cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
+    rd_rise, agree_ci = _paired_rise(rd, cal)
     sl = run_slopes(run).loc["attn_kv"]
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
@@ -61,7 +64,7 @@ def one_sweep(a, out: Path, i: int) -> dict:
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
-        "invariant_noise_floor_pct": _noise_floor(run),
+        "invariant_noise_floor_pct": _noise_floor(cal),
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
@@ -75,35 +78,28 @@ def one_sweep(a, out: Path, i: int) -> dict:
     }
 
 
-def _noise_floor(run, n_perm: int = 400) -> dict[str, float]:
+def _noise_floor(cal: np.ndarray, n_perm: int = 400) -> dict[str, float]:
     """Per invariant stage: the 95th percentile of the spread across depths of its 20 % trimmed means (the run
     check's estimator) when the depths are shuffled within each round (a permutation null: every round's
     drift kept, any effect of depth gone)."""
-    from harness import checks, stats
-
-    rd = stats.round_data(run.ops, run.tokens)
-    cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
     rng = np.random.default_rng(0)
     out = {}
     for s in checks.INVARIANT_STAGES:
         x = cal[:, :, stats.S[s]]
         if np.nanmean(x) <= 0:
             continue
-        med = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), checks.TRIM) for _ in range(n_perm)])  # (P, D)
-        out[s] = float(np.percentile(100 * (med.max(1) - med.min(1)) / med.mean(1), 95))
+        tm = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), checks.TRIM) for _ in range(n_perm)])  # (P, D)
+        out[s] = float(np.percentile(100 * (tm.max(1) - tm.min(1)) / tm.mean(1), 95))
     return out
 
 
-def _paired_rise(run) -> tuple[float, list[float]]:
+def _paired_rise(rd: stats.RoundData, cal: np.ndarray) -> tuple[float, list[float]]:
     """Plain ms/token at the deepest minus the shallowest depth (mean of per-round differences), and the 95 %
     interval (bootstrap over rounds) of (attn_kv rise - plain rise) / plain rise in %: the sampling noise of
     the agreement check."""
-    from harness import stats
-
-    rd = stats.round_data(run.ops, run.tokens)
     d_plain = rd.plain[:, -1] - rd.plain[:, 0]
-    cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))[:, :, stats.S["attn_kv"]]
-    d_attn = cal[:, -1] - cal[:, 0]
+    attn = cal[:, :, stats.S["attn_kv"]]
+    d_attn = attn[:, -1] - attn[:, 0]
     rows = stats.boot_indices(len(d_plain))
     with np.errstate(all="ignore"):
         ratio = 100 * (np.nanmean(d_attn[rows], axis=1) / np.nanmean(d_plain[rows], axis=1) - 1)

@@ -50,11 +50,6 @@ def _number(value: Any, where) -> float:
     return value
 
 
-def _check(value: Any, tp, where: str) -> Any:
-    """``value`` converted to annotation ``tp`` (records built, lists made tuples), else RecordError."""
-    return _checker(tp)(value, where)
-
-
 def _num_check(value, where):
     if type(value) is float and value >= 0:  # the common case: no NaN (NaN >= 0 is False), no negative
         return value
@@ -107,11 +102,7 @@ def _checker(tp) -> Callable[[Any, str], Any]:
             raise errors[0]
         return union
     if is_record:
-        def record(value, where):
-            if not isinstance(value, dict):
-                raise RecordError(where, f"expected an object, got {type(value).__name__}")
-            return tp.from_dict(value, where)
-        return record
+        return tp.from_dict  # (d, where): refuses a non-object itself
     if origin is tuple:
         return _tuple_checker(args)
     if origin is dict:
@@ -134,6 +125,7 @@ def _checker(tp) -> Callable[[Any, str], Any]:
 
 def _tuple_checker(args) -> Callable[[Any, str], Any]:
     items = [_checker(a) for a in args if a is not Ellipsis]
+    all_floats = items == [_num_check] * len(items)
 
     def tuple_(value, where):
         if not isinstance(value, (list, tuple)):
@@ -145,7 +137,7 @@ def _tuple_checker(args) -> Callable[[Any, str], Any]:
             return tuple(value)
         if len(items) != len(value):
             raise RecordError(where, f"expected {len(items)} items, got {len(value)}")
-        if items == [_num_check] * len(items) and all(type(v) is float and v >= 0 for v in value):
+        if all_floats and _clean_floats(value):
             return tuple(value)  # an interval of two clean floats: the common case
         return tuple(check(v, f"{where}[{i}]") for i, (v, check) in enumerate(zip(value, items, strict=True)))
     return tuple_
