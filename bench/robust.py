@@ -1,6 +1,7 @@
 """Does the measurement survive a noisy device? Back-to-back sweeps, each checked against physics.
 
-    python bench/robust.py [--model GGUF] [--sweeps 5] [--contexts 13,172,658,4096] [--rounds 40]
+    python bench/robust.py [--model GGUF] [--sweeps 5] [--contexts 13,172,658,4096] [--rounds 40] [--keep DIR]
+    python bench/robust.py --summarize bench/results/robust-*.json
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
@@ -15,7 +16,10 @@ Runs N sweeps back to back (all depths resident, measured round-robin) and print
 - calibrated stage ms summed against the plain ms/token;
 - the sweep's wall time (excluding twin generation) -- target <= 3 minutes;
 - the flags it raised, and the noise the OS reported (CPU steal, other processes' CPU).
-Then the spread of the attn_kv slope across the N sweeps -- target <= 10 %.
+Then the spread of the attn_kv slope across the N sweeps -- target <= 10 % -- and how much of it is the
+device changing between sweeps (I2: the share of the between-sweep variance beyond each sweep's own
+sampling noise) and its correlation with each sweep's measured split cost. ``--summarize JSON ...`` prints
+these across-sweep figures again from saved results, pooling their sweeps.
 Nothing is asserted: the figures are printed and saved as JSON in bench/results/.
 """
 
@@ -113,8 +117,17 @@ def main() -> None:
     ap.add_argument("--contexts", default="13,172,658,4096")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="no sweeps: print the across-sweep figures of saved results (all their sweeps pooled)")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
     a = ap.parse_args()
+    if a.summarize:
+        try:
+            res = [r for f in a.summarize for r in json.loads(f.read_text())["sweeps"]]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
+        across(res)
+        return
     res = []
     with tempfile.TemporaryDirectory() as tmp:
         d = a.keep or tmp
@@ -122,15 +135,45 @@ def main() -> None:
         for i in range(a.sweeps):
             res.append(one_sweep(a, Path(d), i))
             report_one(i, res[-1])
+    spread = across(res)
+    out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
+                               "slope_heterogeneity": heterogeneity(res)}, indent=1, default=str))
+    print(f"saved {out.relative_to(ROOT)}")
+
+
+def across(res: list[dict]) -> float:
+    """Print the attn_kv slope's spread across the sweeps, and how much of it is the device changing between
+    sweeps rather than each sweep's sampling noise; return the spread in %."""
     slopes = np.array([r["attn_kv_slope"] for r in res])
     spread = 100 * (slopes.max() - slopes.min()) / slopes.mean() if len(slopes) > 1 else float("nan")
     print(f"\nattn_kv slope across {len(res)} sweeps: " + ", ".join(f"{s:.3f}" for s in slopes)
           + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target <= {TARGETS['slope_spread_pct']:g} %)")
-    out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread},
-                              indent=1, default=str))
-    print(f"saved {out.relative_to(ROOT)}")
+    h = heterogeneity(res)
+    if h:
+        print(f"  between sweeps: sd {h['between_sd_pct']:.1f} % of the mean; within a sweep (bootstrap over rounds): "
+              f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
+              f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
+              f"r = {h['r_split_cost']:+.2f}")
+    return spread
+
+
+def heterogeneity(res: list[dict]) -> dict | None:
+    """Between-sweep spread of the attn_kv slope against each sweep's own interval: the between-sweep sd, the
+    root-mean-square within-sweep standard error (95 % interval width / 3.92), Cochran's Q and I2 (the share
+    of the variation beyond sampling noise), and the correlation of the slope with the sweep's split cost."""
+    if len(res) < 3:
+        return None
+    s = np.array([r["attn_kv_slope"] for r in res])
+    se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res])
+    w = 1 / se**2
+    q = float((w * (s - (w * s).sum() / w.sum()) ** 2).sum())
+    sync = np.array([r["sync_us"] for r in res])
+    return {"between_sd_pct": float(100 * s.std(ddof=1) / s.mean()),
+            "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
+            "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else 0.0,
+            "r_split_cost": float(np.corrcoef(s, sync)[0, 1]) if sync.std() > 0 else float("nan")}
 
 
 def report_one(i: int, r: dict) -> None:

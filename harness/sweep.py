@@ -134,10 +134,10 @@ def format_summary(rec: RunRecord) -> str:
              f"{ctxs[0].sync_us or 0:.2f} us) and should add up to the plain ms/token",
              format_table(head, rows, style="text")]
     if inv is not None:
-        means = max(inv.per_stage_mean_pct.get(s, 0.0) for s in inv.per_stage_pct) if inv.per_stage_mean_pct else None
+        means = inv.per_stage_mean_pct.get(inv.stage)
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
-                     + (f"; the means: up to {means:.2f} %" if means is not None else ""))
+                     + (f"; its means: {means:.2f} %" if means is not None else ""))
     return "\n".join(lines)
 
 

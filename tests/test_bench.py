@@ -1,0 +1,46 @@
+"""The analysis inside the robustness benchmarks: the same-depth control on a real tiny sweep, and the
+across-sweep heterogeneity figures (pure arithmetic, checked on made-up sweeps)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "bench"))
+robust = importlib.import_module("robust")
+same_depth = importlib.import_module("same_depth")
+
+
+def _sweeps(slopes, half_width, sync):
+    return [{"attn_kv_slope": s, "attn_kv_slope_ci": [s - half_width, s + half_width], "sync_us": u}
+            for s, u in zip(slopes, sync, strict=True)]
+
+
+def test_heterogeneity_separates_device_change_from_sampling_noise():
+    steady = robust.heterogeneity(_sweeps([3.50, 3.52, 3.49, 3.51, 3.50], 0.10, [0.6, 0.9, 0.7, 0.8, 1.0]))
+    assert steady["i2_pct"] == 0.0  # the sweeps disagree less than their own intervals allow
+    moving = robust.heterogeneity(_sweeps([3.4, 3.6, 3.8, 4.0, 4.2], 0.05, [0.5, 0.7, 0.9, 1.1, 1.3]))
+    assert moving["i2_pct"] > 95
+    assert moving["r_split_cost"] == pytest.approx(1.0)
+    assert moving["within_se_pct"] == pytest.approx(100 * 0.05 / 1.96 / 3.8, rel=1e-3)
+    assert robust.heterogeneity(_sweeps([3.4, 3.6], 0.05, [0.5, 0.7])) is None
+
+
+def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):
+    r = run_cli("harness.sweep", "--model", str(tiny_gguf), "-c", "13,14,80,81", "-r", "4", "--warmup", "1",
+                "--no-probe", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = same_depth.analyse(next(tmp_path.glob("*.parquet")))
+    assert res["depths"] == [13, 14, 80, 81] and res["rounds"] == 4
+    assert set(res["stages"]) >= {"ffn", "lm_head"}
+    for v in res["stages"].values():
+        assert len(v["twins_pct"]) == 2 and all(np.isfinite(v["twins_pct"]))
+        point, lo, hi = v["deep_vs_shallow_pct"]
+        assert lo <= hi and np.isfinite(point)
+    seg = res["segments"]
+    assert seg and all(k in ("after_full_context_attention", "elsewhere") for s in seg.values() for k in s)
+    assert any("after_full_context_attention" in s for s in seg.values())  # the tiny twin has full-context layers
