@@ -88,12 +88,12 @@ class _Depths:
         return self._row[np.searchsorted(self._key, (gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64))]
 
 
-def _curves(buckets: list[Bucket], n_boot: int, seed: int):
+def _curves(buckets: list[Bucket], n_boot: int, seed: int, gd: _Depths | None = None):
     """Per group (0..G-1): its depths (G, Dmax; 0-padded), the per-depth mean curves of the data and of every
     resample (G, n_boot + 1, Dmax, K; NaN where no run measured a depth), its rounds and depths (G,). Each
     run's rounds are resampled within that run (a stratified bootstrap); runs of one shape together."""
     n_groups, k = max(int(g.max()) for _, _, g in buckets) + 1, buckets[0][0].shape[3]
-    gd = _Depths(buckets, n_groups)
+    gd = gd or _Depths(buckets, n_groups)
     acc = np.zeros((n_groups * gd.dmax, (n_boot + 1) * k))
     cnt = np.zeros((n_groups * gd.dmax, k))
     rounds = np.zeros(n_groups)
@@ -116,11 +116,11 @@ def _curves(buckets: list[Bucket], n_boot: int, seed: int):
     return gd.matrix, curve.transpose(0, 2, 1, 3), rounds, gd.n
 
 
-def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, n_groups: int, k: int):
+def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, gd: _Depths, k: int):
     """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell. A least-squares slope is
     linear in the per-depth means, so each run's rounds are first folded over depths with its group's
     weights, and only (rounds x stages) per run are resampled: a depth-fold less work than the curves."""
-    gd = _Depths(buckets, n_groups)
+    n_groups = len(gd.n)
     cells = [gd.cell(ds, gs) for _, ds, gs in buckets]
     n_at = np.bincount(np.concatenate([c.ravel() for c in cells]), minlength=n_groups * gd.dmax)
     x = np.where(np.arange(gd.dmax) < gd.n[:, None], gd.matrix, np.nan)
@@ -145,11 +145,12 @@ def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarr
     dirty = np.zeros(n_groups, bool)
     for ys, _, gs in buckets:
         dirty[gs[np.isnan(ys).any(axis=(1, 2, 3))]] = True
-    depths, curve, rounds, n_depths = _curves(buckets, 0, seed)
+    gd = _Depths(buckets, n_groups)
+    depths, curve, rounds, n_depths = _curves(buckets, 0, seed, gd)
     slope, intercept = _fit(depths[:, None, :], curve)
     boot = np.full((n_groups, n_boot, k), np.nan)
     if n_boot and not dirty.all():
-        boot[~dirty] = _clean_slopes(buckets, n_boot, seed, n_groups, k)[~dirty, 1:]
+        boot[~dirty] = _clean_slopes(buckets, n_boot, seed, gd, k)[~dirty, 1:]
     if n_boot and dirty.any():  # the curves of every resample, for those groups only (renumbered 0..)
         renum = np.cumsum(dirty) - 1
         sub = [(ys[m], ds[m], renum[gs[m]]) for ys, ds, gs in buckets if (m := dirty[gs]).any()]

@@ -101,6 +101,9 @@ def write_fleet(sources: list[Path], parts: list[tuple[Path, int, int]]) -> None
         pool.map(_write_chunk, jobs)
 
 
+SETTLE_S = 10.0  # pause after writing a fleet, once its pages are on disk, before timing anything
+
+
 def _child_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -147,6 +150,8 @@ def main() -> int:
             du = sum(f.stat().st_size for f in base.rglob("*.parquet")) / 1e9
             print(f"wrote {sum(hi - lo for _, lo, hi in todo):,} runs in {time.perf_counter() - t0:.1f} s "
                   f"({du:.2f} GB under {base})")
+            os.sync()  # the first compare right after writing read 13 s instead of 8: disk writeback competed
+            time.sleep(SETTLE_S)
         for k, n in enumerate(sizes):
             roots = [p[0] for p in parts[: k + 1]]
             found = sum(1 for r in roots for _ in r.rglob("*.parquet"))
