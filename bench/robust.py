@@ -124,7 +124,9 @@ def main() -> None:
     if a.summarize:
         try:
             res = [r for f in a.summarize for r in json.loads(f.read_text())["sweeps"]]
-        except (OSError, ValueError, KeyError) as e:
+            if not res or any("attn_kv_slope" not in r or "attn_kv_slope_ci" not in r for r in res):
+                raise ValueError("no sweeps with an attn_kv slope and its interval")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
         across(res)
         return
@@ -149,9 +151,10 @@ def across(res: list[dict]) -> float:
     slopes = np.array([r["attn_kv_slope"] for r in res])
     spread = 100 * (slopes.max() - slopes.min()) / slopes.mean() if len(slopes) > 1 else float("nan")
     print(f"\nattn_kv slope across {len(res)} sweeps: " + ", ".join(f"{s:.3f}" for s in slopes)
-          + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target <= {TARGETS['slope_spread_pct']:g} %)")
+          + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target across five sweeps: <= "
+            f"{TARGETS['slope_spread_pct']:g} %)")
     h = heterogeneity(res)
-    if h:
+    if h and np.isfinite(h["q"]):
         print(f"  between sweeps: sd {h['between_sd_pct']:.1f} % of the mean; within a sweep (bootstrap over rounds): "
               f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
               f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
@@ -165,15 +168,18 @@ def heterogeneity(res: list[dict]) -> dict | None:
     of the variation beyond sampling noise), and the correlation of the slope with the sweep's split cost."""
     if len(res) < 3:
         return None
-    s = np.array([r["attn_kv_slope"] for r in res])
-    se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res])
-    w = 1 / se**2
-    q = float((w * (s - (w * s).sum() / w.sum()) ** 2).sum())
-    sync = np.array([r["sync_us"] for r in res])
+    s = np.array([r["attn_kv_slope"] for r in res], float)
+    se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res], float)
+    sync = np.array([r.get("sync_us") for r in res], float)  # None (not measured) -> NaN
+    nan = float("nan")
+    q = nan
+    if np.isfinite(se).all() and (se > 0).all():  # an interval of zero width (no bootstrap) weighs nothing
+        w = 1 / se**2
+        q = float((w * (s - (w * s).sum() / w.sum()) ** 2).sum())
     return {"between_sd_pct": float(100 * s.std(ddof=1) / s.mean()),
             "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
-            "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else 0.0,
-            "r_split_cost": float(np.corrcoef(s, sync)[0, 1]) if sync.std() > 0 else float("nan")}
+            "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
+            "r_split_cost": float(np.corrcoef(s, sync)[0, 1]) if np.isfinite(sync).all() and sync.std() > 0 else nan}
 
 
 def report_one(i: int, r: dict) -> None:

@@ -4,15 +4,17 @@ noise, drift, or an effect of depth?
     python bench/same_depth.py [--model GGUF] [--depths 13,4096] [--sweeps 2] [--rounds 40] [--keep DIR]
     python bench/same_depth.py --runs RUN.parquet [RUN.parquet ...]     # re-read kept runs
 
-Each sweep holds every depth twice, d and d + 1 (the same work and the same KV padding, in separate
-contexts), all resident and measured round-robin. Per depth-invariant stage it prints, on each depth's 20 %
+Each sweep holds every depth twice, d and d + 1 (the same KV padding, so the same graph, in separate
+contexts; a d whose d + 1 would cross a 256-cell padding step is refused), all resident and measured
+round-robin. Per depth-invariant stage it prints, on each depth's 20 %
 trimmed mean over rounds of calibrated stage ms (the run check's estimator):
 - twins: the spread between d and d + 1 (what noise and a context's own placement give, no depth at all);
 - deep - shallow: the deepest pair minus the shallowest, paired by round, in %, with a 95 % bootstrap
   interval over rounds;
-- where that difference sits, per timed segment: right after the attention of a layer that reads the whole
+- where that difference sits, per timed segment: after the attention of a layer that reads the whole
   context (a "full-context" layer: over twice the median layer's KV bytes in the graph llama.cpp built, where
-  a long KV read could evict what the next ops need: the cache-pollution reading), or anywhere else.
+  a long KV read could evict what the next ops need: the cache-pollution reading; the rest of that layer,
+  its FFN included), or anywhere else.
   Cache pollution predicts the first to grow, the second not.
 Nothing is asserted: the figures are printed and saved as JSON in bench/results/.
 """
@@ -33,7 +35,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness import checks, columns, stats  # noqa: E402
+from harness import checks, columns, gguf_model, stats  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 C = columns
@@ -68,7 +71,8 @@ def full_context_layers(layer_kv_bytes: dict[str, int]) -> set[int]:
 
 def segments(ops: pd.DataFrame, shallow: list[str], deep: list[str], full: set[int]) -> dict[str, dict[str, list]]:
     """Per invariant stage: the deep - shallow difference (µs per timed segment, paired by round, 95 %
-    interval) of its segments right after a full-context layer's attention, and of all its other segments."""
+    interval) of its segments after a full-context layer's attention (in the rest of that layer), and of
+    all its other segments."""
     o = ops[ops[C.LAYER] >= 0]
     first = o[o[C.STAGE] == "attn_kv"].groupby([C.CONTEXT, C.LAYER])[C.NODE_FIRST].min()
     o = o[o[C.STAGE].isin(checks.INVARIANT_STAGES)].copy()
@@ -77,7 +81,10 @@ def segments(ops: pd.DataFrame, shallow: list[str], deep: list[str], full: set[i
     o["side"] = np.where(o[C.CONTEXT].isin(deep), "deep", np.where(o[C.CONTEXT].isin(shallow), "shallow", ""))
     out: dict[str, dict[str, list[float]]] = {}
     for (stage, after), g in o[o["side"] != ""].groupby([C.STAGE, "after_full"]):
-        n_seg = g.groupby([C.CONTEXT, C.ROUND]).size().max()
+        counts = g.groupby([C.CONTEXT, C.ROUND]).size()
+        if counts.min() != counts.max():
+            raise HarnessError(f"{stage}: the contexts' graphs differ in their segments; not twins of one graph")
+        n_seg = int(counts.max())
         per = g.groupby([C.ROUND, "side", C.CONTEXT])[C.TIME_US].sum().groupby([C.ROUND, "side"]).mean().unstack()
         d = (per["deep"] - per["shallow"]).dropna().to_numpy() / n_seg
         boot = d[stats.boot_indices(len(d))].mean(axis=1)
@@ -92,6 +99,8 @@ def analyse(path: Path) -> dict:
     rd = stats.round_data(run.ops, run.tokens)
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
     depths = sorted(set(rd.depths))
+    if len(depths) < 4 or len(depths) % 2 or any(b != a + 1 for a, b in zip(depths[::2], depths[1::2], strict=True)):
+        raise HarnessError(f"{path.name}: depths {depths} are not twins (d, d + 1) of two or more depths")
     pairs = [[j for j, d in enumerate(rd.depths) if d in (lo, lo + 1)] for lo in depths[::2]]
     res = {"run": str(path), "depths": list(rd.depths), "rounds": len(rd.rounds), "stages": {}}
     lo_j, hi_j = pairs[0], pairs[-1]
@@ -133,14 +142,24 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, help="analyse these kept runs instead of sweeping")
     a = ap.parse_args()
-    a.depths = [int(d) for d in a.depths.split(",")]
+    try:
+        a.depths = sorted({int(d) for d in a.depths.split(",")})
+    except ValueError:
+        ap.error(f"--depths: a comma list of token counts, got {a.depths!r}")
+    bad = [d for d in a.depths if d < 1 or (d + 1) % gguf_model.KV_PAD == 0]
+    if len(a.depths) < 2 or bad or any(b - a_ < 2 for a_, b in zip(a.depths, a.depths[1:], strict=False)):
+        ap.error("--depths: two or more depths >= 1, at least 2 apart, none just below a multiple of "
+                 f"{gguf_model.KV_PAD} (its twin would build another graph)" + (f": {bad}" if bad else ""))
     res = []
-    with tempfile.TemporaryDirectory() as tmp:
-        d = a.keep or Path(tmp)
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(len(a.runs) if a.runs else a.sweeps):
-            res.append(analyse(a.runs[i] if a.runs else sweep(a, d, i)))
-            report(i, res[-1])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = a.keep or Path(tmp)
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(len(a.runs) if a.runs else a.sweeps):
+                res.append(analyse(a.runs[i] if a.runs else sweep(a, d, i)))
+                report(i, res[-1])
+    except HarnessError as e:
+        raise SystemExit(f"same_depth.py: {e}") from None
     out = ROOT / "bench" / "results" / f"same-depth-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "sweeps": res}, indent=1, default=str))

@@ -28,6 +28,8 @@ def test_heterogeneity_separates_device_change_from_sampling_noise():
     assert moving["r_split_cost"] == pytest.approx(1.0)
     assert moving["within_se_pct"] == pytest.approx(100 * 0.05 / 1.96 / 3.8, rel=1e-3)
     assert robust.heterogeneity(_sweeps([3.4, 3.6], 0.05, [0.5, 0.7])) is None
+    blind = robust.heterogeneity(_sweeps([3.4, 3.6, 3.8], 0.0, [None, 0.7, 0.9]))  # no interval, no split cost
+    assert np.isnan(blind["i2_pct"]) and np.isnan(blind["q"]) and np.isnan(blind["r_split_cost"])
 
 
 def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):
@@ -44,3 +46,25 @@ def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path)
     seg = res["segments"]
     assert seg and all(k in ("after_full_context_attention", "elsewhere") for s in seg.values() for k in s)
     assert any("after_full_context_attention" in s for s in seg.values())  # the tiny twin has full-context layers
+
+
+def test_segments_put_an_injected_growth_where_it_was_injected():
+    """Three layers, layer 1 full-context; every deep context's attn_proj segment after layer 1's attention
+    takes 10 µs longer: the split must find +10 there and 0 elsewhere."""
+    import pandas as pd
+
+    rows = []
+    for ctx, depth in (("a", 13), ("b", 14), ("c", 4096), ("d", 4097)):
+        for rnd in range(6):
+            for layer in range(3):
+                base = 100 * layer
+                after = 20.0 + (10.0 if depth > 1000 and layer == 1 else 0.0)
+                rows += [(ctx, depth, rnd, base + 5, layer, "attn_proj", 30.0 + rnd),
+                         (ctx, depth, rnd, base + 10, layer, "attn_kv", 5.0 if depth < 1000 else 50.0),
+                         (ctx, depth, rnd, base + 20, layer, "attn_proj", after + rnd)]
+    ops = pd.DataFrame(rows, columns=["context", "depth", "round", "node_first", "layer", "stage", "time_us"])
+    seg = same_depth.segments(ops, ["a", "b"], ["c", "d"], {1})["attn_proj"]
+    assert seg["after_full_context_attention"][:3] == pytest.approx([10.0, 10.0, 10.0])
+    assert seg["after_full_context_attention"][3] == 1
+    assert seg["elsewhere"][:3] == pytest.approx([0.0, 0.0, 0.0]) and seg["elsewhere"][3] == 5
+    assert same_depth.full_context_layers({"0": 1024, "1": 8192, "2": 1024}) == {1}
