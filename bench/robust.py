@@ -2,6 +2,7 @@
 
     python bench/robust.py [--model GGUF] [--sweeps 5] [--contexts 13,172,658,4096] [--rounds 40] [--keep DIR]
     python bench/robust.py --summarize bench/results/robust-*.json
+    python bench/robust.py --runs KEPT/*.parquet        # the same figures from kept runs
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
@@ -18,8 +19,10 @@ Runs N sweeps back to back (all depths resident, measured round-robin) and print
 - the flags it raised, and the noise the OS reported (CPU steal, other processes' CPU).
 Then the spread of the attn_kv slope across the N sweeps -- target <= 10 % -- and how much of it is the
 device changing between sweeps (I2: the share of the between-sweep variance beyond each sweep's own
-sampling noise) and its correlation with each sweep's measured split cost. ``--summarize JSON ...`` prints
-these across-sweep figures again from saved results, pooling their sweeps.
+sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
+depth-invariant stage ms at the shallowest depth. ``--summarize JSON ...`` prints these across-sweep
+figures again from saved results, pooling their sweeps; ``--runs`` computes every figure again from kept
+runs.
 Nothing is asserted: the figures are printed and saved as JSON in bench/results/.
 """
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.slope import run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": 10.0, "overhead": 1.03,
@@ -54,8 +58,15 @@ def one_sweep(a, out: Path, i: int) -> dict:
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(r.stderr)
-    run = read_run(max(out.glob(f"*robust-{i}_*.parquet")))
+    return figures(max(out.glob(f"*robust-{i}_*.parquet")), wall)
+
+
+def figures(path: Path, wall: float | None = None) -> dict:
+    """One sweep's figures from its run file; ``wall`` defaults to the run's own load + sweep time (a kept run
+    re-read: the interpreter's start is not in it)."""
+    run = read_run(path)
     rec = run.record
+    wall = rec.timing.load_s + rec.timing.sweep_s if wall is None else wall
     ctxs = rec.sorted_contexts()
     lo, hi = ctxs[0], ctxs[-1]
     rd = stats.round_data(run.ops, run.tokens)
@@ -76,6 +87,7 @@ def one_sweep(a, out: Path, i: int) -> dict:
         "overhead": {c.depth: c.overhead_ratio for c in ctxs},
         "calibrated_sum_pct": {c.depth: c.calibrated_sum_pct for c in ctxs},
         "plain_ms": {c.depth: c.plain_ms for c in ctxs}, "sync_us": ctxs[0].sync_us,
+        "stage_ms_shallowest": {s: lo.stage(s) for s in checks.INVARIANT_STAGES},
         "flags": [f"{f.kind}{'@' + f.context if f.context else ''}" for f in rec.flags if f.kind != "synthetic"],
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
         "others_cpu_pct": 100 * sum(x.others_cpu_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
@@ -119,6 +131,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
                     help="no sweeps: print the across-sweep figures of saved results (all their sweeps pooled)")
+    ap.add_argument("--runs", type=Path, nargs="+", default=None, metavar="PARQUET",
+                    help="no sweeps: the figures of these kept runs (made by this script with --keep)")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
     a = ap.parse_args()
     if a.summarize:
@@ -134,8 +148,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = a.keep or tmp
         Path(d).mkdir(parents=True, exist_ok=True)
-        for i in range(a.sweeps):
-            res.append(one_sweep(a, Path(d), i))
+        for i in range(len(a.runs) if a.runs else a.sweeps):
+            try:
+                res.append(figures(a.runs[i]) if a.runs else one_sweep(a, Path(d), i))
+            except HarnessError as e:
+                raise SystemExit(f"robust.py: {e}") from None
             report_one(i, res[-1])
     spread = across(res)
     out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
@@ -159,6 +176,9 @@ def across(res: list[dict]) -> float:
               f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
               f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
               f"r = {h['r_split_cost']:+.2f}")
+        if h["r_stage_shallowest"]:
+            print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
+                  + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
     return spread
 
 
@@ -179,7 +199,16 @@ def heterogeneity(res: list[dict]) -> dict | None:
     return {"between_sd_pct": float(100 * s.std(ddof=1) / s.mean()),
             "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
             "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
-            "r_split_cost": float(np.corrcoef(s, sync)[0, 1]) if np.isfinite(sync).all() and sync.std() > 0 else nan}
+            "r_split_cost": _r(s, sync),
+            "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
+                                   for k in checks.INVARIANT_STAGES
+                                   if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
+
+
+def _r(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r, NaN unless both are finite and vary."""
+    ok = np.isfinite(x).all() and np.isfinite(y).all() and x.std() > 0 and y.std() > 0
+    return float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
 
 
 def report_one(i: int, r: dict) -> None:

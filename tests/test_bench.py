@@ -68,3 +68,11 @@ def test_segments_put_an_injected_growth_where_it_was_injected():
     assert seg["after_full_context_attention"][3] == 1
     assert seg["elsewhere"][:3] == pytest.approx([0.0, 0.0, 0.0]) and seg["elsewhere"][3] == 5
     assert same_depth.full_context_layers({"0": 1024, "1": 8192, "2": 1024}) == {1}
+
+
+def test_robust_figures_of_a_kept_run(tiny_run):
+    r = robust.figures(tiny_run)
+    assert r["wall_s"] > 0 and set(r["plain_ms"]) == {13, 40, 80}
+    assert set(r["stage_ms_shallowest"]) <= set(robust.checks.INVARIANT_STAGES) and r["stage_ms_shallowest"]["ffn"] > 0
+    lo, hi = r["attn_kv_slope_ci"]
+    assert lo <= r["attn_kv_slope"] <= hi
