@@ -79,7 +79,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
-        "invariant_noise_floor_pct": _noise_floor(cal),
+        "invariant_noise_floor_pct": rec.invariants.noise_floor_pct or {  # runs made before the run stored it
+            s: checks.noise_floor_pct(cal[:, :, stats.S[s]]) for s in rec.invariants.per_stage_pct},
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
@@ -92,21 +93,6 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
         "others_cpu_pct": 100 * sum(x.others_cpu_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
     }
-
-
-def _noise_floor(cal: np.ndarray, n_perm: int = 400) -> dict[str, float]:
-    """Per invariant stage: the 95th percentile of the spread across depths of its 20 % trimmed means (the run
-    check's estimator) when the depths are shuffled within each round (a permutation null: every round's
-    drift kept, any effect of depth gone)."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for s in checks.INVARIANT_STAGES:
-        x = cal[:, :, stats.S[s]]
-        if np.nanmean(x) <= 0:
-            continue
-        tm = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), checks.TRIM) for _ in range(n_perm)])  # (P, D)
-        out[s] = float(np.percentile(100 * (tm.max(1) - tm.min(1)) / tm.mean(1), 95))
-    return out
 
 
 def _paired_rise(rd: stats.RoundData, cal: np.ndarray) -> tuple[float, list[float]]:

@@ -3,7 +3,9 @@ implausible overhead, calibration, synthetic model, incomplete run).
 
 Physics gives invariants: stages whose work does not depend on depth (FFN, LM head, attention
 projections, Gemma 3n extras, norms) must take the same time at every depth. If they do not, the
-device drifted within the run, and the run says so.
+device drifted within the run, its noise is above the threshold, or (measured on a 2-core VM, up to
+~2 %: bench/NOTES.md §11) the stage's time does depend on depth there. The run says so, with a
+permutation noise floor per stage that tells noise apart from the other two.
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ TRIM = 0.2  # each depth's value: the mean of its rounds without the lowest and 
 OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
 STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
 CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms within this
+N_PERM = 400  # permutations for an invariant stage's noise floor
+
+
+def spread_pct(v: np.ndarray) -> np.ndarray:
+    """(max - min) / mean across depths (the last axis), in %, NaN depths left out."""
+    with np.errstate(all="ignore"):
+        return 100.0 * (np.nanmax(v, -1) - np.nanmin(v, -1)) / np.nanmean(v, -1)
+
+
+def noise_floor_pct(x: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> float:
+    """The 95th percentile of the spread across depths of the per-depth 20 % trimmed means of ``x`` (rounds x
+    depths) with each round's depths shuffled: a permutation null that keeps every round's drift and removes
+    any effect of depth. A spread above it is not this run's noise."""
+    rng = np.random.default_rng(seed)
+    tm = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), TRIM) for _ in range(n_perm)])
+    return float(np.nanpercentile(spread_pct(tm), 95))
 
 
 def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None,
@@ -33,20 +51,19 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     if len(contexts) < 2:
         return None
     means = np.array([[c.stage(s) for s in INVARIANT_STAGES] for c in contexts])  # (D, K)
-    values = means
+    values, cal = means, None
     if rd is not None:
         cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
-        values = stats.trimmed_mean(cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]], TRIM)
+        cal = cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]]
+        values = stats.trimmed_mean(cal, TRIM)
 
-    def spread(v: np.ndarray) -> float:
-        v = v[~np.isnan(v)]
-        return float(100.0 * (v.max() - v.min()) / v.mean())
-
-    per, per_mean, judged = {}, {}, {}
+    per, per_mean, floor, judged = {}, {}, {}, {}
     for k, s in enumerate(INVARIANT_STAGES):
         if means[:, k].mean() <= 0 or np.nanmean(values[:, k]) <= 0:
             continue
-        per[s], per_mean[s] = spread(values[:, k]), spread(means[:, k])
+        per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))
+        if cal is not None:
+            floor[s] = noise_floor_pct(cal[:, :, k])
         if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
             judged[s] = per[s]
     if not judged:
@@ -54,7 +71,7 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     worst = max(judged, key=judged.get)
     return Invariants(max_disagreement_pct=judged[worst], stage=worst, threshold_pct=threshold_pct,
                       per_stage_pct=per, estimator=f"{TRIM * 100:g} % trimmed mean" if rd is not None else "mean",
-                      per_stage_mean_pct=per_mean)
+                      per_stage_mean_pct=per_mean, noise_floor_pct=floor)
 
 
 def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[RoundNoise], *, cores: int,
@@ -66,9 +83,14 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
     if not complete:
         out.append(Flag("incomplete", f"the sweep stopped early ({stop_reason}): fewer rounds than asked"))
     if inv is not None and inv.max_disagreement_pct > inv.threshold_pct:
+        fl = inv.noise_floor_pct.get(inv.stage)
+        why = ("the device drifted, or its noise is above the threshold" if fl is None else
+               f"beyond this run's noise (its floor: {fl:.1f} %): the device drifted, or this stage's time depends "
+               "on depth on this device" if inv.max_disagreement_pct > fl else
+               f"within this run's noise (its floor: {fl:.1f} %): more rounds would tell")
         out.append(Flag("drift", f"{inv.stage} differs by {inv.max_disagreement_pct:.1f} % across depths "
-                        f"({inv.estimator}s over rounds; its work does not depend on depth; threshold "
-                        f"{inv.threshold_pct:g} %): the device drifted, or its noise is above the threshold"))
+                        f"({inv.estimator}s over rounds; its bytes do not depend on depth; threshold "
+                        f"{inv.threshold_pct:g} %): {why}"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:

@@ -175,6 +175,7 @@ class Invariants(Record):
     per_stage_pct: dict[str, float] = field(default_factory=dict)
     estimator: str = "mean"  # each depth's value over rounds: "20 % trimmed mean" (robust to outlier tokens) or "mean"
     per_stage_mean_pct: dict[str, float] = field(default_factory=dict)  # the same spread of the per-depth means
+    noise_floor_pct: dict[str, float] = field(default_factory=dict)  # 95th pct of the spread, depths shuffled in rounds
 
 
 @dataclass(frozen=True)

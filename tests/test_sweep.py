@@ -112,6 +112,7 @@ def test_record_round_trips_and_describes_the_run(tiny_run, tiny_gguf):
     assert inv.max_disagreement_pct == inv.per_stage_pct[inv.stage] == max(
         inv.per_stage_pct[s] for s in inv.per_stage_pct if min(c.share(s) for c in rec.contexts) >= 5.0)
     assert ("drift" in {f.kind for f in rec.flags}) == (inv.max_disagreement_pct > inv.threshold_pct)
+    assert set(inv.noise_floor_pct) == set(inv.per_stage_pct) and all(v > 0 for v in inv.noise_floor_pct.values())
     assert "synthetic" in {f.kind for f in rec.flags}
     from harness.gguf_model import ModelInfo, read_model
 
@@ -212,10 +213,10 @@ def test_invariance_check_uses_trimmed_means_over_rounds():
     n_rounds, depths = 40, (13, 658, 4096)
     base = {stages.FFN: 60.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 7.0}
 
-    def run(shift_at_deepest: float, outliers_ms: float):
+    def run(shift_at_deepest: float, outliers_ms: float, noise: float = 0.003):
         st = np.zeros((n_rounds, len(depths), len(stages.STAGES)))
         for s, v in base.items():
-            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.003, (n_rounds, len(depths))))
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, noise, (n_rounds, len(depths))))
         st[:, -1, stats.S[stages.ATTN_PROJ]] *= shift_at_deepest
         st[:3, -1, stats.S[stages.ATTN_PROJ]] += outliers_ms
         plain = st.sum(axis=2)
@@ -223,18 +224,48 @@ def test_invariance_check_uses_trimmed_means_over_rounds():
                              np.zeros((len(depths), len(stages.STAGES))), np.full(n_rounds, np.nan), np.zeros(n_rounds))
         contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
         inv = checks.invariants(contexts, rd)
-        flagged = "drift" in {f.kind for f in checks.flags(contexts, inv, [], cores=2, synthetic=False,
-                                                             complete=True, stop_reason=None)}
-        return inv, flagged
+        drift = [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
+                                                 stop_reason=None) if f.kind == "drift"]
+        return inv, drift
 
     inv, flagged = run(1.0, outliers_ms=4.0)
     assert inv.estimator == "20 % trimmed mean" and inv.per_stage_pct[stages.ATTN_PROJ] < 1.0 and not flagged
     assert inv.per_stage_mean_pct[stages.ATTN_PROJ] > 5.0  # the means see the outliers
     inv, flagged = run(1.05, outliers_ms=0.0)
     assert inv.stage == stages.ATTN_PROJ and 4.0 < inv.max_disagreement_pct < 6.0 and flagged
+    assert inv.noise_floor_pct[stages.ATTN_PROJ] < inv.max_disagreement_pct and "beyond this run's noise" in flagged[0]
     assert checks.invariants(contexts=[ContextSummary(**s) for s in stats.summarize(
         stats.RoundData(("a", "b"), (1, 2), np.arange(2), np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2, 9)),
                         np.zeros((2, 9)), np.full(2, np.nan), np.zeros(2)), n_boot=5)[0]]).estimator == "mean"
+
+
+def test_noise_floor_holds_pure_noise_and_the_flag_says_which_side_it_is_on():
+    """On depth-free noise the observed spread exceeds the permutation floor (its 95th percentile) in about
+    1 run of 20; the drift flag says whether the disagreement is within the run's floor or beyond it."""
+    import numpy as np
+
+    from harness import stats
+    from harness.record import Invariants
+
+    rng = np.random.default_rng(1)
+    spread, floor = [], []
+    for _ in range(20):
+        x = 60.0 * (1 + rng.normal(0, 0.05, (40, 4)))
+        spread.append(checks.spread_pct(stats.trimmed_mean(x, checks.TRIM)))
+        floor.append(checks.noise_floor_pct(x))
+    spread, floor = np.array(spread), np.array(floor)
+    assert (spread > floor).sum() <= 4  # a floor too low would be crossed often
+    assert np.median(floor) < 1.5 * np.percentile(spread, 95)  # ... and one too high never
+
+    def message(floor):
+        inv = Invariants(max_disagreement_pct=2.5, stage=stages.FFN, threshold_pct=2.0,
+                         noise_floor_pct={} if floor is None else {stages.FFN: floor})
+        return [f.message for f in checks.flags([], inv, [], cores=2, synthetic=False, complete=True,
+                                                stop_reason=None) if f.kind == "drift"][0]
+
+    assert "within this run's noise (its floor: 3.0 %)" in message(3.0)
+    assert "beyond this run's noise (its floor: 1.0 %)" in message(1.0)
+    assert "its noise is above the threshold" in message(None)
 
 
 def test_trimmed_mean_drops_both_tails_and_skips_nan():
