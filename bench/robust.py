@@ -140,19 +140,19 @@ def main() -> None:
             except HarnessError as e:
                 raise SystemExit(f"robust.py: {e}") from None
             report_one(i, res[-1])
-    spread = across(res)
+    spread, h = across(res)
     out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
-                               "slope_heterogeneity": heterogeneity(res)}, indent=1, default=str))
+                               "slope_heterogeneity": h}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
 
 
-def across(res: list[dict]) -> float:
+def across(res: list[dict]) -> tuple[float, dict | None]:
     """Print the attn_kv slope's spread across the sweeps, and how much of it is the device changing between
-    sweeps rather than each sweep's sampling noise; return the spread in %."""
+    sweeps rather than each sweep's sampling noise; return the spread in % and ``heterogeneity``'s figures."""
     slopes = np.array([r["attn_kv_slope"] for r in res])
-    spread = 100 * (slopes.max() - slopes.min()) / slopes.mean() if len(slopes) > 1 else float("nan")
+    spread = float(checks.spread_pct(slopes)) if len(slopes) > 1 else float("nan")
     print(f"\nattn_kv slope across {len(res)} sweeps: " + ", ".join(f"{s:.3f}" for s in slopes)
           + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target across five sweeps: <= "
             f"{TARGETS['slope_spread_pct']:g} %)")
@@ -165,7 +165,7 @@ def across(res: list[dict]) -> float:
         if h["r_stage_shallowest"]:
             print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
                   + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
-    return spread
+    return spread, h
 
 
 def heterogeneity(res: list[dict]) -> dict | None:

@@ -109,7 +109,7 @@ def analyse(path: Path) -> dict:
         if np.nanmean(x) <= 0:
             continue
         tm = stats.trimmed_mean(x, checks.TRIM)
-        twins = [float(100 * abs(tm[p[0]] - tm[p[1]]) / tm[p].mean()) for p in pairs]
+        twins = [float(checks.spread_pct(tm[p])) for p in pairs]
         res["stages"][s] = {"ms": [float(v) for v in tm], "twins_pct": twins,
                             "deep_vs_shallow_pct": _paired_pct(x[:, hi_j].mean(1), x[:, lo_j].mean(1))}
     gb = run.record.sorted_contexts()[-1].graph_bytes or {}

@@ -141,10 +141,10 @@ def report(res: dict) -> None:
         for r in res.get(mode, []):
             p(f"{mode:7} {r['context']:8} {r['depth']:5d} {r['plain_ms']:9.2f} x{r['overhead']:.3f} ± "
               f"{r['overhead_ci95']:.3f}     {r['syncs']:6d} {r['covered_pct']:7.2f} {r['attributed_pct']:8.2f}")
-    for mode in ("stages", "ops"):
-        def us(v):
-            return "n/a" if v is None else f"{v:.2f}"
+    def us(v):
+        return "n/a" if v is None else f"{v:.2f}"
 
+    for mode in ("stages", "ops"):
         p(f"split cost (regression), {mode}: " + ", ".join(us(r["sync_us"]) for r in res.get(mode, []))
           + " us; no-op view " + ", ".join(us(r["noop_sync_us"]) for r in res.get(mode, [])) + " us")
     for key, what in (("mode_agreement_pp", "raw"), ("mode_agreement_calibrated_pp", "calibrated")):
