@@ -73,6 +73,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
     rd_rise, agree_ci = _paired_rise(rd, cal)
     sl = run_slopes(run).loc["attn_kv"]
+    inv = rec.invariants if rec.invariants.judged else checks.invariants(list(rec.contexts), rd)  # older runs: redo
+    step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
         "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
@@ -89,6 +91,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "calibrated_sum_pct": {c.depth: c.calibrated_sum_pct for c in ctxs},
         "plain_ms": {c.depth: c.plain_ms for c in ctxs}, "sync_us": ctxs[0].sync_us,
         "stage_ms_shallowest": {s: lo.stage(s) for s in checks.INVARIANT_STAGES},
+        "state_change": None if step is None else {"stage": step, "step_pct": 100 * (inv.step_ratio[step] - 1),
+                                                   "after_rounds": inv.step_round[step]},
         "flags": [f"{f.kind}{'@' + f.context if f.context else ''}" for f in rec.flags if f.kind != "synthetic"],
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
         "others_cpu_pct": 100 * sum(x.others_cpu_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
@@ -205,6 +209,10 @@ def report_one(i: int, r: dict) -> None:
           f"{r['plain_rise_ms']:+.2f} ms ({dis:+.1f} % [{r['rise_disagreement_ci_pct'][0]:+.1f}, "
           f"{r['rise_disagreement_ci_pct'][1]:+.1f}]); attn_kv slope {r['attn_kv_slope']:.3f} [{lo:.3f}, {hi:.3f}] "
           f"ms/1k; split {r['sync_us']:.2f} us", flush=True)
+    st = r.get("state_change")
+    if st:
+        print(f"   the device changed state in this sweep: {st['stage']} {st['step_pct']:+.1f} % per round after "
+              f"{st['after_rounds']} rounds (its ms mix two states; depths are still paired)")
     print("   overhead " + " ".join(f"{d}:x{v:.3f}" for d, v in r["overhead"].items())
           + " | calibrated sum/plain " + " ".join(f"{d}:{v:.1f}%" for d, v in r["calibrated_sum_pct"].items())
           + f" | per-stage spread ({r['invariant_estimator']}s) "

@@ -1,11 +1,16 @@
-"""Checks every run gets: the depth-invariance check, and the flags a run raises (drift, noise,
-implausible overhead, calibration, synthetic model, incomplete run).
+"""Checks every run gets: the depth-invariance check, the state-change check over rounds, and the flags a
+run raises (drift, noise, implausible overhead, calibration, synthetic model, incomplete run).
 
 Physics gives invariants: stages whose work does not depend on depth (FFN, LM head, attention
 projections, Gemma 3n extras, norms) must take the same time at every depth. If they do not, the
 device drifted within the run, its noise is above the threshold, or (measured on a 2-core VM, up to
 ~2 %: bench/NOTES.md §11) the stage's time does depend on depth there. The run says so, with a
 permutation noise floor per stage that tells noise apart from the other two.
+
+The same stages must also take the same time from round to round. A device that switches state during the
+run (measured on the 2-core VM: FFN -12 % and gemma3n_extra +28 % from one round on, bench/NOTES.md §12)
+leaves the depth comparisons sound, since every depth sees both states, but mixes two devices in every
+per-depth figure. The run says so too.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ TRIM = 0.2  # each depth's value: the mean of its rounds without the lowest and 
 OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
 STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
 CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms within this
-N_PERM = 400  # permutations for an invariant stage's noise floor
+N_PERM = 400  # permutations for an invariant stage's noise floors
+SHIFT_PCT = 5.0  # a state change: an invariant stage's per-round time steps by more than this at one round
+SHIFT_MIN_ROUNDS = 5  # rounds on each side of a step
+SHIFT_PERM, SHIFT_FLOOR_PCTL = 2000, 99.0  # its floor: 95 % over the 5 stages checked (Bonferroni), rounds shuffled
 
 
 def spread_pct(v: np.ndarray) -> np.ndarray:
@@ -38,6 +46,34 @@ def noise_floor_pct(x: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> float
     rng = np.random.default_rng(seed)
     tm = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), TRIM) for _ in range(n_perm)])
     return float(np.nanpercentile(spread_pct(tm), 95))
+
+
+def largest_step(y: np.ndarray, min_rounds: int = SHIFT_MIN_ROUNDS) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``y`` (one value per round), the largest step: 100 * (mean after / mean before - 1) at
+    the round k (>= min_rounds on each side) where it is largest in size; for one step in noise the means
+    separate most at the step itself. Returns (steps %, k)."""
+    y = np.atleast_2d(y)
+    n, ks = y.shape[1], np.arange(min_rounds, y.shape[1] - min_rounds + 1)
+    c = np.cumsum(y, 1)
+    before, after = c[:, ks - 1] / ks, (c[:, -1:] - c[:, ks - 1]) / (n - ks)
+    with np.errstate(all="ignore"):
+        st = 100.0 * (after / before - 1)
+    best = np.argmax(np.abs(np.nan_to_num(st, nan=0.0)), 1)
+    return st[np.arange(len(y)), best], ks[best]
+
+
+def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[float, int, float] | None:
+    """The largest step over rounds of ``x`` (rounds x depths), each round taken as its median over depths (so
+    depth cancels, and one token slowed by a lost core does not move it): its size in %, the rounds before it,
+    and its floor (the 99th percentile of the same statistic in size with the rounds' order shuffled: 95 % over
+    the five stages checked). None
+    with too few rounds for two sides, or a round with no value."""
+    y = np.nanmedian(x, 1)
+    if len(y) < 2 * SHIFT_MIN_ROUNDS or np.isnan(y).any():
+        return None
+    step, k = largest_step(y)
+    null, _ = largest_step(np.random.default_rng(seed).permuted(np.tile(y, (n_perm, 1)), axis=1))
+    return float(step[0]), int(k[0]), float(np.percentile(np.abs(null), SHIFT_FLOOR_PCTL))
 
 
 def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None,
@@ -57,13 +93,14 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
         cal = cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]]
         values = stats.trimmed_mean(cal, TRIM)
 
-    per, per_mean, floor, judged = {}, {}, {}, {}
+    per, per_mean, floor, judged, steps = {}, {}, {}, {}, {}
     for k, s in enumerate(INVARIANT_STAGES):
         if means[:, k].mean() <= 0 or np.nanmean(values[:, k]) <= 0:
             continue
         per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))
         if cal is not None:
             floor[s] = noise_floor_pct(cal[:, :, k])
+            steps[s] = state_step(cal[:, :, k])
         if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
             judged[s] = per[s]
     if not judged:
@@ -71,7 +108,19 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     worst = max(judged, key=judged.get)
     return Invariants(max_disagreement_pct=judged[worst], stage=worst, threshold_pct=threshold_pct,
                       per_stage_pct=per, estimator=f"{TRIM * 100:g} % trimmed mean" if rd is not None else "mean",
-                      per_stage_mean_pct=per_mean, noise_floor_pct=floor)
+                      per_stage_mean_pct=per_mean, noise_floor_pct=floor,
+                      step_ratio={s: 1 + v[0] / 100 for s, v in steps.items() if v},
+                      step_round={s: v[1] for s, v in steps.items() if v},
+                      step_floor_pct={s: v[2] for s, v in steps.items() if v}, judged=tuple(judged))
+
+
+def state_change(inv: Invariants | None) -> str | None:
+    """The judged stage whose step over rounds is largest among those over SHIFT_PCT and over their floor."""
+    if inv is None:
+        return None
+    size = {s: abs(100 * (r - 1)) for s, r in inv.step_ratio.items() if s in inv.judged}
+    big = {s: v for s, v in size.items() if v > SHIFT_PCT and v > inv.step_floor_pct.get(s, np.inf)}
+    return max(big, key=big.get) if big else None
 
 
 def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[RoundNoise], *, cores: int,
@@ -91,6 +140,14 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
         out.append(Flag("drift", f"{inv.stage} differs by {inv.max_disagreement_pct:.1f} % across depths "
                         f"({inv.estimator}s over rounds; its bytes do not depend on depth; threshold "
                         f"{inv.threshold_pct:g} %): {why}"))
+    step = state_change(inv)
+    if step is not None:
+        s, of = step, f" of {len(rounds)}" if rounds else ""
+        out.append(Flag("drift", f"the device changed state during the run: {s}'s time per round (median over depths) "
+                        f"steps {100 * (inv.step_ratio[s] - 1):+.1f} % after the first {inv.step_round[s]}{of} rounds "
+                        f"(beyond its shuffled-rounds floor {inv.step_floor_pct[s]:.1f} %; threshold {SHIFT_PCT:g} %): "
+                        "depths are compared within rounds, so their differences hold, but every depth's ms mixes the "
+                        "two states"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:

@@ -176,6 +176,10 @@ class Invariants(Record):
     estimator: str = "mean"  # each depth's value over rounds: "20 % trimmed mean" (robust to outlier tokens) or "mean"
     per_stage_mean_pct: dict[str, float] = field(default_factory=dict)  # the same spread of the per-depth means
     noise_floor_pct: dict[str, float] = field(default_factory=dict)  # 95th pct of the spread, depths shuffled in rounds
+    step_ratio: dict[str, float] = field(default_factory=dict)  # largest step of the per-round time: after / before
+    step_round: dict[str, int] = field(default_factory=dict)  # rounds before that step
+    step_floor_pct: dict[str, float] = field(default_factory=dict)  # 99th pct of the step's size, rounds shuffled
+    judged: tuple[str, ...] = ()  # stages judged (a share of decode >= checks.INVARIANT_MIN_SHARE_PCT)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness import store
+from harness import checks, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.config import CALIB_ALL, DEFAULT_CONTEXTS, SweepConfig, expand, parse_contexts, split_list
 from harness.errors import UsageError
@@ -138,6 +138,12 @@ def format_summary(rec: RunRecord) -> str:
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
                      + (f"; its means: {means:.2f} %" if means is not None else ""))
+        step = max(inv.step_ratio, key=lambda s: abs(inv.step_ratio[s] - 1) if s in inv.judged else -1, default=None)
+        if step in inv.judged:
+            lines.append(f"over rounds: largest step {100 * (inv.step_ratio[step] - 1):+.1f} % ({step}, after "
+                         f"{inv.step_round[step]} "
+                         f"of {len(rec.rounds)} rounds; its floor {inv.step_floor_pct[step]:.1f} %, threshold "
+                         f"{checks.SHIFT_PCT:g} %)")
     return "\n".join(lines)
 
 

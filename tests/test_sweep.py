@@ -113,6 +113,7 @@ def test_record_round_trips_and_describes_the_run(tiny_run, tiny_gguf):
         inv.per_stage_pct[s] for s in inv.per_stage_pct if min(c.share(s) for c in rec.contexts) >= 5.0)
     assert ("drift" in {f.kind for f in rec.flags}) == (inv.max_disagreement_pct > inv.threshold_pct)
     assert set(inv.noise_floor_pct) == set(inv.per_stage_pct) and all(v > 0 for v in inv.noise_floor_pct.values())
+    assert inv.step_ratio == {} and set(inv.judged) <= set(inv.per_stage_pct)  # 6 rounds: too few for 5 a side
     assert "synthetic" in {f.kind for f in rec.flags}
     from harness.gguf_model import ModelInfo, read_model
 
@@ -266,6 +267,42 @@ def test_noise_floor_holds_pure_noise_and_the_flag_says_which_side_it_is_on():
     assert "within this run's noise (its floor: 3.0 %)" in message(3.0)
     assert "beyond this run's noise (its floor: 1.0 %)" in message(1.0)
     assert "its noise is above the threshold" in message(None)
+
+
+def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise():
+    """A device that switches state after 15 of 40 rounds (FFN -12 %, gemma3n_extra +25 %, as measured on the
+    2-core VM) is flagged with the stage, the size and the round; the same noise without the switch is not."""
+    import numpy as np
+
+    from harness import stats
+    from harness.record import ContextSummary
+
+    rng = np.random.default_rng(2)
+    base = {stages.FFN: 55.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 6.5}
+
+    def run(switch: bool):
+        st = np.zeros((40, 3, len(stages.STAGES)))
+        for s, v in base.items():
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.015, (40, 3)))
+        if switch:
+            st[15:, :, stats.S[stages.FFN]] *= 0.88
+            st[15:, :, stats.S[stages.GEMMA3N_EXTRA]] *= 1.25
+        plain = st.sum(axis=2)
+        rd = stats.RoundData(("a", "b", "c"), (13, 658, 4096), np.arange(40), plain, plain, st,
+                             np.zeros((3, len(stages.STAGES))), np.full(40, np.nan), np.zeros(40))
+        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
+        inv = checks.invariants(contexts, rd)
+        return inv, [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
+                                                      stop_reason=None) if "changed state" in f.message]
+
+    inv, flagged = run(True)
+    assert inv.step_round[stages.GEMMA3N_EXTRA] == inv.step_round[stages.FFN] == 15
+    assert 1.20 < inv.step_ratio[stages.GEMMA3N_EXTRA] < 1.30 and 0.85 < inv.step_ratio[stages.FFN] < 0.91
+    assert len(flagged) == 1 and flagged[0].startswith("the device changed state during the run: gemma3n_extra")
+    assert "after the first 15 rounds" in flagged[0]
+    inv, flagged = run(False)
+    assert max(abs(100 * (r - 1)) for r in inv.step_ratio.values()) < checks.SHIFT_PCT and not flagged
+    assert all(abs(100 * (inv.step_ratio[s] - 1)) < inv.step_floor_pct[s] * 1.5 for s in inv.judged)
 
 
 def test_trimmed_mean_drops_both_tails_and_skips_nan():
