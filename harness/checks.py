@@ -8,7 +8,7 @@ device drifted within the run, its noise is above the threshold, or (measured on
 permutation noise floor per stage that tells noise apart from the other two.
 
 The same stages must also take the same time from round to round. A device that switches state during the
-run (measured on the 2-core VM: FFN -12 % and gemma3n_extra +28 % from one round on, bench/NOTES.md §12)
+run (measured on the 2-core VM: FFN -12 % and gemma3n_extra +25 % from one round on, bench/NOTES.md §12)
 leaves the depth comparisons sound, since every depth sees both states, but mixes two devices in every
 per-depth figure. The run says so too.
 """
@@ -66,8 +66,7 @@ def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[
     """The largest step over rounds of ``x`` (rounds x depths), each round taken as its median over depths (so
     depth cancels, and one token slowed by a lost core does not move it): its size in %, the rounds before it,
     and its floor (the 99th percentile of the same statistic in size with the rounds' order shuffled: 95 % over
-    the five stages checked). None
-    with too few rounds for two sides, or a round with no value."""
+    the five stages checked). None with too few rounds for two sides, or a round with no value."""
     y = np.nanmedian(x, 1)
     if len(y) < 2 * SHIFT_MIN_ROUNDS or np.isnan(y).any():
         return None
