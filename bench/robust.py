@@ -211,7 +211,7 @@ def report_one(i: int, r: dict) -> None:
           f"ms/1k; split {r['sync_us']:.2f} us", flush=True)
     st = r.get("state_change")
     if st:
-        print(f"   the device changed state in this sweep: {st['stage']} {st['step_pct']:+.1f} % per round after "
+        print(f"   the device changed state in this sweep: {st['stage']} stepped by {st['step_pct']:+.1f} % after "
               f"{st['after_rounds']} rounds (its ms mix two states; depths are still paired)")
     print("   overhead " + " ".join(f"{d}:x{v:.3f}" for d, v in r["overhead"].items())
           + " | calibrated sum/plain " + " ".join(f"{d}:{v:.1f}%" for d, v in r["calibrated_sum_pct"].items())

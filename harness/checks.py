@@ -1,5 +1,6 @@
-"""Checks every run gets: the depth-invariance check, the state-change check over rounds, and the flags a
-run raises (drift, noise, implausible overhead, calibration, synthetic model, incomplete run).
+"""Checks every run gets: the depth-invariance check, the state-change check over rounds (runs of two or more
+depths and ten or more rounds), and the flags a run raises (drift, state, noise, implausible overhead,
+calibration, synthetic model, incomplete run).
 
 Physics gives invariants: stages whose work does not depend on depth (FFN, LM head, attention
 projections, Gemma 3n extras, norms) must take the same time at every depth. If they do not, the
@@ -30,7 +31,7 @@ CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms withi
 N_PERM = 400  # permutations for an invariant stage's noise floors
 SHIFT_PCT = 5.0  # a state change: an invariant stage's per-round time steps by more than this at one round
 SHIFT_MIN_ROUNDS = 5  # rounds on each side of a step
-SHIFT_PERM, SHIFT_FLOOR_PCTL = 2000, 99.0  # its floor: 95 % over the 5 stages checked (Bonferroni), rounds shuffled
+SHIFT_PERM, SHIFT_FLOOR_PCTL = 2000, 99.0  # its floor, rounds shuffled: 95 % over up to 5 stages (Bonferroni)
 
 
 def spread_pct(v: np.ndarray) -> np.ndarray:
@@ -49,11 +50,13 @@ def noise_floor_pct(x: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> float
 
 
 def largest_step(y: np.ndarray, min_rounds: int = SHIFT_MIN_ROUNDS) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``y`` (one value per round), the largest step: 100 * (mean after / mean before - 1) at
-    the round k (>= min_rounds on each side) where it is largest in size; for one step in noise the means
-    separate most at the step itself. Returns (steps %, k)."""
+    """For each row of ``y`` (one value per round, at least 2 * min_rounds of them), the largest step:
+    100 * (mean after / mean before - 1) at the round k (>= min_rounds on each side) where it is largest in
+    size; for one step in noise the means separate most at the step itself. Returns (steps %, k)."""
     y = np.atleast_2d(y)
     n, ks = y.shape[1], np.arange(min_rounds, y.shape[1] - min_rounds + 1)
+    if not len(ks):
+        raise ValueError(f"largest_step: {n} rounds, fewer than 2 x {min_rounds}")
     c = np.cumsum(y, 1)
     before, after = c[:, ks - 1] / ks, (c[:, -1:] - c[:, ks - 1]) / (n - ks)
     with np.errstate(all="ignore"):
@@ -64,11 +67,13 @@ def largest_step(y: np.ndarray, min_rounds: int = SHIFT_MIN_ROUNDS) -> tuple[np.
 
 def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[float, int, float] | None:
     """The largest step over rounds of ``x`` (rounds x depths), each round taken as its median over depths (so
-    depth cancels, and one token slowed by a lost core does not move it): its size in %, the rounds before it,
-    and its floor (the 99th percentile of the same statistic in size with the rounds' order shuffled: 95 % over
-    the five stages checked). None with too few rounds for two sides, or a round with no value."""
-    y = np.nanmedian(x, 1)
-    if len(y) < 2 * SHIFT_MIN_ROUNDS or np.isnan(y).any():
+    depth cancels; with three or more depths one token slowed by a lost core does not move it, with two the
+    floor below absorbs it): its size in %, the rounds before it, and its floor (the 99th percentile of the
+    same statistic in size with the rounds' order shuffled: 95 % over up to five stages). Rounds with no value
+    are left out. None with too few rounds for two sides."""
+    x = x[~np.isnan(x).all(1)]
+    y = np.nanmedian(x, 1) if len(x) else np.empty(0)
+    if len(y) < 2 * SHIFT_MIN_ROUNDS:
         return None
     step, k = largest_step(y)
     null, _ = largest_step(np.random.default_rng(seed).permuted(np.tile(y, (n_perm, 1)), axis=1))
@@ -141,10 +146,10 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
                         f"{inv.threshold_pct:g} %): {why}"))
     step = state_change(inv)
     if step is not None:
-        s, of = step, f" of {len(rounds)}" if rounds else ""
-        out.append(Flag("drift", f"the device changed state during the run: {s}'s time per round (median over depths) "
-                        f"steps {100 * (inv.step_ratio[s] - 1):+.1f} % after the first {inv.step_round[s]}{of} rounds "
-                        f"(beyond its shuffled-rounds floor {inv.step_floor_pct[s]:.1f} %; threshold {SHIFT_PCT:g} %): "
+        size, of = 100 * (inv.step_ratio[step] - 1), f" of {len(rounds)}" if rounds else ""
+        out.append(Flag("state", f"the device changed state during the run: {step}'s time per round (median over "
+                        f"depths) steps by {size:+.1f} % after the first {inv.step_round[step]}{of} rounds (beyond "
+                        f"its shuffled-rounds floor {inv.step_floor_pct[step]:.1f} %; threshold {SHIFT_PCT:g} %): "
                         "depths are compared within rounds, so their differences hold, but every depth's ms mixes the "
                         "two states"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]

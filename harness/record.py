@@ -184,7 +184,7 @@ class Invariants(Record):
 
 @dataclass(frozen=True)
 class Flag(Record):
-    kind: str  # synthetic, drift, noise, overhead, incomplete, calibration
+    kind: str  # synthetic, drift, state, noise, overhead, incomplete, calibration
     message: str
     context: str = ""
 

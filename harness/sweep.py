@@ -24,7 +24,7 @@ from harness.stages import STAGES
 from harness.twin import DEFAULT_MODEL, ensure_default_model
 
 log = logging.getLogger(__name__)
-MEASUREMENT_FLAGS = ("drift", "noise", "overhead", "calibration", "incomplete")
+MEASUREMENT_FLAGS = ("drift", "state", "noise", "overhead", "calibration", "incomplete")
 
 
 def build_parser() -> ArgParser:

@@ -293,7 +293,7 @@ def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise():
         contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
         inv = checks.invariants(contexts, rd)
         return inv, [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
-                                                      stop_reason=None) if "changed state" in f.message]
+                                                      stop_reason=None) if f.kind == "state"]
 
     inv, flagged = run(True)
     assert inv.step_round[stages.GEMMA3N_EXTRA] == inv.step_round[stages.FFN] == 15
