@@ -74,6 +74,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     rd_rise, agree_ci = _paired_rise(rd, cal)
     sl = run_slopes(run).loc["attn_kv"]
     inv = rec.invariants if rec.invariants.judged else checks.invariants(list(rec.contexts), rd)  # older runs: redo
+    # (same function and seed: a run that stored its noise floors gets the same ones back)
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
@@ -81,8 +82,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
-        "invariant_noise_floor_pct": rec.invariants.noise_floor_pct or {  # runs made before the run stored it
-            s: checks.noise_floor_pct(cal[:, :, stats.S[s]]) for s in rec.invariants.per_stage_pct},
+        "invariant_noise_floor_pct": inv.noise_floor_pct,
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
@@ -91,7 +91,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "calibrated_sum_pct": {c.depth: c.calibrated_sum_pct for c in ctxs},
         "plain_ms": {c.depth: c.plain_ms for c in ctxs}, "sync_us": ctxs[0].sync_us,
         "stage_ms_shallowest": {s: lo.stage(s) for s in checks.INVARIANT_STAGES},
-        "state_change": None if step is None else {"stage": step, "step_pct": 100 * (inv.step_ratio[step] - 1),
+        "state_change": None if step is None else {"stage": step, "step_pct": checks.steps_pct(inv)[step],
                                                    "after_rounds": inv.step_round[step]},
         "flags": [f"{f.kind}{'@' + f.context if f.context else ''}" for f in rec.flags if f.kind != "synthetic"],
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,

@@ -118,12 +118,14 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
                       step_floor_pct={s: v[2] for s, v in steps.items() if v}, judged=tuple(judged))
 
 
+def steps_pct(inv: Invariants | None) -> dict[str, float]:
+    """Each judged stage's largest step over rounds, in % (after / before - 1)."""
+    return {s: 100 * (r - 1) for s, r in inv.step_ratio.items() if s in inv.judged} if inv is not None else {}
+
+
 def state_change(inv: Invariants | None) -> str | None:
     """The judged stage whose step over rounds is largest among those over SHIFT_PCT and over their floor."""
-    if inv is None:
-        return None
-    size = {s: abs(100 * (r - 1)) for s, r in inv.step_ratio.items() if s in inv.judged}
-    big = {s: v for s, v in size.items() if v > SHIFT_PCT and v > inv.step_floor_pct.get(s, np.inf)}
+    big = {s: abs(v) for s, v in steps_pct(inv).items() if abs(v) > SHIFT_PCT and abs(v) > inv.step_floor_pct[s]}
     return max(big, key=big.get) if big else None
 
 
@@ -146,7 +148,7 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
                         f"{inv.threshold_pct:g} %): {why}"))
     step = state_change(inv)
     if step is not None:
-        size, of = 100 * (inv.step_ratio[step] - 1), f" of {len(rounds)}" if rounds else ""
+        size, of = steps_pct(inv)[step], f" of {len(rounds)}" if rounds else ""
         out.append(Flag("state", f"the device changed state during the run: {step}'s time per round (median over "
                         f"depths) steps by {size:+.1f} % after the first {inv.step_round[step]}{of} rounds (beyond "
                         f"its shuffled-rounds floor {inv.step_floor_pct[step]:.1f} %; threshold {SHIFT_PCT:g} %): "

@@ -138,11 +138,11 @@ def format_summary(rec: RunRecord) -> str:
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
                      + (f"; its means: {means:.2f} %" if means is not None else ""))
-        step = max(inv.step_ratio, key=lambda s: abs(inv.step_ratio[s] - 1) if s in inv.judged else -1, default=None)
-        if step in inv.judged:
-            lines.append(f"over rounds: largest step {100 * (inv.step_ratio[step] - 1):+.1f} % ({step}, after "
-                         f"{inv.step_round[step]} "
-                         f"of {len(rec.rounds)} rounds; its floor {inv.step_floor_pct[step]:.1f} %, threshold "
+        steps = checks.steps_pct(inv)
+        if steps:
+            s = max(steps, key=lambda k: abs(steps[k]))
+            lines.append(f"over rounds: largest step {steps[s]:+.1f} % ({s}, after {inv.step_round[s]} of "
+                         f"{len(rec.rounds)} rounds; its floor {inv.step_floor_pct[s]:.1f} %, threshold "
                          f"{checks.SHIFT_PCT:g} %)")
     return "\n".join(lines)
 
