@@ -33,6 +33,7 @@ from analysis.slope import run_slopes
 from harness import stages, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import UsageError
+from harness.graph_bytes import GraphBytes, KVRead
 from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def describe(rec: RunRecord, model: ReadModel) -> list[str]:
     how = " (resolved: from the graph)" if rec.params.flash_attn_resolved is not None else " (as requested)"
     lines.append(f"Flash attention: {'not recorded' if fa is None else ('on' if fa else 'off') + how} | "
                  f"bytes for GB/s and roofline: {'the graph' if graph else 'the read model'}")
+    lines += thread_split_lines(rec)
     if not rec.complete:
         lines.append("**INCOMPLETE RUN**: the sweep stopped early; fewer rounds than asked were measured.")
     if rec.reference:
@@ -177,6 +179,35 @@ def describe(rec: RunRecord, model: ReadModel) -> list[str]:
     lines.append(f"Device read bandwidth: {bw:.1f} GB/s" if bw else "Device read bandwidth: not measured "
                  "(no roofline)")
     return lines
+
+
+def busiest_cells(r: KVRead, n_threads: int) -> int | None:
+    """Visible cells the busiest of n threads visits on flash attention's split-KV path (thread i takes the cells
+    [i*c, (i+1)*c), c = ceil(n_kv / n), and skips the masked ones; the op waits for the last thread). None off that
+    path, or where the graph reader did not record where the visible cells sit."""
+    if not r.split_kv or not r.visible_runs or n_threads < 1:
+        return None
+    c = -(-r.n_kv // n_threads)
+    return max(sum(max(0, min(e, (i + 1) * c) - max(b, i * c)) for b, e in r.visible_runs) for i in range(n_threads))
+
+
+def thread_split_lines(rec: RunRecord, min_excess: float = 0.05) -> list[str]:
+    """Where flash attention's split-KV path shares the visible cells unevenly between threads: per depth, the
+    busiest thread's cells against an even share, weighted by each layer's KV bytes (x1.50: that attention takes
+    1.5x its balanced time, for the same bytes). Empty when every depth is within ``min_excess`` of even."""
+    n, per = rec.params.threads or 1, []
+    for c in rec.sorted_contexts() if n > 1 else ():
+        got = [(r, b) for r in GraphBytes.from_dict(c.graph_bytes).kv_reads
+               if (b := busiest_cells(r, n)) is not None and r.cells] if c.graph_bytes else []
+        if got:
+            worst = max(n * b / r.cells for r, b in got)
+            per.append((c.depth, sum(r.bytes * n * b / r.cells for r, b in got) / sum(r.bytes for r, _ in got), worst))
+    if not any(f > 1 + min_excess for _, f, _ in per):
+        return []
+    return [f"Attention thread split ({n} threads; flash attention's split-KV path gives each thread an equal run of "
+            "cells, visible or not): the busiest thread holds " + ", ".join(
+                f"x{f:.2f} an even share at depth {d} (worst layer x{w:.2f})" for d, f, w in per)
+            + ". attn_kv waits for it; its bytes do not show it."]
 
 
 def flag_lines(rec: RunRecord) -> list[str]:

@@ -40,10 +40,10 @@ import numpy as np
 from analysis import readmodel
 from harness import stages, stats
 from harness.errors import InputError
+from harness.graph_bytes import SPLIT_KV_MIN
 from harness.record import RunRecord
 
 MIB = 1024**2
-SPLIT_KV_MIN = 512  # ggml-cpu: FLASH_ATTN_EXT takes the split-KV path from a view of 512 cells
 CHUNKED, SPLIT, MATMUL, OFFLOADED = "chunked", "split-kv", "matmul", "offloaded"
 REGIME_TEXT = {CHUNKED: "flash attention, query heads across threads (n_kv < 512 or a quantized cache)",
                SPLIT: "flash attention, KV cells across threads (n_kv >= 512, f16/f32 cache)",

@@ -95,23 +95,26 @@ class TensorInfo:
     nbytes: int
     view_src: str
     visible: int | None = None  # a KQ mask (attn_inp_kq_mask*): cells of its first row that are not -inf
+    visible_runs: tuple[tuple[int, int], ...] = ()  # those cells as [start, end) runs
 
 
 _NEG_INF = {"f16": (2, "H", 0xFC00), "f32": (4, "I", 0xFF800000)}  # the bit patterns of -inf
 
 
-def mask_visible(name: str, type_name: str, ne0: int, data: int | None, buffer: int | None) -> int | None:
-    """Cells of the first row of a KQ mask that are not -inf: the cells the CPU flash-attention kernel
-    visits (``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` skips -inf). Inputs are set before the
-    graph computes, so the mask is readable while the eval callback is asked, if it sits in host memory
+def mask_runs(name: str, type_name: str, ne0: int, data: int | None, buffer: int | None) -> tuple | None:
+    """The cells of the first row of a KQ mask that are not -inf, as [start, end) runs: the cells the CPU
+    flash-attention kernel visits (``ggml_compute_forward_flash_attn_ext_f16_one_chunk`` skips -inf; where
+    they sit decides how its split-KV path shares them between threads). Inputs are set before the graph
+    computes, so the mask is readable while the eval callback is asked, if it sits in host memory
     (``ggml_backend_buffer_is_host``; a GPU's copy is not read). None for other tensors."""
     if not name.startswith("attn_inp_kq_mask") or type_name not in _NEG_INF or not data or not buffer:
         return None
     if not ggml.ggml_backend_buffer_is_host(buffer):
         return None
     size, code, neg_inf = _NEG_INF[type_name]
-    vals = struct.unpack(f"<{ne0}{code}", ctypes.string_at(data, ne0 * size))
-    return sum(v != neg_inf for v in vals)
+    vals = struct.unpack(f"<{ne0}{code}", ctypes.string_at(data, ne0 * size)) + (neg_inf,)
+    edges = [i for i in range(ne0 + 1) if (vals[i] != neg_inf) != (i > 0 and vals[i - 1] != neg_inf)]
+    return tuple(zip(edges[::2], edges[1::2], strict=True))
 
 
 def _text(b: bytes) -> str:
@@ -122,9 +125,10 @@ def tensor_info(addr: int, s: ctypes.Structure) -> TensorInfo:
     """A tensor read through engine's ``_GGMLTensor`` struct ``s`` at ``addr``."""
     g = ggml
     name, type_name = _text(s.name), _text(g.ggml_type_name(s.type))
+    runs = mask_runs(name, type_name, int(s.ne[0]), s.data, s.buffer)
     return TensorInfo(name=name, op=_text(g.ggml_op_desc(addr)), type=type_name, ne=tuple(s.ne), nb=tuple(s.nb),
                       nbytes=int(g.ggml_nbytes(addr)), view_src=_text(s.view_src.contents.name) if s.view_src else "",
-                      visible=mask_visible(name, type_name, int(s.ne[0]), s.data, s.buffer))
+                      visible=None if runs is None else sum(e - b for b, e in runs), visible_runs=runs or ())
 
 
 def sources(src) -> tuple[TensorInfo | None, ...]:

@@ -1,38 +1,32 @@
 """Bytes one decode step reads, from the ggml graph itself: per stage, per layer, per attention layer.
 
-Input: the graph's nodes in execution order (``Node``: name, op, ggml type, shape ``ne``, bytes and
-``srcs``, each a ``Tensor`` with the same fields plus the name of the tensor it is a view of), and
-the stage and layer of each node (``harness.stages.classify_graph`` / ``classify_layers``). Any
-object with those attributes works (``as_node``), so the engine's own node records plug in as-is.
+Input: the graph's nodes in execution order (``Node``: name, op, type, ``ne``, bytes, ``srcs`` as ``Tensor``s
+that also name the tensor they view) and each node's stage and layer (``harness.stages``). Any object with
+those attributes works (``as_node``), so the engine's own node records plug in as-is.
 
 Byte definitions (the same ones ``analysis.readmodel`` models; README "The read model"):
 
-- ``weight``: model tensors an op reads (a ``gguf.MODEL_TENSOR`` name). A matmul reads the whole
-  matrix (activation sparsity skips nothing); ``GET_ROWS`` reads one row per index; ``MUL_MAT_ID``
-  the experts its ids select. A tensor read by two ops is counted twice (the tied ``token_embd``:
-  one row as the lookup, all of it as the LM head).
-- ``kv``: KV-cache cells the attention ops read (a source that views ``cache_k_l*``/``cache_v_l*``),
-  as the graph shapes them: the view spans ``n_kv`` cells (``llama_kv_cache::get_n_kv``). The
-  non-flash path (``kq``/``kqv`` MUL_MATs) reads all of them, masked cells included.
-  ``FLASH_ATTN_EXT`` on the CPU skips every cell its mask sets to -inf
-  (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), so it reads the mask's visible cells
-  when the node reader counted them (``Tensor.visible``), else the view (``fa_cells == "view"``,
-  an upper bound). Each KV head's cells count once: the n_head / n_head_kv query heads that share
-  one (grouped-query attention) re-read it from cache, split out as ``kv_gqa_reread_bytes``. A layer
-  that reads another layer's cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own
-  read; that share is split out as ``kv_shared_bytes``.
-- ``act``: every other source an op reads (activations, masks, indices), by its shape; views,
-  reshapes and permutes read nothing.
+- ``weight``: model tensors an op reads (a ``gguf.MODEL_TENSOR`` name). A matmul reads the whole matrix
+  (activation sparsity skips nothing); ``GET_ROWS`` one row per index; ``MUL_MAT_ID`` the experts its ids
+  select. A tensor read by two ops counts twice (the tied ``token_embd``: a row as lookup, all as LM head).
+- ``kv``: KV-cache cells the attention ops read (a source that views ``cache_k_l*``/``cache_v_l*``), as the
+  graph shapes them: the view spans ``n_kv`` cells (``llama_kv_cache::get_n_kv``). The non-flash path
+  (``kq``/``kqv`` MUL_MATs) reads all of them, masked cells included. ``FLASH_ATTN_EXT`` on the CPU skips
+  every cell its mask sets to -inf (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), so it reads the
+  mask's visible cells when the node reader counted them (``Tensor.visible``), else the view
+  (``fa_cells == "view"``, an upper bound). For one query row, an f16/f32 cache and n_kv >= 512 it splits
+  the n_kv cells evenly between threads, visible or not (``split_kv``; ``visible_runs`` say where they sit).
+  A KV head's cells count once: grouped-query re-reads are ``kv_gqa_reread_bytes``. A layer reading another
+  layer's cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own (``kv_shared_bytes``).
+- ``act``: every other source an op reads (activations, masks, indices); views and reshapes read nothing.
 - ``kv_written``: bytes ``SET_ROWS``/``CPY`` store into the KV cache (the ``kv_store`` stage).
 
-"Bytes per token" in the analysis is ``weight`` + ``kv`` + ``kv_written`` (``per_token``, what the
-read model models); ``act`` stays apart (mostly cache-resident; the read model does not cover it).
+"Bytes per token" is ``weight`` + ``kv`` + ``kv_written`` (``per_token``, what the read model models), not ``act``.
 """
-
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import gguf
 
@@ -41,6 +35,7 @@ from harness import stages
 _CACHE_RE = re.compile(r"^cache_[kv]_l(\d+)")
 _SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
 _ATTN_OPS = {"FLASH_ATTN_EXT", "MUL_MAT"}
+SPLIT_KV_MIN = 512  # ggml-cpu: FLASH_ATTN_EXT splits the KV cells across threads from a view of this many cells
 
 
 @dataclass(frozen=True)
@@ -55,6 +50,7 @@ class Tensor:
     nb: tuple[int, ...] = ()
     view_src: str = ""  # the tensor this one is a view of ("" when none)
     visible: int | None = None
+    visible_runs: tuple[tuple[int, int], ...] = ()  # where those cells sit: [start, end) runs
 
 
 @dataclass(frozen=True)
@@ -70,7 +66,7 @@ class Node:
 def _tensor(o) -> Tensor:
     return Tensor(name=o.name, op=o.op, type=o.type, ne=tuple(int(x) for x in o.ne), nbytes=int(o.nbytes),
                   nb=tuple(getattr(o, "nb", ()) or ()), view_src=getattr(o, "view_src", "") or "",
-                  visible=getattr(o, "visible", None))
+                  visible=getattr(o, "visible", None), visible_runs=tuple(getattr(o, "visible_runs", ()) or ()))
 
 
 def as_node(o) -> Node | None:
@@ -116,6 +112,8 @@ class KVRead:
     n_head_kv: int
     k_bytes: int
     v_bytes: int
+    split_kv: bool = False  # FA's split-KV path: thread i of n visits the visible cells of [i*c, (i+1)*c), c=n_kv/n
+    visible_runs: tuple[tuple[int, int], ...] = ()  # where the visible cells sit: [start, end) runs
 
     @property
     def bytes(self) -> int:
@@ -182,7 +180,8 @@ class GraphBytes:
                    weight=dict(d["weight"]), kv=dict(d["kv"]), act=dict(d["act"]), kv_written=dict(d["kv_written"]),
                    layer_weight={int(k): v for k, v in d["layer_weight"].items()},
                    layer_kv={int(k): v for k, v in d["layer_kv"].items()},
-                   kv_reads=tuple(KVRead(**r) for r in d["kv_reads"]))
+                   kv_reads=tuple(KVRead(**{**r, "visible_runs": tuple(map(tuple, r.get("visible_runs", ())))})
+                                  for r in d["kv_reads"]))
 
 
 def _cache_layer(t: Tensor) -> int | None:
@@ -220,14 +219,17 @@ def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]]) -
     q = node.srcs[0] if fa else node.srcs[1]
     first = kv_srcs[0][2]
     n_kv = int(first.ne[1] if fa or _is_k(first) else first.ne[0])
-    visible = node.srcs[3].visible if fa and len(node.srcs) > 3 else None
+    mask = node.srcs[3] if fa and len(node.srcs) > 3 else None
+    visible = mask.visible if mask is not None else None
+    split = (fa and q.type == "f32" and q.ne[1] == 1 and (len(q.ne) < 4 or q.ne[3] == 1) and n_kv >= SPLIT_KV_MIN
+             and len({t.type for _, _, t in kv_srcs}) == 1 and first.type in ("f16", "f32"))
     cells = visible if fa and visible is not None else n_kv
     out = {i: _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
     kb = sum(out[i] for i, _, t in kv_srcs if _is_k(t))
     n_head_kv = int(first.ne[2]) if len(first.ne) > 2 else 1
     read = KVRead(layer=layer, cache_layer=kv_srcs[0][1], op=node.op, n_kv=n_kv, cells=cells, visible=visible,
                   n_head=int(q.ne[2]) if len(q.ne) > 2 else n_head_kv, n_head_kv=n_head_kv, k_bytes=kb,
-                  v_bytes=sum(out.values()) - kb)
+                  v_bytes=sum(out.values()) - kb, split_kv=split, visible_runs=mask.visible_runs if mask else ())
     return read, out
 
 
@@ -238,10 +240,9 @@ def _merge_mul_mat_reads(reads: list[KVRead]) -> list[KVRead]:
         key = (r.layer, r.cache_layer, r.op)
         if key in out and r.op == "MUL_MAT":
             o = out[key]
-            out[key] = KVRead(layer=r.layer, cache_layer=r.cache_layer, op=r.op, n_kv=max(o.n_kv, r.n_kv),
-                              cells=max(o.cells, r.cells), visible=o.visible if o.visible is not None else r.visible,
-                              n_head=max(o.n_head, r.n_head), n_head_kv=max(o.n_head_kv, r.n_head_kv),
-                              k_bytes=o.k_bytes + r.k_bytes, v_bytes=o.v_bytes + r.v_bytes)
+            out[key] = replace(o, n_kv=max(o.n_kv, r.n_kv), cells=max(o.cells, r.cells), n_head=max(o.n_head, r.n_head),
+                               n_head_kv=max(o.n_head_kv, r.n_head_kv), k_bytes=o.k_bytes + r.k_bytes,
+                               v_bytes=o.v_bytes + r.v_bytes, visible=r.visible if o.visible is None else o.visible)
         else:
             out[key] = r
     return list(out.values())

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,21 @@ def test_flash_attention_reads_the_visible_cells_of_each_kv_head_once():
     unread = gbm.from_nodes([n("node_56", "FLASH_ATTN_EXT", [q, k, v, t("attn_inp_kq_mask", (768, 1), "f16")])],
                             [stages.ATTN_KV], [3])
     assert unread.fa_cells == "view" and unread.kv_read_bytes == 2 * 768 * cell  # mask unread: the view, an upper bound
+
+
+def test_split_kv_busiest_thread_visits_the_visible_cells_of_its_own_chunk():
+    """Flash attention's split-KV path gives thread i cells [i*c, (i+1)*c), visible or not (NOTES §13c)."""
+    def read(n_kv, runs, split=True):
+        return gbm.KVRead(layer=0, cache_layer=0, op="FLASH_ATTN_EXT", n_kv=n_kv, cells=sum(e - b for b, e in runs),
+                          visible=sum(e - b for b, e in runs), n_head=8, n_head_kv=2, k_bytes=1, v_bytes=1,
+                          split_kv=split, visible_runs=tuple(runs))
+    restored = read(768, [(1, 513)])  # a restored sliding cache: the window in cells 1..512 of a 768-cell view
+    assert [table.busiest_cells(restored, n) for n in (1, 2, 3, 4)] == [512, 383, 256, 192]
+    assert table.busiest_cells(read(512, [(0, 512)]), 2) == 256  # rolled back by one: n_kv 512, even
+    assert table.busiest_cells(read(1024, [(0, 35), (547, 1024)]), 2) == 477  # a ring that wrapped
+    assert table.busiest_cells(read(256, [(0, 14)], split=False), 2) is None  # under 512 cells: no split
+    g = gbm.GraphBytes(fa_on=True, n_nodes=1, fa_cells="visible", kv_reads=(restored,))
+    assert gbm.GraphBytes.from_dict(json.loads(json.dumps(g.to_dict()))).kv_reads == (restored,)
 
 
 def test_no_flash_matmuls_read_the_whole_view_and_shared_layers_are_split_out():
@@ -214,6 +230,24 @@ def sweep_with_graph_bytes(model: Path, out: Path, *extra: str) -> Path:
     assert r.returncode == 0, r.stderr
     (path,) = sorted(out.glob("*.parquet"))
     return path
+
+
+def test_run_records_where_visible_cells_sit_and_the_table_names_the_thread_split(tiny_gguf, tmp_path):
+    """Depth 300 on the tiny twin: the full layers' cache view is 512 cells (split-KV path) with cells 0..300
+    visible, so of 2 threads the first visits 256 of 301: x1.70 an even share. The sliding layers' restored
+    view (256 cells) and every view at 13 and 40 stay off that path. One thread: nothing to split."""
+    rec = store.read_record(sweep_with_graph_bytes(tiny_gguf, tmp_path, "-fa", "on", "--threads", "2"))
+    assert rec.params.threads == 2
+    deep = gbm.GraphBytes.from_dict(rec.sorted_contexts()[-1].graph_bytes)
+    split = [r for r in deep.kv_reads if r.split_kv]
+    assert split and all(r.n_kv == 512 and r.visible_runs == ((0, 301),) for r in split)
+    assert all(sum(e - b for b, e in r.visible_runs) == r.visible for r in deep.kv_reads)
+    shallow = [gbm.GraphBytes.from_dict(c.graph_bytes) for c in rec.sorted_contexts()[:2]]
+    assert not any(r.split_kv for g in shallow for r in g.kv_reads)
+    (line,) = table.thread_split_lines(rec)
+    assert "x1.70 an even share at depth 300" in line and "depth 40" not in line
+    assert line in table.render(rec, table.load_read_model(rec))
+    assert table.thread_split_lines(replace(rec, params=replace(rec.params, threads=1))) == []
 
 
 @pytest.mark.parametrize("fa", ["off", "on"])
