@@ -113,7 +113,7 @@ def engine_rows(rec: RunRecord) -> list[tuple[str, str]]:
                    if rec.contexts and rec.contexts[0].sync_us is not None else None),
                   ("depth-invariant stages", f"agree within {rec.invariants.max_disagreement_pct:.2f} % "
                    f"({rec.invariants.stage} worst; {rec.invariants.estimator}s over rounds)"
-                   if rec.invariants else None),
+                   if rec.invariants and rec.invariants.across_depths else None),
                   ("load / sweep time", f"{t.load_s:.3g} s / {t.sweep_s:.3g} s" if t else None)])
 
 

@@ -216,7 +216,7 @@ def flag_lines(rec: RunRecord) -> list[str]:
     if rec.synthetic and not any(f.kind == "synthetic" for f in rec.flags):
         out.append("**FLAG synthetic**: synthetic twin (random weights): timings are real, outputs are noise")
     inv = rec.invariants
-    if inv is not None:
+    if inv is not None and inv.across_depths:
         out.append(f"Depth-invariant stages agree within {inv.max_disagreement_pct:.2f} % across depths ({inv.stage} "
                    f"worst; threshold {inv.threshold_pct:g} %).")
     return out

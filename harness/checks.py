@@ -1,5 +1,5 @@
-"""Checks every run gets: the depth-invariance check, the state-change check over rounds (runs of two or more
-depths and ten or more rounds), and the flags a run raises (drift, state, noise, implausible overhead,
+"""Checks every run gets: the depth-invariance check (two or more depths), the state-change check over rounds
+(ten or more rounds, any number of depths), and the flags a run raises (drift, state, noise, implausible overhead,
 calibration, synthetic model, incomplete run).
 
 Physics gives invariants: stages whose work does not depend on depth (FFN, LM head, attention
@@ -83,13 +83,15 @@ def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[
 def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None,
                threshold_pct: float = INVARIANT_THRESHOLD_PCT) -> Invariants | None:
     """Largest disagreement across depths of the depth-invariant stages, judged on stages holding >=
-    INVARIANT_MIN_SHARE_PCT of decode; None with fewer than two depths. With the run's rounds ``rd`` (same
+    INVARIANT_MIN_SHARE_PCT of decode. With the run's rounds ``rd`` (same
     depth order as ``contexts``), each depth's value is the 20 % trimmed mean over rounds of its calibrated
     stage ms: the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on
     one depth move a 40-round mean by 2-4 % with no drift at all; trimmed, the noise floor is 1-2 %
-    (bench/NOTES.md §9b). Without rounds (the seed's reference run), the summaries' means."""
-    if len(contexts) < 2:
+    (bench/NOTES.md §9b). Without rounds (the seed's reference run), the summaries' means. One depth: only the
+    check over rounds (``Invariants.across_depths`` false). None with no depth to compare and no rounds."""
+    if len(contexts) < (1 if rd is not None else 2):
         return None
+    across = len(contexts) > 1
     means = np.array([[c.stage(s) for s in INVARIANT_STAGES] for c in contexts])  # (D, K)
     values, cal = means, None
     if rd is not None:
@@ -101,16 +103,17 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     for k, s in enumerate(INVARIANT_STAGES):
         if means[:, k].mean() <= 0 or np.nanmean(values[:, k]) <= 0:
             continue
-        per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))
+        if across:
+            per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))
         if cal is not None:
-            floor[s] = noise_floor_pct(cal[:, :, k])
+            floor.update({s: noise_floor_pct(cal[:, :, k])} if across else {})
             steps[s] = state_step(cal[:, :, k])
         if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
-            judged[s] = per[s]
+            judged[s] = per.get(s, 0.0)
     if not judged:
         return None
-    worst = max(judged, key=judged.get)
-    return Invariants(max_disagreement_pct=judged[worst], stage=worst, threshold_pct=threshold_pct,
+    worst = max(judged, key=judged.get) if across else ""
+    return Invariants(max_disagreement_pct=judged.get(worst, 0.0), stage=worst, threshold_pct=threshold_pct,
                       per_stage_pct=per, estimator=f"{TRIM * 100:g} % trimmed mean" if rd is not None else "mean",
                       per_stage_mean_pct=per_mean, noise_floor_pct=floor,
                       step_ratio={s: 1 + v[0] / 100 for s, v in steps.items() if v},
@@ -137,7 +140,7 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
         out.append(Flag("synthetic", "synthetic twin (random weights): timings are real, outputs are noise"))
     if not complete:
         out.append(Flag("incomplete", f"the sweep stopped early ({stop_reason}): fewer rounds than asked"))
-    if inv is not None and inv.max_disagreement_pct > inv.threshold_pct:
+    if inv is not None and inv.across_depths and inv.max_disagreement_pct > inv.threshold_pct:
         fl = inv.noise_floor_pct.get(inv.stage)
         why = ("the device drifted, or its noise is above the threshold" if fl is None else
                f"beyond this run's noise (its floor: {fl:.1f} %): the device drifted, or this stage's time depends "
@@ -149,11 +152,12 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
     step = state_change(inv)
     if step is not None:
         size, of = steps_pct(inv)[step], f" of {len(rounds)}" if rounds else ""
-        out.append(Flag("state", f"the device changed state during the run: {step}'s time per round (median over "
-                        f"depths) steps by {size:+.1f} % after the first {inv.step_round[step]}{of} rounds (beyond "
-                        f"its shuffled-rounds floor {inv.step_floor_pct[step]:.1f} %; threshold {SHIFT_PCT:g} %): "
-                        "depths are compared within rounds, so their differences hold, but every depth's ms mixes the "
-                        "two states"))
+        over, then = (("median over depths", "depths are compared within rounds, so their differences hold, but every "
+                       "depth's ms mixes the two states") if inv.across_depths else
+                      ("one depth", "its ms mixes the two states"))
+        out.append(Flag("state", f"the device changed state during the run: {step}'s time per round ({over}) steps by "
+                        f"{size:+.1f} % after the first {inv.step_round[step]}{of} rounds (beyond its shuffled-rounds "
+                        f"floor {inv.step_floor_pct[step]:.1f} %; threshold {SHIFT_PCT:g} %): {then}"))
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:

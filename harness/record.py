@@ -167,10 +167,11 @@ class RoundNoise(Record):
 
 @dataclass(frozen=True)
 class Invariants(Record):
-    """Depth-invariant stages (work independent of depth) compared across depths."""
+    """Depth-invariant stages (work independent of depth) compared across depths, and over rounds. A run of one
+    depth has only the check over rounds: no stage, disagreement 0 and no per-stage spread (``across_depths``)."""
 
     max_disagreement_pct: float  # largest (max - min) / mean across depths, over the checked stages
-    stage: str  # the stage where it occurred
+    stage: str  # the stage where it occurred ("" with one depth)
     threshold_pct: float
     per_stage_pct: dict[str, float] = field(default_factory=dict)
     estimator: str = "mean"  # each depth's value over rounds: "20 % trimmed mean" (robust to outlier tokens) or "mean"
@@ -180,6 +181,11 @@ class Invariants(Record):
     step_round: dict[str, int] = field(default_factory=dict)  # rounds before that step
     step_floor_pct: dict[str, float] = field(default_factory=dict)  # 99th pct of the step's size, rounds shuffled
     judged: tuple[str, ...] = ()  # stages judged (a share of decode >= checks.INVARIANT_MIN_SHARE_PCT)
+
+    @property
+    def across_depths(self) -> bool:
+        """Whether depths were compared (two or more of them)."""
+        return bool(self.stage)
 
 
 @dataclass(frozen=True)

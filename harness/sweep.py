@@ -133,11 +133,12 @@ def format_summary(rec: RunRecord) -> str:
     lines = [f"mode={rec.params.mode}, {len(rec.rounds)} rounds; stage ms are calibrated (split cost "
              f"{ctxs[0].sync_us or 0:.2f} us) and should add up to the plain ms/token",
              format_table(head, rows, style="text")]
-    if inv is not None:
+    if inv is not None and inv.across_depths:
         means = inv.per_stage_mean_pct.get(inv.stage)
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
                      + (f"; its means: {means:.2f} %" if means is not None else ""))
+    if inv is not None:
         steps = checks.steps_pct(inv)
         if steps:
             s = max(steps, key=lambda k: abs(steps[k]))

@@ -176,6 +176,17 @@ def test_non_gemma_architecture_classifies(tiny_llama_gguf, tmp_path):
     assert set(ops.loc[ops[columns.NAME].str.match(r"^ffn_(up|gate|down)-\d+$"), columns.STAGE]) == {stages.FFN}
 
 
+def test_one_depth_run_gets_the_check_over_rounds_and_no_depth_comparison(tiny_gguf, tmp_path):
+    path, r = _sweep(tiny_gguf, tmp_path, "-c", "40", "-r", "12")
+    inv = read_record(path).invariants
+    assert not inv.across_depths and inv.stage == "" and inv.judged and not inv.noise_floor_pct
+    assert set(inv.judged) <= set(inv.step_ratio) and all(5 <= k <= 7 for k in inv.step_round.values())
+    assert "over rounds: largest step" in r.stdout and "largest disagreement" not in r.stdout
+    t = run_cli("analysis.table", str(path))
+    assert t.returncode == 0, t.stderr
+    assert "Depth-invariant stages agree" not in t.stdout and "FLAG drift" not in t.stdout
+
+
 def test_list_settings_run_their_product(tiny_gguf, tmp_path):
     r = run_cli("harness.sweep", "--model", str(tiny_gguf), "-c", "13", "-r", "1", "--warmup", "0",
                 "--no-probe", "--out", str(tmp_path), "--threads", "1,2", "-fa", "on,off")
@@ -269,9 +280,11 @@ def test_noise_floor_holds_pure_noise_and_the_flag_says_which_side_it_is_on():
     assert "its noise is above the threshold" in message(None)
 
 
-def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise():
+@pytest.mark.parametrize("n_depths", [3, 1])
+def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise(n_depths):
     """A device that switches state after 15 of 40 rounds (FFN -12 %, gemma3n_extra +25 %, as measured on the
-    2-core VM) is flagged with the stage, the size and the round; the same noise without the switch is not."""
+    2-core VM) is flagged with the stage, the size and the round; the same noise without the switch is not.
+    A run of one depth gets the same check over rounds, and no depth comparison."""
     import numpy as np
 
     from harness import stats
@@ -281,25 +294,28 @@ def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise():
     base = {stages.FFN: 55.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 6.5}
 
     def run(switch: bool):
-        st = np.zeros((40, 3, len(stages.STAGES)))
+        st = np.zeros((40, n_depths, len(stages.STAGES)))
         for s, v in base.items():
-            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.015, (40, 3)))
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.015, (40, n_depths)))
         if switch:
             st[15:, :, stats.S[stages.FFN]] *= 0.88
             st[15:, :, stats.S[stages.GEMMA3N_EXTRA]] *= 1.25
         plain = st.sum(axis=2)
-        rd = stats.RoundData(("a", "b", "c"), (13, 658, 4096), np.arange(40), plain, plain, st,
-                             np.zeros((3, len(stages.STAGES))), np.full(40, np.nan), np.zeros(40))
+        rd = stats.RoundData(("a", "b", "c")[:n_depths], (13, 658, 4096)[:n_depths], np.arange(40), plain, plain, st,
+                             np.zeros((n_depths, len(stages.STAGES))), np.full(40, np.nan), np.zeros(40))
         contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
         inv = checks.invariants(contexts, rd)
-        return inv, [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
-                                                      stop_reason=None) if f.kind == "state"]
+        fl = checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True, stop_reason=None)
+        assert inv.across_depths == (n_depths > 1) and (inv.stage == "") == (n_depths == 1)
+        assert n_depths > 1 or not any(f.kind == "drift" for f in fl)
+        return inv, [f.message for f in fl if f.kind == "state"]
 
     inv, flagged = run(True)
     assert inv.step_round[stages.GEMMA3N_EXTRA] == inv.step_round[stages.FFN] == 15
     assert 1.20 < inv.step_ratio[stages.GEMMA3N_EXTRA] < 1.30 and 0.85 < inv.step_ratio[stages.FFN] < 0.91
     assert len(flagged) == 1 and flagged[0].startswith("the device changed state during the run: gemma3n_extra")
     assert "after the first 15 rounds" in flagged[0]
+    assert ("(one depth)" in flagged[0]) == (n_depths == 1)
     inv, flagged = run(False)
     assert max(abs(100 * (r - 1)) for r in inv.step_ratio.values()) < checks.SHIFT_PCT and not flagged
     assert all(abs(100 * (inv.step_ratio[s] - 1)) < inv.step_floor_pct[s] * 1.5 for s in inv.judged)
