@@ -204,10 +204,11 @@ def thread_split_lines(rec: RunRecord, min_excess: float = 0.05) -> list[str]:
             per.append((c.depth, sum(r.bytes * n * b / r.cells for r, b in got) / sum(r.bytes for r, _ in got), worst))
     if not any(f > 1 + min_excess for _, f, _ in per):
         return []
-    return [f"Attention thread split ({n} threads; flash attention's split-KV path gives each thread an equal run of "
-            "cells, visible or not): the busiest thread holds " + ", ".join(
-                f"x{f:.2f} an even share at depth {d} (worst layer x{w:.2f})" for d, f, w in per)
-            + ". attn_kv waits for it; its bytes do not show it."]
+    shares = ", ".join(f"x{f:.2f} of an even share of the visible cells at depth {d} (worst layer x{w:.2f})"
+                       for d, f, w in per)
+    return [f"Attention thread split ({n} threads; flash attention's split-KV path gives each thread a run of "
+            f"ceil(n_kv / threads) cells, visible or not): the busiest thread visits {shares} (bytes-weighted over "
+            "the layers on that path). Their attention waits for it; their bytes do not show it."]
 
 
 def flag_lines(rec: RunRecord) -> list[str]:

@@ -88,7 +88,8 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     stage ms: the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on
     one depth move a 40-round mean by 2-4 % with no drift at all; trimmed, the noise floor is 1-2 %
     (bench/NOTES.md §9b). Without rounds (the seed's reference run), the summaries' means. One depth: only the
-    check over rounds (``Invariants.across_depths`` false). None with no depth to compare and no rounds."""
+    check over rounds (``Invariants.across_depths`` false). None with nothing to check (one depth and fewer
+    than 2 * SHIFT_MIN_ROUNDS rounds)."""
     if len(contexts) < (1 if rd is not None else 2):
         return None
     across = len(contexts) > 1
@@ -110,7 +111,7 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
             steps[s] = state_step(cal[:, :, k])
         if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
             judged[s] = per.get(s, 0.0)
-    if not judged:
+    if not judged or not (across or any(steps.values())):  # one depth, too few rounds for the check over them
         return None
     worst = max(judged, key=judged.get) if across else ""
     return Invariants(max_disagreement_pct=judged.get(worst, 0.0), stage=worst, threshold_pct=threshold_pct,

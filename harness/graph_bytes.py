@@ -112,7 +112,7 @@ class KVRead:
     n_head_kv: int
     k_bytes: int
     v_bytes: int
-    split_kv: bool = False  # FA's split-KV path: thread i of n visits the visible cells of [i*c, (i+1)*c), c=n_kv/n
+    split_kv: bool = False  # FA split-KV path: thread i of n visits the visible cells in [i*c, (i+1)*c), c=ceil(n_kv/n)
     visible_runs: tuple[tuple[int, int], ...] = ()  # where the visible cells sit: [start, end) runs
 
     @property
@@ -222,7 +222,7 @@ def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]]) -
     mask = node.srcs[3] if fa and len(node.srcs) > 3 else None
     visible = mask.visible if mask is not None else None
     split = (fa and q.type == "f32" and q.ne[1] == 1 and (len(q.ne) < 4 or q.ne[3] == 1) and n_kv >= SPLIT_KV_MIN
-             and len({t.type for _, _, t in kv_srcs}) == 1 and first.type in ("f16", "f32"))
+             and node.srcs[1].type == node.srcs[2].type and node.srcs[1].type in ("f16", "f32"))
     cells = visible if fa and visible is not None else n_kv
     out = {i: _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
     kb = sum(out[i] for i, _, t in kv_srcs if _is_k(t))

@@ -234,7 +234,7 @@ def sweep_with_graph_bytes(model: Path, out: Path, *extra: str) -> Path:
 
 def test_run_records_where_visible_cells_sit_and_the_table_names_the_thread_split(tiny_gguf, tmp_path):
     """Depth 300 on the tiny twin: the full layers' cache view is 512 cells (split-KV path) with cells 0..300
-    visible, so of 2 threads the first visits 256 of 301: x1.70 an even share. The sliding layers' restored
+    visible, so of 2 threads the first visits 256 of 301: x1.70 of an even share. The sliding layers' restored
     view (256 cells) and every view at 13 and 40 stay off that path. One thread: nothing to split."""
     rec = store.read_record(sweep_with_graph_bytes(tiny_gguf, tmp_path, "-fa", "on", "--threads", "2"))
     assert rec.params.threads == 2
@@ -245,7 +245,7 @@ def test_run_records_where_visible_cells_sit_and_the_table_names_the_thread_spli
     shallow = [gbm.GraphBytes.from_dict(c.graph_bytes) for c in rec.sorted_contexts()[:2]]
     assert not any(r.split_kv for g in shallow for r in g.kv_reads)
     (line,) = table.thread_split_lines(rec)
-    assert "x1.70 an even share at depth 300" in line and "depth 40" not in line
+    assert "x1.70 of an even share of the visible cells at depth 300" in line and "depth 40" not in line
     assert line in table.render(rec, table.load_read_model(rec))
     assert table.thread_split_lines(replace(rec, params=replace(rec.params, threads=1))) == []
 

@@ -318,6 +318,11 @@ def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise(n_depths
     assert ("(one depth)" in flagged[0]) == (n_depths == 1)
     inv, flagged = run(False)
     assert max(abs(100 * (r - 1)) for r in inv.step_ratio.values()) < checks.SHIFT_PCT and not flagged
+    if n_depths == 1:  # one depth and too few rounds for two sides of a step: nothing checked, no record
+        few = stats.RoundData(("a",), (13,), np.arange(9), np.full((9, 1), 80.0), np.full((9, 1), 80.0),
+                              np.full((9, 1, len(stages.STAGES)), 10.0), np.zeros((1, len(stages.STAGES))),
+                              np.full(9, np.nan), np.zeros(9))
+        assert checks.invariants([ContextSummary(**s) for s in stats.summarize(few, n_boot=5)[0]], few) is None
     assert all(abs(100 * (inv.step_ratio[s] - 1)) < inv.step_floor_pct[s] * 1.5 for s in inv.judged)
 
 
