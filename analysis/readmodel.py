@@ -1,30 +1,27 @@
 """Bytes a decoder reads from memory per decoded token: weights by stage plus KV-cache reads.
 
 Definitions (the same as ``harness.graph_bytes``, which measures them on the real graph):
+- A weight is read whole, once per op that reads it, in that op's stage (``harness.stages.tensor_stage``),
+  except a lookup table (``token_embd``, ``per_layer_token_embd``): one row; tied embeddings are also read
+  whole as the LM head. Activation sparsity skips nothing. Gemma 3n layers from ``n_layer_kv_from_start``
+  (20) on own no cache: they skip attn_k, attn_v and attn_k_norm.
+- KV: every attention layer reads K and V of ``harness.gguf_model.kv_cells`` cells; each KV head's cells
+  once (``kv_gqa_reread_bytes``: the other query heads' re-reads). A Gemma 3n layer >= 20 reads layer 18's
+  (sliding) or 19's (global) cache as its own read (``kv_shared_read_bytes``: that share).
 
-- A weight is read whole, once per op that reads it, in the stage of that op
-  (``harness.stages.tensor_stage``: the one tensor -> stage mapping), except a lookup table
-  (``token_embd``, ``per_layer_token_embd``), of which one row is read; tied embeddings are also
-  read whole as the LM head. Activation sparsity skips nothing. Gemma 3n layers from
-  ``n_layer_kv_from_start`` (20) on own no cache: they skip attn_k, attn_v and attn_k_norm.
-- KV: every attention layer reads K and V of ``harness.gguf_model.kv_cells`` cells; each KV head's
-  cells once (``kv_gqa_reread_bytes``: the re-reads by the other query heads of a group, not
-  counted). A Gemma 3n layer >= 20 reads the cache of layer 18 (sliding) or 19 (global) as its own
-  read (``kv_shared_read_bytes``: that share).
-
-Variants (``ReadModel.variant``; ``analysis.table`` picks one from the run's resolved flash
-attention, ``run_variant``):
+Variants (``ReadModel.variant``; ``analysis.table`` picks one by the run's flash attention, ``run_variant``):
 
 - ``exact``: flash attention on. The CPU kernel reads only the cells its mask leaves visible:
-  L+1 in a global layer, min(L+1, W) in a sliding one (W = ``attention.sliding_window``).
+  L+1 in a global layer, min(L+1, W) in a sliding one (W = ``attention.sliding_window``); an f32 K or
+  V cache is first cast to f16 whole (``build_attn_mha``), so that part reads every cell of the view.
 - ``exact_padded``: flash attention off. The ``kq``/``kqv`` matmuls read the whole cache view of
   n_kv >= 256 cells (``kv_cells``; cache sizes from the run's n_ctx, n_batch and n_ubatch).
-- ``seed``: the seed notebook's simplified accounting (``analysis.baseline``): INT4 FFN weights
-  and an F16 KV cache over L cells in all 35 layers; nothing else. Stage keys: ``harness.stages`` (host excluded).
+- ``seed``: the seed notebook's accounting (``analysis.baseline``): INT4 FFN weights, F16 KV over L cells.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -55,6 +52,7 @@ class KVLayer:
     sliding: bool
     owns_kv: bool  # False: reuses an earlier layer's cache (Gemma 3n shared-KV layers)
     cell_bytes: float  # K + V bytes of one cached token in this layer (all its KV heads)
+    k_cell_bytes: float = 0.0  # its K part (needed only for an f32 cache under flash attention)
     cache_layer: int = -1  # the layer whose cache it reads (-1: its own)
     gqa: int = 1  # query heads per KV head
 
@@ -88,16 +86,26 @@ class ReadModel:
                         n_ubatch=self.n_ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn,
                         restored=self.restored)
 
+    def kv_layer_read_bytes(self, lay: KVLayer, depth: int) -> float:
+        """K + V bytes one attention layer reads at depth L; an f32 K or V under flash attention: its whole view."""
+        cells = self.kv_cells_read(lay, depth)
+        f32 = (self.cache_type_k.lower() == "f32", self.cache_type_v.lower() == "f32")
+        if self.variant != "exact" or not any(f32):
+            return lay.cell_bytes * cells
+        view = dataclasses.replace(self, variant="exact_padded").kv_cells_read(lay, depth)
+        k, v = lay.k_cell_bytes, lay.cell_bytes - lay.k_cell_bytes
+        return k * (view if f32[0] else cells) + v * (view if f32[1] else cells)
+
     def kv_read_bytes(self, depth: int) -> float:
-        return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) for lay in self.kv_layers)
+        return sum(self.kv_layer_read_bytes(lay, depth) for lay in self.kv_layers)
 
     def kv_shared_read_bytes(self, depth: int) -> float:
         """The part of ``kv_read_bytes`` that layers without a cache of their own read."""
-        return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) for lay in self.kv_layers if not lay.owns_kv)
+        return sum(self.kv_layer_read_bytes(lay, depth) for lay in self.kv_layers if not lay.owns_kv)
 
     def kv_gqa_reread_bytes(self, depth: int) -> float:
         """Re-reads of K and V by the other query heads of each group: not in ``kv_read_bytes``."""
-        return sum(lay.cell_bytes * self.kv_cells_read(lay, depth) * (lay.gqa - 1) for lay in self.kv_layers)
+        return sum(self.kv_layer_read_bytes(lay, depth) * (lay.gqa - 1) for lay in self.kv_layers)
 
     def kv_cache_bytes(self, depth: int) -> float:
         """Bytes the cache holds at depth L (cells a sliding layer still needs: at most W)."""
@@ -129,10 +137,6 @@ def row_bytes(t: TensorRecord) -> float:
     """Bytes of one row (one token's entry) of a lookup table."""
     n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
     return t.n_bytes / max(1, n_rows)
-
-
-def is_lookup(name: str) -> bool:
-    return stages.gguf_tensor(name) in stages.LOOKUP_TENSORS
 
 
 def weight_stage(name: str, op: str = "MUL_MAT") -> str:
@@ -167,7 +171,7 @@ def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
     for t in info.tensors:
         if _skipped(t, owners):
             continue
-        if is_lookup(t.name):
+        if stages.gguf_tensor(t.name) in stages.LOOKUP_TENSORS:
             weights[weight_stage(t.name, "GET_ROWS")] += row_bytes(t)
             if stages.gguf_tensor(t.name) is stages.T.TOKEN_EMBD and tied:
                 weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
@@ -201,7 +205,8 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         if n_kv == 0:  # recurrent / attention-free layer
             continue
         layers.append(KVLayer(layer=il, sliding=sliding[il], owns_kv=owners[il], cell_bytes=n_kv * (dk * bk + dv * bv),
-                              cache_layer=kv_cache_layer(il, sliding, owners), gqa=max(1, n_head // n_kv)))
+                              k_cell_bytes=n_kv * dk * bk, cache_layer=kv_cache_layer(il, sliding, owners),
+                              gqa=max(1, n_head // n_kv)))
     return ReadModel(
         variant=variant, footprint_bytes=info.tensor_bytes, weight_bytes=weight_bytes_by_stage(info),
         kv_layers=tuple(layers), window_cells=int(hp.get("attention.sliding_window") or 0) if any(sliding) else 0,

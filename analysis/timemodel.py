@@ -83,8 +83,8 @@ class AttnFacts:
             return OFFLOADED
         if not self.model.flash_attn:
             return MATMUL
-        k, v = (t.lower() for t in self.cache_types)
-        return SPLIT if k == v and k in ("f16", "f32") and view_cells >= SPLIT_KV_MIN else CHUNKED
+        k, v = ("f16" if t.lower() == "f32" else t.lower() for t in self.cache_types)  # f32 is cast to f16 first
+        return SPLIT if k == v == "f16" and view_cells >= SPLIT_KV_MIN else CHUNKED
 
     def layer_terms(self, depths) -> tuple[np.ndarray, np.ndarray]:
         """(count, mib), each (N, regimes): attention layers in each regime and the MiB they read, per depth."""
@@ -98,7 +98,7 @@ class AttnFacts:
             for i, d in enumerate(depths):
                 r = regs.index(self.regime(view.kv_cells_read(lay, int(d))))
                 count[i, r] += n
-                mib[i, r] += n * lay.cell_bytes * self.model.kv_cells_read(lay, int(d)) / MIB
+                mib[i, r] += n * self.model.kv_layer_read_bytes(lay, int(d)) / MIB
         return count, mib
 
 

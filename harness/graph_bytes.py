@@ -1,10 +1,6 @@
 """Bytes one decode step reads, from the ggml graph itself: per stage, per layer, per attention layer.
 
-Input: the graph's nodes in execution order (``Node``: name, op, type, ``ne``, bytes, ``srcs`` as ``Tensor``s
-that also name the tensor they view) and each node's stage and layer (``harness.stages``). Any object with
-those attributes works (``as_node``), so the engine's own node records plug in as-is.
-
-Byte definitions (the same ones ``analysis.readmodel`` models; README "The read model"):
+Input: the graph's nodes in order with their stages and layers (``from_nodes``); bytes as ``analysis.readmodel``:
 
 - ``weight``: model tensors an op reads (a ``gguf.MODEL_TENSOR`` name). A matmul reads the whole matrix
   (activation sparsity skips nothing); ``GET_ROWS`` one row per index; ``MUL_MAT_ID`` the experts its ids
@@ -14,8 +10,9 @@ Byte definitions (the same ones ``analysis.readmodel`` models; README "The read 
   (``kq``/``kqv`` MUL_MATs) reads all of them, masked cells included. ``FLASH_ATTN_EXT`` on the CPU skips
   every cell its mask sets to -inf (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), so it reads the
   mask's visible cells when the node reader counted them (``Tensor.visible``), else the view
-  (``fa_cells == "view"``, an upper bound). For one query row, an f16/f32 cache and n_kv >= 512 it splits
-  the n_kv cells evenly between threads, visible or not (``split_kv``; ``visible_runs`` say where they sit).
+  (``fa_cells == "view"``, an upper bound). An f32 cache is first cast to f16 whole (``build_attn_mha``):
+  that K or V reads every cell of its view. For one query row, an f16 cache and n_kv >= 512 the kernel
+  splits the n_kv cells evenly between threads, visible or not (``split_kv``; ``visible_runs``: where).
   A KV head's cells count once: grouped-query re-reads are ``kv_gqa_reread_bytes``. A layer reading another
   layer's cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own (``kv_shared_bytes``).
 - ``act``: every other source an op reads (activations, masks, indices); views and reshapes read nothing.
@@ -210,7 +207,8 @@ def _is_k(t: Tensor) -> bool:
     return (t.view_src or t.name).startswith("cache_k")
 
 
-def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]]) -> tuple[KVRead, dict[int, int]]:
+def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]],
+               cast: dict[str, Tensor]) -> tuple[KVRead, dict[int, int]]:
     """The KV read of one attention op; also returns per-source bytes (FA scaled to the visible cells).
 
     Shapes (``build_attn_mha``): K and non-transposed V views are [head_dim, n_kv, n_head_kv]; the
@@ -224,7 +222,7 @@ def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]]) -
     split = (fa and q.type == "f32" and q.ne[1] == 1 and (len(q.ne) < 4 or q.ne[3] == 1) and n_kv >= SPLIT_KV_MIN
              and node.srcs[1].type == node.srcs[2].type and node.srcs[1].type in ("f16", "f32"))
     cells = visible if fa and visible is not None else n_kv
-    out = {i: _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
+    out = {i: _bytes(cast[t.name]) if t.name in cast else _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
     kb = sum(out[i] for i, _, t in kv_srcs if _is_k(t))
     n_head_kv = int(first.ne[2]) if len(first.ne) > 2 else 1
     read = KVRead(layer=layer, cache_layer=kv_srcs[0][1], op=node.op, n_kv=n_kv, cells=cells, visible=visible,
@@ -258,9 +256,11 @@ def from_nodes(nodes: list[Node], stage_of: list[str], layer_of: list[int]) -> G
     reads: list[KVRead] = []
     fa_on = any(n.op == "FLASH_ATTN_EXT" for n in nodes)
     fa_visible = True
+    cast = {n.name: n.srcs[0] for n in nodes if n.op == "CPY" and len(n.srcs) > 1 and n.srcs[-1].name == n.name
+            and _cache_layer(n.srcs[0]) is not None}  # f32 cache views cast to f16 whole: read by the attention op
     for node, stage, layer in zip(nodes, stage_of, layer_of, strict=True):
         stage = stage if stage in weight else stages.OTHER
-        if node.op in stages.NOOP_OPS:
+        if node.op in stages.NOOP_OPS or node.name in cast:
             continue
         srcs = list(enumerate(node.srcs))
         if node.op in ("SET_ROWS", "CPY"):  # SET_ROWS(values, idx, dst) / CPY(values, dst)
@@ -273,7 +273,7 @@ def from_nodes(nodes: list[Node], stage_of: list[str], layer_of: list[int]) -> G
         kv_srcs = [(i, c, t) for i, t in srcs if (c := _cache_layer(t)) is not None] if node.op in _ATTN_OPS else []
         kv_bytes: dict[int, int] = {}
         if kv_srcs:
-            read, kv_bytes = _attention(node, layer, kv_srcs)
+            read, kv_bytes = _attention(node, layer, kv_srcs, cast)
             reads.append(read)
             fa_visible &= node.op != "FLASH_ATTN_EXT" or read.visible is not None
         for i, t in srcs:

@@ -142,7 +142,8 @@ def discover(path, fa: str, depths: list[int], ctk="f16", ctv="f16", ub=512, cop
 
 
 CASES = [("on", "f16", "f16", 512), ("off", "f16", "f16", 512), ("off", "f16", "f16", 32),
-         ("on", "q8_0", "q8_0", 512), ("off", "q8_0", "f16", 32)]  # llama.cpp: a quantized V needs FA
+         ("on", "q8_0", "q8_0", 512), ("off", "q8_0", "f16", 32),  # llama.cpp: a quantized V needs FA
+         ("on", "f32", "f32", 512), ("on", "f32", "f16", 512), ("off", "f32", "f32", 512)]  # FA casts f32 whole
 
 
 @pytest.mark.parametrize(("fa", "ctk", "ctv", "ub"), CASES)
@@ -164,6 +165,8 @@ def test_read_model_matches_graph_bytes_on_the_tiny_twin(tiny_gguf, fa, ctk, ctv
             kw = {"n_ctx": 301, "n_swa": 32, "n_ubatch": ub, "n_batch": 512, "restored": True}
             assert r.n_kv == rm.kv_cells(d, sliding[r.layer], flash_attn=False, **kw), (d, r)
             assert r.cells == rm.kv_cells(d, sliding[r.layer], flash_attn=fa == "on", **kw), (d, r)
+        if fa == "on" and "f32" in (ctk, ctv):  # the cast to f16 reads more than the visible cells
+            assert g.kv_read_bytes > sum(lay.cell_bytes * model.kv_cells_read(lay, d) for lay in model.kv_layers)
 
 
 def test_prefilled_sliding_cache_reads_its_whole_used_span(tiny_gguf):
