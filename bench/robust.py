@@ -46,6 +46,7 @@ from harness import checks, stats  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
+SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": 10.0, "overhead": 1.03,
            "sweep_s": 180.0}
 
@@ -169,6 +170,12 @@ def across(res: list[dict]) -> tuple[float, dict | None]:
         if h["r_stage_shallowest"]:
             print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
                   + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
+    if h:
+        groups = [f"{k} {', '.join(f'{v:.3f}' for v in g)}"
+                  + (f" (spread {checks.spread_pct(np.array(g)):.1f} %)" if len(g) > 1 else "")
+                  for k, g in h["slope_by_state"].items() if g]
+        print(f"  by state (split cost < or >= {SLOW_SYNC_US:g} us; a sweep flagged for a state change apart): "
+              + "; ".join(groups))
     return spread, h
 
 
@@ -190,9 +197,17 @@ def heterogeneity(res: list[dict]) -> dict | None:
             "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
             "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
             "r_split_cost": _r(s, sync),
+            "slope_by_state": {k: [float(x) for x, r, y in zip(s, res, sync, strict=True) if _state(r, y) == k]
+                               for k in ("quick-sync", "slow-sync", "switched", "unknown")},
             "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
                                    for k in checks.INVARIANT_STAGES
                                    if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
+
+
+def _state(r: dict, sync_us: float) -> str:
+    if r.get("state_change"):
+        return "switched"
+    return "unknown" if not np.isfinite(sync_us) else "slow-sync" if sync_us >= SLOW_SYNC_US else "quick-sync"
 
 
 def _r(x: np.ndarray, y: np.ndarray) -> float:

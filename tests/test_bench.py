@@ -30,6 +30,12 @@ def test_heterogeneity_separates_device_change_from_sampling_noise():
     assert robust.heterogeneity(_sweeps([3.4, 3.6], 0.05, [0.5, 0.7])) is None
     blind = robust.heterogeneity(_sweeps([3.4, 3.6, 3.8], 0.0, [None, 0.7, 0.9]))  # no interval, no split cost
     assert np.isnan(blind["i2_pct"]) and np.isnan(blind["q"]) and np.isnan(blind["r_split_cost"])
+    assert moving["slope_by_state"] == {"quick-sync": [3.4, 3.6, 3.8], "slow-sync": [4.0, 4.2], "switched": [],
+                                        "unknown": []}
+    switched = _sweeps([3.4, 3.6, 3.8], 0.05, [0.5, 1.6, None])
+    switched[0]["state_change"] = {"stage": "ffn", "step_pct": -12.0, "after_rounds": 15}
+    assert robust.heterogeneity(switched)["slope_by_state"] == {"quick-sync": [], "slow-sync": [3.6],
+                                                                "switched": [3.4], "unknown": [3.8]}
 
 
 def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):
