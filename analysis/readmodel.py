@@ -104,7 +104,7 @@ class ReadModel:
         return sum(self.kv_layer_read_bytes(lay, depth) for lay in self.kv_layers if not lay.owns_kv)
 
     def kv_gqa_reread_bytes(self, depth: int) -> float:
-        """Re-reads of K and V by the other query heads of each group: not in ``kv_read_bytes``."""
+        """Re-reads of K and V by the other query heads of each group (f32 under FA: an upper bound), not read."""
         return sum(self.kv_layer_read_bytes(lay, depth) * (lay.gqa - 1) for lay in self.kv_layers)
 
     def kv_cache_bytes(self, depth: int) -> float:

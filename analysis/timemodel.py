@@ -12,7 +12,7 @@
   n_ctx gets a cache sized for it), so the time model, the read model and the graph bytes count the
   same cells. Sliding layers stop at the window, global layers grow.
 - r: the kernel regime of the layer at that depth, as llama.cpp's CPU backend picks it
-  (ggml-cpu ``ggml_compute_forward_flash_attn_ext_f16``): with flash attention and f16/f32 K = V, a
+  (ggml-cpu ``ggml_compute_forward_flash_attn_ext_f16``): with flash attention and f16 K = V (f32 is cast), a
   view of n_kv >= 512 cells (the padded view: ``kv_cells`` without flash attention) splits the KV
   cells across threads (``split-kv``); smaller views and quantized caches split query heads
   (``chunked``); without flash attention the ``kq``/``kqv`` matmuls are one regime (``matmul``).
@@ -92,7 +92,7 @@ class AttnFacts:
         view = dataclasses.replace(self.model, variant="exact_padded")  # the n_kv view every path is shaped by
         kinds: dict[tuple[bool, float], list] = {}
         for lay in self.model.kv_layers:
-            kinds.setdefault((lay.sliding, lay.cell_bytes), [lay, 0])[1] += 1
+            kinds.setdefault((lay.sliding, lay.cell_bytes, lay.k_cell_bytes), [lay, 0])[1] += 1
         count, mib = np.zeros((len(depths), len(regs))), np.zeros((len(depths), len(regs)))
         for lay, n in kinds.values():
             for i, d in enumerate(depths):

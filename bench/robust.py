@@ -171,10 +171,11 @@ def across(res: list[dict]) -> tuple[float, dict | None]:
             print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
                   + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
     if h:
-        groups = [f"{k} {', '.join(f'{v:.3f}' for v in g)}"
-                  + (f" (spread {checks.spread_pct(np.array(g)):.1f} %)" if len(g) > 1 else "")
+        groups = [f"{k} {', '.join(f'{v:.3f} ({u:.2f} us)' for v, u in zip(g, h['split_us_by_state'][k], strict=True))}"
+                  + (f", spread {checks.spread_pct(np.array(g)):.1f} %" if len(g) > 1 else "")
                   for k, g in h["slope_by_state"].items() if g]
-        print(f"  by state (split cost < or >= {SLOW_SYNC_US:g} us; a sweep flagged for a state change apart): "
+        print(f"  by state (split cost < or >= {SLOW_SYNC_US:g} us; a sweep flagged for a state change apart; unknown: "
+              "saved before the state check): "
               + "; ".join(groups))
     return spread, h
 
@@ -199,13 +200,17 @@ def heterogeneity(res: list[dict]) -> dict | None:
             "r_split_cost": _r(s, sync),
             "slope_by_state": {k: [float(x) for x, r, y in zip(s, res, sync, strict=True) if _state(r, y) == k]
                                for k in ("quick-sync", "slow-sync", "switched", "unknown")},
+            "split_us_by_state": {k: [float(y) for r, y in zip(res, sync, strict=True) if _state(r, y) == k]
+                                  for k in ("quick-sync", "slow-sync", "switched", "unknown")},
             "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
                                    for k in checks.INVARIANT_STAGES
                                    if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
 
 
 def _state(r: dict, sync_us: float) -> str:
-    if r.get("state_change"):
+    if "state_change" not in r:  # saved before the check existed: a switch would go unseen
+        return "unknown"
+    if r["state_change"]:
         return "switched"
     return "unknown" if not np.isfinite(sync_us) else "slow-sync" if sync_us >= SLOW_SYNC_US else "quick-sync"
 

@@ -117,7 +117,7 @@ class KVRead:
         return self.k_bytes + self.v_bytes
 
     @property
-    def gqa_reread_bytes(self) -> int:
+    def gqa_reread_bytes(self) -> int:  # an upper bound where an f32 view was cast (heads re-read the f16 copy)
         return self.bytes * (self.n_head // max(1, self.n_head_kv) - 1)
 
 

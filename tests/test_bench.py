@@ -30,12 +30,13 @@ def test_heterogeneity_separates_device_change_from_sampling_noise():
     assert robust.heterogeneity(_sweeps([3.4, 3.6], 0.05, [0.5, 0.7])) is None
     blind = robust.heterogeneity(_sweeps([3.4, 3.6, 3.8], 0.0, [None, 0.7, 0.9]))  # no interval, no split cost
     assert np.isnan(blind["i2_pct"]) and np.isnan(blind["q"]) and np.isnan(blind["r_split_cost"])
-    assert moving["slope_by_state"] == {"quick-sync": [3.4, 3.6, 3.8], "slow-sync": [4.0, 4.2], "switched": [],
-                                        "unknown": []}
-    switched = _sweeps([3.4, 3.6, 3.8], 0.05, [0.5, 1.6, None])
-    switched[0]["state_change"] = {"stage": "ffn", "step_pct": -12.0, "after_rounds": 15}
-    assert robust.heterogeneity(switched)["slope_by_state"] == {"quick-sync": [], "slow-sync": [3.6],
-                                                                "switched": [3.4], "unknown": [3.8]}
+    assert moving["slope_by_state"] == {"quick-sync": [], "slow-sync": [], "switched": [],  # saved before the check
+                                        "unknown": [3.4, 3.6, 3.8, 4.0, 4.2]}
+    checked = [{**r, "state_change": None} for r in _sweeps([3.4, 3.6, 3.8, 3.9], 0.05, [0.5, 1.6, None, 0.9])]
+    checked[0]["state_change"] = {"stage": "ffn", "step_pct": -12.0, "after_rounds": 15}
+    h = robust.heterogeneity(checked)
+    assert h["slope_by_state"] == {"quick-sync": [3.9], "slow-sync": [3.6], "switched": [3.4], "unknown": [3.8]}
+    assert h["split_us_by_state"]["switched"] == [0.5] and h["split_us_by_state"]["quick-sync"] == [0.9]
 
 
 def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):

@@ -156,6 +156,8 @@ def test_read_model_matches_graph_bytes_on_the_tiny_twin(tiny_gguf, fa, ctk, ctv
     for d, nodes, st, layers in discover(tiny_gguf, fa, [13, 40, 300], ctk, ctv, ub):
         g = gbm.from_capture(nodes, st, layers)
         assert g.fa_on == (fa == "on") and g.fa_cells == ("visible" if fa == "on" else "")
+        casts = [i for i, nd in enumerate(nodes) if stages.is_cache_cast(nd.name, nd.op)]  # f32 -> f16 for FA
+        assert bool(casts) == (fa == "on" and "f32" in (ctk, ctv)) and all(st[i] == stages.ATTN_KV for i in casts)
         want = model.bytes_per_token(d)
         assert g.per_token() == pytest.approx(want, rel=EXACT), d
         assert g.kv_shared_bytes == pytest.approx(model.kv_shared_read_bytes(d), rel=EXACT)

@@ -136,3 +136,13 @@ def test_global_weights_have_no_layer():
         ("altup_unembd", "DIV", "node_3101"),
     ]
     assert s.classify_layers(nodes) == [-1, -1, -1, 0, 34, 34, -1, 34, -1, -1]
+
+
+def test_f32_cache_cast_for_flash_attention_is_attention_not_a_store():
+    """``ggml_cast`` names its result "<view> (copy)"; a ``ggml_cpy`` into the cache is "<dst> (copy of <src>)"."""
+    cast, store = "cache_k_l18 (view) (permuted) (copy)", "cache_k_l3 (view) (copy of Kcur-3)"
+    assert s.is_cache_cast(cast, "CPY") and not s.is_cache_cast(store, "CPY")
+    assert s.classify_own(cast, "CPY", "cache_k_l18 (view) (permuted)") == s.ATTN_KV
+    assert s.classify_own(store, "CPY", "Kcur-3") == s.KV_STORE
+    nodes = [(cast, "CPY", "cache_k_l18 (view) (permuted)"), ("__fattn__-22", "FLASH_ATTN_EXT", "q-22")]
+    assert s.classify_layers(nodes) == [22, 22]  # the reading layer, not the cache's owner

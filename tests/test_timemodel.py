@@ -3,6 +3,8 @@ recovery, kernel regimes and the fallbacks when the depths do not identify them,
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,11 @@ def test_layer_terms_are_the_read_models_kv_bytes():
 def test_regimes_follow_the_cpu_kernels():
     assert facts().regime(511) == CHUNKED and facts().regime(512) == SPLIT
     assert facts(ctype="q8_0").regime(4096) == CHUNKED  # the split-KV path takes f16/f32 caches only
+    mixed = dataclasses.replace(facts(), model=dataclasses.replace(facts().model, cache_type_k="f32"))
+    assert mixed.regime(512) == SPLIT  # an f32 K is cast to f16 first: then K and V are alike
+    quant = dataclasses.replace(facts(), model=dataclasses.replace(facts().model, cache_type_k="f32",
+                                                                    cache_type_v="q8_0"))
+    assert quant.regime(4096) == CHUNKED
     assert facts(fa=False).all_regimes() == (MATMUL,)
     assert facts(ngl=99).all_regimes() == (OFFLOADED,)
 
