@@ -47,6 +47,7 @@ from harness.errors import HarnessError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
+STATES = ("quick-sync", "slow-sync", "switched", "unknown")
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": 10.0, "overhead": 1.03,
            "sweep_s": 180.0}
 
@@ -189,6 +190,7 @@ def heterogeneity(res: list[dict]) -> dict | None:
     s = np.array([r["attn_kv_slope"] for r in res], float)
     se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res], float)
     sync = np.array([r.get("sync_us") for r in res], float)  # None (not measured) -> NaN
+    state = [_state(r, y) for r, y in zip(res, sync, strict=True)]
     nan = float("nan")
     q = nan
     if np.isfinite(se).all() and (se > 0).all():  # an interval of zero width (no bootstrap) weighs nothing
@@ -198,10 +200,8 @@ def heterogeneity(res: list[dict]) -> dict | None:
             "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
             "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
             "r_split_cost": _r(s, sync),
-            "slope_by_state": {k: [float(x) for x, r, y in zip(s, res, sync, strict=True) if _state(r, y) == k]
-                               for k in ("quick-sync", "slow-sync", "switched", "unknown")},
-            "split_us_by_state": {k: [float(y) for r, y in zip(res, sync, strict=True) if _state(r, y) == k]
-                                  for k in ("quick-sync", "slow-sync", "switched", "unknown")},
+            "slope_by_state": {k: [float(x) for x, st in zip(s, state, strict=True) if st == k] for k in STATES},
+            "split_us_by_state": {k: [float(y) for y, st in zip(sync, state, strict=True) if st == k] for k in STATES},
             "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
                                    for k in checks.INVARIANT_STAGES
                                    if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}

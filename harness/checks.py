@@ -106,8 +106,9 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
             continue
         if across:
             per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))
+            if cal is not None:
+                floor[s] = noise_floor_pct(cal[:, :, k])
         if cal is not None:
-            floor.update({s: noise_floor_pct(cal[:, :, k])} if across else {})
             steps[s] = state_step(cal[:, :, k])
         if min(c.share(s) for c in contexts) >= INVARIANT_MIN_SHARE_PCT:
             judged[s] = per.get(s, 0.0)

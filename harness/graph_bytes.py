@@ -256,8 +256,7 @@ def from_nodes(nodes: list[Node], stage_of: list[str], layer_of: list[int]) -> G
     reads: list[KVRead] = []
     fa_on = any(n.op == "FLASH_ATTN_EXT" for n in nodes)
     fa_visible = True
-    cast = {n.name: n.srcs[0] for n in nodes if n.op == "CPY" and len(n.srcs) > 1 and n.srcs[-1].name == n.name
-            and _cache_layer(n.srcs[0]) is not None}  # f32 cache views cast to f16 whole: read by the attention op
+    cast = {n.name: n.srcs[0] for n in nodes if stages.is_cache_cast(n.name, n.op) and n.srcs}  # f32 -> f16 whole
     for node, stage, layer in zip(nodes, stage_of, layer_of, strict=True):
         stage = stage if stage in weight else stages.OTHER
         if node.op in stages.NOOP_OPS or node.name in cast:
