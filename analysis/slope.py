@@ -175,9 +175,10 @@ def round_data_sample(rd: stats.RoundData) -> Sample:
     return np.array(rd.depths), np.concatenate([stats.calibrated(rd, cost), rd.plain[:, :, None]], axis=2)
 
 
-def run_slopes(run: store.Run, n_boot: int = stats.N_BOOT) -> pd.DataFrame:
-    """Slopes of one run (needs its op table's NEEDED_COLUMNS and its token table)."""
-    return pooled_slopes([round_data_sample(stats.round_data(run.ops, run.tokens))], [*STAGES, DECODE], n_boot)
+def run_slopes(run: store.Run, n_boot: int = stats.N_BOOT, rd: stats.RoundData | None = None) -> pd.DataFrame:
+    """Slopes of one run (needs its op table's NEEDED_COLUMNS and its token table; or ``rd``, its round data)."""
+    rd = stats.round_data(run.ops, run.tokens) if rd is None else rd
+    return pooled_slopes([round_data_sample(rd)], [*STAGES, DECODE], n_boot)
 
 
 def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400) -> pd.DataFrame:

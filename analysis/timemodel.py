@@ -40,7 +40,7 @@ import numpy as np
 from analysis import readmodel
 from harness import stages, stats
 from harness.errors import InputError
-from harness.graph_bytes import SPLIT_KV_MIN
+from harness.graph_bytes import split_kv_path
 from harness.record import RunRecord
 
 MIB = 1024**2
@@ -84,7 +84,7 @@ class AttnFacts:
         if not self.model.flash_attn:
             return MATMUL
         k, v = ("f16" if t.lower() == "f32" else t.lower() for t in self.cache_types)  # f32 is cast to f16 first
-        return SPLIT if k == v == "f16" and view_cells >= SPLIT_KV_MIN else CHUNKED
+        return SPLIT if split_kv_path(k, v, view_cells) else CHUNKED
 
     def layer_terms(self, depths) -> tuple[np.ndarray, np.ndarray]:
         """(count, mib), each (N, regimes): attention layers in each regime and the MiB they read, per depth."""

@@ -74,7 +74,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     rd = stats.round_data(run.ops, run.tokens)
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
     rd_rise, agree_ci = _paired_rise(rd, cal)
-    sl = run_slopes(run).loc["attn_kv"]
+    sl = run_slopes(run, rd=rd).loc["attn_kv"]
     inv = rec.invariants if rec.invariants.judged else checks.invariants(list(rec.contexts), rd)  # older runs: redo
     # (same function and seed: a run that stored its noise floors gets the same ones back)
     step = checks.state_change(inv)

@@ -10,11 +10,10 @@ Input: the graph's nodes in order with their stages and layers (``from_nodes``);
   (``kq``/``kqv`` MUL_MATs) reads all of them, masked cells included. ``FLASH_ATTN_EXT`` on the CPU skips
   every cell its mask sets to -inf (``ggml_compute_forward_flash_attn_ext_f16_one_chunk``), so it reads the
   mask's visible cells when the node reader counted them (``Tensor.visible``), else the view
-  (``fa_cells == "view"``, an upper bound). An f32 cache is first cast to f16 whole (``build_attn_mha``):
-  that K or V reads every cell of its view. For one query row, an f16 cache and n_kv >= 512 the kernel
-  splits the n_kv cells evenly between threads, visible or not (``split_kv``; ``visible_runs``: where).
-  A KV head's cells count once: grouped-query re-reads are ``kv_gqa_reread_bytes``. A layer reading another
-  layer's cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own (``kv_shared_bytes``).
+  (``fa_cells == "view"``, an upper bound). An f32 cache is cast to f16 whole first (``build_attn_mha``): it
+  reads every cell of its view. The split-KV path (``split_kv_path``) cuts n_kv evenly between threads. A KV
+  head's cells count once (grouped-query re-reads: ``kv_gqa_reread_bytes``); a layer reading another layer's
+  cache (Gemma 3n layers >= 20 read 18's or 19's) counts it as its own (``kv_shared_bytes``).
 - ``act``: every other source an op reads (activations, masks, indices); views and reshapes read nothing.
 - ``kv_written``: bytes ``SET_ROWS``/``CPY`` store into the KV cache (the ``kv_store`` stage).
 
@@ -22,6 +21,7 @@ Input: the graph's nodes in order with their stages and layers (``from_nodes``);
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,6 +33,11 @@ _CACHE_RE = re.compile(r"^cache_[kv]_l(\d+)")
 _SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
 _ATTN_OPS = {"FLASH_ATTN_EXT", "MUL_MAT"}
 SPLIT_KV_MIN = 512  # ggml-cpu: FLASH_ATTN_EXT splits the KV cells across threads from a view of this many cells
+
+
+def split_kv_path(k_type: str, v_type: str, n_kv: int) -> bool:
+    """ggml-cpu's ``use_split_kv_path`` for one f32 query row, from the K/V types the op is given (``KVRead``)."""
+    return k_type == v_type and k_type in ("f16", "f32") and n_kv >= SPLIT_KV_MIN
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,7 @@ def _tensor(o) -> Tensor:
 
 
 def as_node(o) -> Node | None:
-    """A Node from any object with name, op, type, ne, nbytes and srcs (each with name, op, type, ne,
-    nbytes, view_src); None when it lacks them (a node reader that keeps names only)."""
+    """A Node from an object with name, op, type, ne, nbytes, srcs; None if it has names only."""
     try:
         if not o.type:
             return None
@@ -81,10 +85,7 @@ def as_node(o) -> Node | None:
 def type_bytes(ggml_type: str, ne: tuple[int, ...]) -> int:
     """Bytes of ``ne`` elements laid out densely (rows of ne[0]) at a ggml type: ggml_row_size x rows."""
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type.upper()]]
-    rows = 1
-    for d in ne[1:]:
-        rows *= int(d)
-    return int(ne[0]) // block * size * rows if ne else 0
+    return int(ne[0]) // block * size * math.prod(int(d) for d in ne[1:]) if ne else 0
 
 
 def _bytes(t: Tensor) -> int:
@@ -219,8 +220,8 @@ def _attention(node: Node, layer: int, kv_srcs: list[tuple[int, int, Tensor]],
     n_kv = int(first.ne[1] if fa or _is_k(first) else first.ne[0])
     mask = node.srcs[3] if fa and len(node.srcs) > 3 else None
     visible = mask.visible if mask is not None else None
-    split = (fa and q.type == "f32" and q.ne[1] == 1 and (len(q.ne) < 4 or q.ne[3] == 1) and n_kv >= SPLIT_KV_MIN
-             and node.srcs[1].type == node.srcs[2].type and node.srcs[1].type in ("f16", "f32"))
+    split = (fa and q.type == "f32" and q.ne[1] == 1 and (len(q.ne) < 4 or q.ne[3] == 1)
+             and split_kv_path(node.srcs[1].type, node.srcs[2].type, n_kv))
     cells = visible if fa and visible is not None else n_kv
     out = {i: _bytes(cast[t.name]) if t.name in cast else _bytes(t) * cells // max(1, n_kv) for i, _, t in kv_srcs}
     kb = sum(out[i] for i, _, t in kv_srcs if _is_k(t))

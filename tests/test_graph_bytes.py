@@ -70,6 +70,13 @@ def test_split_kv_busiest_thread_visits_the_visible_cells_of_its_own_chunk():
     assert gbm.GraphBytes.from_dict(json.loads(json.dumps(g.to_dict()))).kv_reads == (restored,)
 
 
+def test_split_kv_path_is_the_kernels_condition():
+    """ggml-cpu's use_split_kv_path: K and V of one type, f16 or f32, and a view of >= 512 cells."""
+    assert gbm.split_kv_path("f16", "f16", 512) and gbm.split_kv_path("f32", "f32", 4352)
+    assert not gbm.split_kv_path("f16", "f16", 511)
+    assert not gbm.split_kv_path("f32", "f16", 1024) and not gbm.split_kv_path("q8_0", "q8_0", 1024)
+
+
 def test_no_flash_matmuls_read_the_whole_view_and_shared_layers_are_split_out():
     k = t("cache_k_l18 (view) (permuted)", (128, 256, 1), "q8_0", "PERMUTE", "cache_k_l18")
     v = t("cache_v_l18 (view) (permuted)", (256, 128, 1), "f16", "PERMUTE", "cache_v_l18")  # transposed V
