@@ -109,6 +109,7 @@ def engine_rows(rec: RunRecord) -> list[tuple[str, str]]:
                   ("batch / ubatch", f"{p.n_batch} / {p.n_ubatch}" if p.n_batch else None),
                   ("capture mode", p.mode), ("eval callback", p.callback),
                   ("OpenMP / threadpool", f"{p.openmp} / {p.threadpool}" if p.openmp is not None else None),
+                  ("thread environment", " ".join(f"{k}={v}" for k, v in p.thread_env.items()) or None),
                   ("split cost (calibration)", f"{rec.contexts[0].sync_us:.2f} us per split"
                    if rec.contexts and rec.contexts[0].sync_us is not None else None),
                   ("depth-invariant stages", f"agree within {rec.invariants.max_disagreement_pct:.2f} % "

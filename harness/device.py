@@ -35,6 +35,14 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+THREAD_ENV_PREFIXES = ("OMP_", "GOMP_", "KMP_", "GGML_")
+
+
+def thread_env() -> dict[str, str]:
+    """Environment variables that steer the OpenMP runtime or ggml (thread placement, wait policy), as set."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(THREAD_ENV_PREFIXES)}
+
+
 def device_info() -> dict:
     freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
     return {

@@ -233,7 +233,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
         n_gpu_layers=cfg.n_gpu_layers, n_batch=cfg.n_batch, n_ubatch=cfg.n_ubatch, mode=cfg.mode, n_ctx=cfg.n_ctx,
         callback=callback, threads_source="--threads" if cfg.threads else "physical cores",
         calib_splits=cfg.calib_splits, flash_attn_resolved=fa_resolved, openmp=engine.openmp_enabled(),
-        threadpool=pool)
+        threadpool=pool, thread_env=device.thread_env())
     return RunRecord(
         label=label, complete=complete, params=params,
         model=ModelMeta(arch=info.arch, name=info.name, path=str(model_path), file_bytes=info.file_bytes,

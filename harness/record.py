@@ -53,6 +53,7 @@ class SweepParams(Record):
     flash_attn_resolved: bool | None = None  # a FLASH_ATTN_EXT node is in the decode graph
     openmp: bool | None = None
     threadpool: bool | None = None
+    thread_env: dict[str, str] = field(default_factory=dict)  # OMP_*/GOMP_*/KMP_*/GGML_* variables the run saw
 
 
 @dataclass(frozen=True)

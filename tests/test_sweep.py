@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import run_cli
 
+from analysis.run_facts import engine_rows
 from harness import checks, columns, stages
 from harness.record import SCHEMA_VERSION, RunRecord
 from harness.runner import round_order
@@ -98,6 +101,9 @@ def test_record_round_trips_and_describes_the_run(tiny_run, tiny_gguf):
     assert rec.model.file_bytes == tiny_gguf.stat().st_size
     assert rec.engine_version and "CPU" in rec.system_info
     assert rec.device.cpu_model and rec.device.physical_cores and rec.device.peak_rss_bytes
+    # conftest sets OMP_WAIT_POLICY for the sweeps it runs: the run records it and its facts show it
+    assert rec.params.thread_env["OMP_WAIT_POLICY"] == os.environ["OMP_WAIT_POLICY"]
+    assert f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" in dict(engine_rows(rec))["thread environment"]
     assert [c.context for c in rec.contexts] == ["short", "40", "80"]
     for c in rec.contexts:
         lo, hi = c.plain_ms_ci
