@@ -21,7 +21,6 @@ Variants (``ReadModel.variant``; ``analysis.table`` picks one by the run's flash
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -78,13 +77,14 @@ class ReadModel:
     def flash_attn(self) -> bool:
         return self.variant != "exact_padded"
 
-    def kv_cells_read(self, layer: KVLayer, depth: int) -> int:
-        """Cells of K and V one attention layer reads at depth L (``harness.gguf_model.kv_cells``)."""
-        if self.variant == "seed":
+    def kv_cells_read(self, layer: KVLayer, depth: int, flash_attn: bool | None = None) -> int:
+        """Cells of K and V one attention layer reads at depth L (``harness.gguf_model.kv_cells``); with
+        ``flash_attn=False`` whatever the variant: the n_kv cells of the view the graph shapes, every path's."""
+        if self.variant == "seed" and flash_attn is None:
             return depth + self.current_cell
         return kv_cells(depth, layer.sliding, n_ctx=self.n_ctx or depth + 1, n_swa=self.window_cells,
-                        n_ubatch=self.n_ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn,
-                        restored=self.restored)
+                        n_ubatch=self.n_ubatch, n_batch=self.n_batch, restored=self.restored,
+                        flash_attn=self.flash_attn if flash_attn is None else flash_attn)
 
     def kv_layer_read_bytes(self, lay: KVLayer, depth: int) -> float:
         """K + V bytes one attention layer reads at depth L; an f32 K or V under flash attention: its whole view."""
@@ -92,7 +92,7 @@ class ReadModel:
         f32 = (self.cache_type_k.lower() == "f32", self.cache_type_v.lower() == "f32")
         if self.variant != "exact" or not any(f32):
             return lay.cell_bytes * cells
-        view = dataclasses.replace(self, variant="exact_padded").kv_cells_read(lay, depth)
+        view = self.kv_cells_read(lay, depth, flash_attn=False)
         k, v = lay.k_cell_bytes, lay.cell_bytes - lay.k_cell_bytes
         return k * (view if f32[0] else cells) + v * (view if f32[1] else cells)
 

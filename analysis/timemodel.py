@@ -89,14 +89,13 @@ class AttnFacts:
     def layer_terms(self, depths) -> tuple[np.ndarray, np.ndarray]:
         """(count, mib), each (N, regimes): attention layers in each regime and the MiB they read, per depth."""
         regs = self.all_regimes()
-        view = dataclasses.replace(self.model, variant="exact_padded")  # the n_kv view every path is shaped by
-        kinds: dict[tuple[bool, float], list] = {}
+        kinds: dict[tuple[bool, float, float], list] = {}
         for lay in self.model.kv_layers:
             kinds.setdefault((lay.sliding, lay.cell_bytes, lay.k_cell_bytes), [lay, 0])[1] += 1
         count, mib = np.zeros((len(depths), len(regs))), np.zeros((len(depths), len(regs)))
         for lay, n in kinds.values():
             for i, d in enumerate(depths):
-                r = regs.index(self.regime(view.kv_cells_read(lay, int(d))))
+                r = regs.index(self.regime(self.model.kv_cells_read(lay, int(d), flash_attn=False)))
                 count[i, r] += n
                 mib[i, r] += n * self.model.kv_layer_read_bytes(lay, int(d)) / MIB
         return count, mib
