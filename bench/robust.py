@@ -3,6 +3,7 @@
     python bench/robust.py [--model GGUF] [--sweeps 5] [--contexts 13,172,658,4096] [--rounds 40] [--keep DIR]
     python bench/robust.py --summarize bench/results/robust-*.json
     python bench/robust.py --runs KEPT/*.parquet        # the same figures from kept runs
+    python bench/robust.py --threads 2,1 ...            # sweeps alternate over thread counts, figures per count
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
@@ -22,7 +23,9 @@ device changing between sweeps (I2: the share of the between-sweep variance beyo
 sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
 depth-invariant stage ms at the shallowest depth. ``--summarize JSON ...`` prints these across-sweep
 figures again from saved results, pooling their sweeps; ``--runs`` computes every figure again from kept
-runs.
+runs. ``--threads 2,1`` alternates the sweeps' thread counts (the order reversed every other time, so each
+count runs as often first as second) and prints the across-sweep figures per count; ``--runs`` groups kept runs
+by the thread count they recorded.
 Nothing is asserted: the figures are printed and saved as JSON in bench/results/.
 """
 
@@ -52,15 +55,16 @@ TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct":
            "sweep_s": 180.0}
 
 
-def one_sweep(a, out: Path, i: int) -> dict:
+def one_sweep(a, out: Path, label: str, threads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "harness.sweep", "-c", a.contexts, "-r", str(a.rounds), "--out", str(out),
-           "--label", f"robust-{i}", *(["--model", a.model] if a.model else []), *a.extra]
+           "--label", label, *(["--model", a.model] if a.model else []), *(["-t", str(threads)] if threads else []),
+           *a.extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(r.stderr)
-    return figures(max(out.glob(f"*robust-{i}_*.parquet")), wall)
+    return figures(max(out.glob(f"*{label}_*.parquet")), wall)
 
 
 def figures(path: Path, wall: float | None = None) -> dict:
@@ -80,7 +84,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
-        "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
+        "threads": rec.params.threads, "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
@@ -125,6 +129,8 @@ def main() -> None:
                     help="no sweeps: print the across-sweep figures of saved results (all their sweeps pooled)")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, metavar="PARQUET",
                     help="no sweeps: the figures of these kept runs (made by this script with --keep)")
+    ap.add_argument("--threads", default=None, help="comma list of thread counts: the sweeps alternate over them "
+                    "(default: the sweep's own)")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
     a = ap.parse_args()
     if a.summarize:
@@ -134,24 +140,45 @@ def main() -> None:
                 raise ValueError("no sweeps with an attn_kv slope and its interval")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
-        across(res)
+        across_by_threads(res)
         return
     res = []
     with tempfile.TemporaryDirectory() as tmp:
         d = a.keep or tmp
         Path(d).mkdir(parents=True, exist_ok=True)
-        for i in range(len(a.runs) if a.runs else a.sweeps):
+        try:
+            counts = [int(t) for t in a.threads.split(",")] if a.threads else [None]
+        except ValueError:
+            raise SystemExit(f"robust.py: --threads takes a comma list of integers, not {a.threads!r}") from None
+        plan = [(None, None)] * len(a.runs) if a.runs else [
+            (i, t) for i in range(a.sweeps) for t in (counts if i % 2 == 0 else counts[::-1])]
+        for k, (i, t) in enumerate(plan):
             try:
-                res.append(figures(a.runs[i]) if a.runs else one_sweep(a, Path(d), i))
+                res.append(figures(a.runs[k]) if a.runs else
+                           one_sweep(a, Path(d), f"robust-{i}" + (f"-t{t}" if t else ""), t))
             except HarnessError as e:
                 raise SystemExit(f"robust.py: {e}") from None
-            report_one(i, res[-1])
-    spread, h = across(res)
+            report_one(k, res[-1])
+    per = across_by_threads(res)
+    spread, h = per[res[0]["threads"]]
     out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
-                               "slope_heterogeneity": h}, indent=1, default=str))
+                               "slope_heterogeneity": h,
+                               "by_threads": {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]}
+                                              for t, v in per.items()}}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
+
+
+def across_by_threads(res: list[dict]) -> dict:
+    """``across`` for each thread count among the sweeps (results saved before the count was kept: one group)."""
+    groups = {t: [r for r in res if r.get("threads") == t] for t in dict.fromkeys(r.get("threads") for r in res)}
+    per = {}
+    for t, grp in groups.items():
+        if len(groups) > 1:
+            print(f"\n--- {t} thread{'s' if t != 1 else ''}: {len(grp)} sweeps")
+        per[t] = across(grp)
+    return per
 
 
 def across(res: list[dict]) -> tuple[float, dict | None]:
@@ -168,6 +195,9 @@ def across(res: list[dict]) -> tuple[float, dict | None]:
               f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
               f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
               f"r = {h['r_split_cost']:+.2f}")
+        if np.isfinite(h["ratio_to_ffn_spread_pct"]):
+            print(f"  slope / the same sweep's FFN ms at the shallowest depth: spread "
+                  f"{h['ratio_to_ffn_spread_pct']:.1f} % (a drift that slows every stage alike cancels here)")
         if h["r_stage_shallowest"]:
             print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
                   + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
@@ -200,11 +230,19 @@ def heterogeneity(res: list[dict]) -> dict | None:
             "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
             "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
             "r_split_cost": _r(s, sync),
+            "ratio_to_ffn_spread_pct": _ratio_spread(s, res),
             "slope_by_state": {k: [float(x) for x, st in zip(s, state, strict=True) if st == k] for k in STATES},
             "split_us_by_state": {k: [float(y) for y, st in zip(sync, state, strict=True) if st == k] for k in STATES},
             "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
                                    for k in checks.INVARIANT_STAGES
                                    if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
+
+
+def _ratio_spread(s: np.ndarray, res: list[dict]) -> float:
+    """Spread in % of each sweep's slope divided by its FFN ms at the shallowest depth: a drift that slows every
+    stage alike cancels here, the VM's two-thread states (which move FFN and attention apart) do not."""
+    ffn = np.array([r.get("stage_ms_shallowest", {}).get("ffn", np.nan) for r in res], float)
+    return float(checks.spread_pct(s / ffn)) if np.isfinite(ffn).all() else float("nan")
 
 
 def _state(r: dict, sync_us: float) -> str:
@@ -224,10 +262,11 @@ def _r(x: np.ndarray, y: np.ndarray) -> float:
 def report_one(i: int, r: dict) -> None:
     dis = 100 * (r["attn_kv_rise_ms"] - r["plain_rise_ms"]) / r["plain_rise_ms"] if r["plain_rise_ms"] else np.nan
     lo, hi = r["attn_kv_slope_ci"]
-    print(f"sweep {i}: {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); invariant stages within "
-          f"{r['invariant_pct']:.2f} % ({r['invariant_stage']}); attn_kv rise {r['attn_kv_rise_ms']:+.2f} ms vs plain "
-          f"{r['plain_rise_ms']:+.2f} ms ({dis:+.1f} % [{r['rise_disagreement_ci_pct'][0]:+.1f}, "
-          f"{r['rise_disagreement_ci_pct'][1]:+.1f}]); attn_kv slope {r['attn_kv_slope']:.3f} [{lo:.3f}, {hi:.3f}] "
+    n, (c0, c1) = r["threads"], r["rise_disagreement_ci_pct"]
+    print(f"sweep {i} ({n} thread{'s' if n != 1 else ''}): {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); "
+          f"invariant stages within {r['invariant_pct']:.2f} % ({r['invariant_stage']}); attn_kv rise "
+          f"{r['attn_kv_rise_ms']:+.2f} ms vs plain {r['plain_rise_ms']:+.2f} ms "
+          f"({dis:+.1f} % [{c0:+.1f}, {c1:+.1f}]); attn_kv slope {r['attn_kv_slope']:.3f} [{lo:.3f}, {hi:.3f}] "
           f"ms/1k; split {r['sync_us']:.2f} us", flush=True)
     st = r.get("state_change")
     if st:

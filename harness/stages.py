@@ -162,6 +162,11 @@ def is_cache_cast(name: str, op: str) -> bool:
     return op == "CPY" and name.endswith(" (copy)") and bool(_CACHE_RE.match(name))
 
 
+def _is_cache_store(name: str, op: str) -> bool:
+    """A write into the KV cache (given a node named after a cache tensor): not a view, not a cast."""
+    return op in _STORE_OPS and not is_cache_cast(name, op)
+
+
 def classify_own(name: str, op: str, src0: str, src1: str = "") -> str | None:
     """Stage from rules 1-3, or None when the node must take its stage from the next one."""
     if op in NOOP_OPS:
@@ -169,7 +174,7 @@ def classify_own(name: str, op: str, src0: str, src1: str = "") -> str | None:
     if op == "FLASH_ATTN_EXT":
         return ATTN_KV
     if _CACHE_RE.match(name):
-        return KV_STORE if op in _STORE_OPS and not is_cache_cast(name, op) else ATTN_KV
+        return KV_STORE if _is_cache_store(name, op) else ATTN_KV
     stage = classify_weight(src0, op) if op in _WEIGHT_OPS else None
     if stage is None and src1:
         stage = classify_weight(src1, op)
@@ -209,8 +214,7 @@ def _own_layer(name: str, op: str, src0: str) -> int | None:
     """A node's own layer, or None when it takes the layer of the next node that has one."""
     cache = _CACHE_RE.match(name)
     if cache:
-        store = op in _STORE_OPS and not is_cache_cast(name, op)
-        return int(cache.group(1)) if store else None  # a view or a cast: the reading layer decides
+        return int(cache.group(1)) if _is_cache_store(name, op) else None  # a view or a cast: the reading layer decides
     if op in _WEIGHT_OPS and gguf_tensor(_SUFFIX_RE.sub("", src0).strip()) is not None:
         m = _BLK_RE.match(src0)
         return int(m.group(1)) if m else -1  # a global weight (altup_unembd_proj, per_layer_*) is no layer's

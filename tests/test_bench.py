@@ -39,6 +39,25 @@ def test_heterogeneity_separates_device_change_from_sampling_noise():
     assert h["split_us_by_state"]["switched"] == [0.5] and h["split_us_by_state"]["quick-sync"] == [0.9]
 
 
+def test_slope_over_ffn_cancels_a_uniform_drift_and_thread_counts_are_kept_apart(capsys):
+    drift = np.array([1.00, 1.03, 1.05, 1.08, 1.10])  # every stage slows alike, sweep after sweep
+    one = [{**r, "threads": 1, "stage_ms_shallowest": {"ffn": 86.0 * f}}
+           for r, f in zip(_sweeps(list(7.1 * drift), 0.1, [0.2] * 5), drift, strict=True)]
+    h = robust.heterogeneity(one)
+    assert h["ratio_to_ffn_spread_pct"] == pytest.approx(0.0, abs=1e-9)
+    two = [{**r, "threads": 2, "stage_ms_shallowest": {"ffn": f}}  # FFN and attention move apart
+           for r, f in zip(_sweeps([3.8, 4.2, 3.8, 4.2, 4.3], 0.1, [0.5, 1.1, 0.6, 0.5, 0.8]),
+                           [55.0, 52.0, 56.0, 61.0, 58.0], strict=True)]
+    assert robust.heterogeneity(two)["ratio_to_ffn_spread_pct"] > 10
+    assert np.isnan(robust.heterogeneity(_sweeps([3.4, 3.6, 3.8], 0.1, [0.5] * 3))["ratio_to_ffn_spread_pct"])
+    per = robust.across_by_threads([x for pair in zip(two, one, strict=True) for x in pair])
+    assert list(per) == [2, 1]
+    assert per[1][0] == pytest.approx(100 * 7.1 * 0.10 / (7.1 * drift.mean()))
+    assert per[2][0] == pytest.approx(100 * 0.5 / 4.06)
+    out = capsys.readouterr().out
+    assert "--- 2 threads: 5 sweeps" in out and "--- 1 thread: 5 sweeps" in out
+
+
 def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):
     r = run_cli("harness.sweep", "--model", str(tiny_gguf), "-c", "13,14,80,81", "-r", "4", "--warmup", "1",
                 "--no-probe", "--out", str(tmp_path))
