@@ -148,8 +148,10 @@ def main() -> None:
         Path(d).mkdir(parents=True, exist_ok=True)
         try:
             counts = [int(t) for t in a.threads.split(",")] if a.threads else [None]
+            if any(t is not None and t < 1 for t in counts):
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"robust.py: --threads takes a comma list of integers, not {a.threads!r}") from None
+            raise SystemExit(f"robust.py: --threads takes thread counts (integers >= 1), not {a.threads!r}") from None
         plan = [(None, None)] * len(a.runs) if a.runs else [
             (i, t) for i in range(a.sweeps) for t in (counts if i % 2 == 0 else counts[::-1])]
         for k, (i, t) in enumerate(plan):
