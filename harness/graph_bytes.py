@@ -22,15 +22,12 @@ Input: the graph's nodes in order with their stages and layers (``from_nodes``);
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 
 import gguf
 
 from harness import stages
 
-_CACHE_RE = re.compile(r"^cache_[kv]_l(\d+)")
-_SUFFIX_RE = re.compile(r"(\s*\([a-z ]+\))+$")
 _ATTN_OPS = {"FLASH_ATTN_EXT", "MUL_MAT"}
 SPLIT_KV_MIN = 512  # ggml-cpu: FLASH_ATTN_EXT splits the KV cells across threads from a view of this many cells
 
@@ -183,13 +180,13 @@ class GraphBytes:
 
 
 def _cache_layer(t: Tensor) -> int | None:
-    m = _CACHE_RE.match(t.view_src) or _CACHE_RE.match(t.name)
-    return int(m.group(1)) if m else None
+    layer = stages.cache_layer(t.view_src)
+    return stages.cache_layer(t.name) if layer is None else layer
 
 
 def _weight_bytes(node: Node, i: int, t: Tensor) -> int | None:
     """Bytes of model tensor ``t`` that ``node`` reads as its source ``i``; None if t is no model tensor."""
-    base = t.view_src if stages.gguf_tensor(t.view_src) is not None else _SUFFIX_RE.sub("", t.name).strip()
+    base = t.view_src if stages.gguf_tensor(t.view_src) is not None else stages.strip_suffixes(t.name)
     if stages.gguf_tensor(base) is None:
         return None
     full = _bytes(t) if t.view_src else t.nbytes

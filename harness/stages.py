@@ -142,9 +142,20 @@ NAME_STAGES: dict[str, str] = {
 }
 
 
+def strip_suffixes(name: str) -> str:
+    """'Qcur-3' from 'Qcur-3 (view) (permuted)': the name without ggml's view/copy suffixes."""
+    return _SUFFIX_RE.sub("", name).strip()
+
+
+def cache_layer(name: str) -> int | None:
+    """N of a KV-cache tensor ``cache_k_lN``/``cache_v_lN`` (or a view, cast or copy named after one); else None."""
+    m = _CACHE_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def base_name(name: str) -> tuple[str, int]:
     """('Qcur', 3) from 'Qcur-3 (view) (permuted)'; layer -1 when there is no suffix."""
-    n = _SUFFIX_RE.sub("", name).strip()
+    n = strip_suffixes(name)
     m = _LAYER_RE.search(n)
     if m:
         return n[: m.start()], int(m.group(1))
@@ -153,7 +164,7 @@ def base_name(name: str) -> tuple[str, int]:
 
 def classify_weight(weight: str, op: str) -> str | None:
     """Stage of an op reading ``weight`` (a view of one counts as the weight); see ``tensor_stage``."""
-    return tensor_stage(_SUFFIX_RE.sub("", weight).strip(), op)
+    return tensor_stage(strip_suffixes(weight), op)
 
 
 def is_cache_cast(name: str, op: str) -> bool:
@@ -212,10 +223,10 @@ def layer_of(name: str) -> int:
 
 def _own_layer(name: str, op: str, src0: str) -> int | None:
     """A node's own layer, or None when it takes the layer of the next node that has one."""
-    cache = _CACHE_RE.match(name)
-    if cache:
-        return int(cache.group(1)) if _is_cache_store(name, op) else None  # a view or a cast: the reading layer decides
-    if op in _WEIGHT_OPS and gguf_tensor(_SUFFIX_RE.sub("", src0).strip()) is not None:
+    cache = cache_layer(name)
+    if cache is not None:
+        return cache if _is_cache_store(name, op) else None  # a view or a cast: the reading layer decides
+    if op in _WEIGHT_OPS and gguf_tensor(strip_suffixes(src0)) is not None:
         m = _BLK_RE.match(src0)
         return int(m.group(1)) if m else -1  # a global weight (altup_unembd_proj, per_layer_*) is no layer's
     base, layer = base_name(name)
