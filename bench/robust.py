@@ -3,7 +3,7 @@
     python bench/robust.py [--model GGUF] [--sweeps 5] [--contexts 13,172,658,4096] [--rounds 40] [--keep DIR]
     python bench/robust.py --summarize bench/results/robust-*.json
     python bench/robust.py --runs KEPT/*.parquet        # the same figures from kept runs
-    python bench/robust.py --threads 2,1 ...            # sweeps alternate over thread counts, figures per count
+    python bench/robust.py --vary flash_attn=on,off ... # sweeps alternate over a setting, figures per value
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
@@ -23,9 +23,10 @@ device changing between sweeps (I2: the share of the between-sweep variance beyo
 sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
 depth-invariant stage ms at the shallowest depth. ``--summarize JSON ...`` prints these across-sweep
 figures again from saved results, pooling their sweeps; ``--runs`` computes every figure again from kept
-runs. ``--threads 2,1`` alternates the sweeps' thread counts (the order reversed every other time, so each
-count runs as often first as second) and prints the across-sweep figures per count; ``--runs`` groups kept runs
-by the thread count they recorded.
+runs. ``--vary SETTING=A,B`` (a sweep list setting: threads, flash_attn, cache_type_k, ...; ``--threads 2,1``
+is ``--vary threads=2,1``) alternates the sweeps over the values (the order reversed every other time, so each
+runs as often first as second), prints the across-sweep figures per value, and the ratios A / B of each
+adjacent pair; ``--runs`` groups kept runs by the settings they recorded that differ.
 Nothing is asserted: the figures are printed and saved as JSON in bench/results/.
 """
 
@@ -44,21 +45,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from across import SLOPE_SPREAD_TARGET_PCT, across_by_arm, parse_vary  # noqa: E402
+
 from analysis.slope import run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
+from harness.config import LIST_SETTINGS  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
-SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
-STATES = ("quick-sync", "slow-sync", "switched", "unknown")
-TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": 10.0, "overhead": 1.03,
-           "sweep_s": 180.0}
+TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": SLOPE_SPREAD_TARGET_PCT,
+           "overhead": 1.03, "sweep_s": 180.0}
 
 
-def one_sweep(a, out: Path, label: str, threads: int | None = None) -> dict:
+def one_sweep(a, out: Path, label: str, arm: tuple[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "harness.sweep", "-c", a.contexts, "-r", str(a.rounds), "--out", str(out),
-           "--label", label, *(["--model", a.model] if a.model else []), *(["-t", str(threads)] if threads else []),
-           *a.extra]
+           "--label", label, *(["--model", a.model] if a.model else []),
+           *([LIST_SETTINGS[arm[0]], arm[1]] if arm else []), *a.extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -84,7 +86,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
-        "threads": rec.params.threads, "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
+        "threads": rec.params.threads, "settings": {k: getattr(rec.params, k) for k in LIST_SETTINGS},
+        "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
         "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
@@ -129,8 +132,9 @@ def main() -> None:
                     help="no sweeps: print the across-sweep figures of saved results (all their sweeps pooled)")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, metavar="PARQUET",
                     help="no sweeps: the figures of these kept runs (made by this script with --keep)")
-    ap.add_argument("--threads", default=None, help="comma list of thread counts: the sweeps alternate over them "
-                    "(default: the sweep's own)")
+    ap.add_argument("--vary", default=None, metavar="SETTING=A,B",
+                    help=f"the sweeps alternate over these values of one setting ({', '.join(LIST_SETTINGS)})")
+    ap.add_argument("--threads", default=None, help="comma list of thread counts: --vary threads=...")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
     a = ap.parse_args()
     if a.summarize:
@@ -140,132 +144,41 @@ def main() -> None:
                 raise ValueError("no sweeps with an attn_kv slope and its interval")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
-        across_by_threads(res)
+        across_by_arm(res)
         return
     res = []
     with tempfile.TemporaryDirectory() as tmp:
         d = a.keep or tmp
         Path(d).mkdir(parents=True, exist_ok=True)
-        try:
-            counts = [int(t) for t in a.threads.split(",")] if a.threads else [None]
-            if any(t is not None and t < 1 for t in counts):
-                raise ValueError
-        except ValueError:
-            raise SystemExit(f"robust.py: --threads takes thread counts (integers >= 1), not {a.threads!r}") from None
+        if a.threads and a.vary:
+            raise SystemExit("robust.py: give --threads or --vary, not both")
+        arms = parse_vary(f"threads={a.threads}" if a.threads else a.vary)
         plan = [(None, None)] * len(a.runs) if a.runs else [
-            (i, t) for i in range(a.sweeps) for t in (counts if i % 2 == 0 else counts[::-1])]
-        for k, (i, t) in enumerate(plan):
+            (i, arm) for i in range(a.sweeps) for arm in (arms if i % 2 == 0 else arms[::-1])]
+        for k, (i, arm) in enumerate(plan):
             try:
                 res.append(figures(a.runs[k]) if a.runs else
-                           one_sweep(a, Path(d), f"robust-{i}" + (f"-t{t}" if t else ""), t))
+                           one_sweep(a, Path(d), f"robust-{i}" + (f"-{arm[0]}-{arm[1]}" if arm else ""), arm))
             except HarnessError as e:
                 raise SystemExit(f"robust.py: {e}") from None
             report_one(k, res[-1])
-    per = across_by_threads(res)
-    spread, h = per[res[0]["threads"]]
+    per = across_by_arm(res)
+    spread, h = next(iter(per.values()))
     out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
                                "slope_heterogeneity": h,
-                               "by_threads": {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]}
-                                              for t, v in per.items()}}, indent=1, default=str))
+                               "by_arm": {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]}
+                                          for t, v in per.items()}}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
-
-
-def across_by_threads(res: list[dict]) -> dict:
-    """``across`` for each thread count among the sweeps (results saved before the count was kept: one group)."""
-    groups = {t: [r for r in res if r.get("threads") == t] for t in dict.fromkeys(r.get("threads") for r in res)}
-    per = {}
-    for t, grp in groups.items():
-        if len(groups) > 1:
-            print(f"\n--- {t} thread{'s' if t != 1 else ''}: {len(grp)} sweeps")
-        per[t] = across(grp)
-    return per
-
-
-def across(res: list[dict]) -> tuple[float, dict | None]:
-    """Print the attn_kv slope's spread across the sweeps, and how much of it is the device changing between
-    sweeps rather than each sweep's sampling noise; return the spread in % and ``heterogeneity``'s figures."""
-    slopes = np.array([r["attn_kv_slope"] for r in res])
-    spread = float(checks.spread_pct(slopes)) if len(slopes) > 1 else float("nan")
-    print(f"\nattn_kv slope across {len(res)} sweeps: " + ", ".join(f"{s:.3f}" for s in slopes)
-          + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target across five sweeps: <= "
-            f"{TARGETS['slope_spread_pct']:g} %)")
-    h = heterogeneity(res)
-    if h and np.isfinite(h["q"]):
-        print(f"  between sweeps: sd {h['between_sd_pct']:.1f} % of the mean; within a sweep (bootstrap over rounds): "
-              f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
-              f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
-              f"r = {h['r_split_cost']:+.2f}")
-        if np.isfinite(h["ratio_to_ffn_spread_pct"]):
-            print(f"  slope / the same sweep's FFN ms at the shallowest depth: spread "
-                  f"{h['ratio_to_ffn_spread_pct']:.1f} % (a drift that slows every stage alike cancels here)")
-        if h["r_stage_shallowest"]:
-            print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
-                  + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
-    if h:
-        groups = [f"{k} {', '.join(f'{v:.3f} ({u:.2f} us)' for v, u in zip(g, h['split_us_by_state'][k], strict=True))}"
-                  + (f", spread {checks.spread_pct(np.array(g)):.1f} %" if len(g) > 1 else "")
-                  for k, g in h["slope_by_state"].items() if g]
-        print(f"  by state (split cost < or >= {SLOW_SYNC_US:g} us; a sweep flagged for a state change apart; unknown: "
-              "saved before the state check): "
-              + "; ".join(groups))
-    return spread, h
-
-
-def heterogeneity(res: list[dict]) -> dict | None:
-    """Between-sweep spread of the attn_kv slope against each sweep's own interval: the between-sweep sd, the
-    root-mean-square within-sweep standard error (95 % interval width / 3.92), Cochran's Q and I2 (the share
-    of the variation beyond sampling noise), and the correlation of the slope with the sweep's split cost."""
-    if len(res) < 3:
-        return None
-    s = np.array([r["attn_kv_slope"] for r in res], float)
-    se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res], float)
-    sync = np.array([r.get("sync_us") for r in res], float)  # None (not measured) -> NaN
-    state = [_state(r, y) for r, y in zip(res, sync, strict=True)]
-    nan = float("nan")
-    q = nan
-    if np.isfinite(se).all() and (se > 0).all():  # an interval of zero width (no bootstrap) weighs nothing
-        w = 1 / se**2
-        q = float((w * (s - (w * s).sum() / w.sum()) ** 2).sum())
-    return {"between_sd_pct": float(100 * s.std(ddof=1) / s.mean()),
-            "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
-            "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
-            "r_split_cost": _r(s, sync),
-            "ratio_to_ffn_spread_pct": _ratio_spread(s, res),
-            "slope_by_state": {k: [float(x) for x, st in zip(s, state, strict=True) if st == k] for k in STATES},
-            "split_us_by_state": {k: [float(y) for y, st in zip(sync, state, strict=True) if st == k] for k in STATES},
-            "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
-                                   for k in checks.INVARIANT_STAGES
-                                   if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
-
-
-def _ratio_spread(s: np.ndarray, res: list[dict]) -> float:
-    """Spread in % of each sweep's slope divided by its FFN ms at the shallowest depth: a drift that slows every
-    stage alike cancels here, the VM's two-thread states (which move FFN and attention apart) do not."""
-    ffn = np.array([r.get("stage_ms_shallowest", {}).get("ffn", np.nan) for r in res], float)
-    return float(checks.spread_pct(s / ffn)) if np.isfinite(ffn).all() else float("nan")
-
-
-def _state(r: dict, sync_us: float) -> str:
-    if "state_change" not in r:  # saved before the check existed: a switch would go unseen
-        return "unknown"
-    if r["state_change"]:
-        return "switched"
-    return "unknown" if not np.isfinite(sync_us) else "slow-sync" if sync_us >= SLOW_SYNC_US else "quick-sync"
-
-
-def _r(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson's r, NaN unless both are finite and vary."""
-    ok = np.isfinite(x).all() and np.isfinite(y).all() and x.std() > 0 and y.std() > 0
-    return float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
 
 
 def report_one(i: int, r: dict) -> None:
     dis = 100 * (r["attn_kv_rise_ms"] - r["plain_rise_ms"]) / r["plain_rise_ms"] if r["plain_rise_ms"] else np.nan
     lo, hi = r["attn_kv_slope_ci"]
     n, (c0, c1) = r["threads"], r["rise_disagreement_ci_pct"]
-    print(f"sweep {i} ({n} thread{'s' if n != 1 else ''}): {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); "
+    fa = f", fa {r['settings']['flash_attn']}" if "settings" in r else ""
+    print(f"sweep {i} ({n} thread{'s' if n != 1 else ''}{fa}): {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); "
           f"invariant stages within {r['invariant_pct']:.2f} % ({r['invariant_stage']}); attn_kv rise "
           f"{r['attn_kv_rise_ms']:+.2f} ms vs plain {r['plain_rise_ms']:+.2f} ms "
           f"({dis:+.1f} % [{c0:+.1f}, {c1:+.1f}]); attn_kv slope {r['attn_kv_slope']:.3f} [{lo:.3f}, {hi:.3f}] "

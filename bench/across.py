@@ -1,0 +1,145 @@
+"""Across-sweep figures of ``robust.py``: the attn_kv slope's spread over sweeps and how much of it is the device
+changing between them (I2, correlation with the split cost and with each stage), sweeps grouped by the VM's
+state and by the settings they ran with (``--vary``), and the ratios between two settings' paired sweeps.
+Pure arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved results)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness import checks
+from harness.config import LIST_SETTINGS
+
+SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
+STATES = ("quick-sync", "slow-sync", "switched", "unknown")
+SLOPE_SPREAD_TARGET_PCT = 10.0
+
+
+def parse_vary(spec: str | None) -> list[tuple[str, str] | None]:
+    """'flash_attn=on,off' -> [('flash_attn', 'on'), ('flash_attn', 'off')]; None -> [None] (the sweep's own)."""
+    if not spec:
+        return [None]
+    key, _, values = spec.partition("=")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    bad_threads = key == "threads" and not all(v.isdigit() and int(v) for v in vals)
+    if key not in LIST_SETTINGS or len(vals) < 2 or bad_threads:
+        raise SystemExit(f"robust.py: --vary takes SETTING=A,B with SETTING one of {', '.join(LIST_SETTINGS)} "
+                         f"(threads: integers >= 1), not {spec!r}")
+    return [(key, v) for v in vals]
+
+
+def arm_label(r: dict, keys: list[str]) -> str:
+    s = r.get("settings") or {"threads": r.get("threads")}  # saved before the settings were kept: threads only
+    return ", ".join(f"{k}={s.get(k)}" for k in keys)
+
+
+def across_by_arm(res: list[dict]) -> dict:
+    """``across`` for each value of the settings that differ among the sweeps (one group when none does); with
+    two groups, the ratios of each pair of sweeps (the k-th of each, adjacent in time under --vary)."""
+    keys = [k for k in LIST_SETTINGS if len({str((r.get("settings") or {"threads": r.get("threads")}).get(k))
+                                              for r in res}) > 1]
+    groups: dict[str, list[dict]] = {}
+    for r in res:
+        groups.setdefault(arm_label(r, keys), []).append(r)
+    per = {}
+    for t, grp in groups.items():
+        if len(groups) > 1:
+            print(f"\n--- {t}: {len(grp)} sweeps")
+        per[t] = across(grp)
+    if len(groups) == 2:
+        pair_ratios(*groups.items())
+    return per
+
+
+def pair_ratios(a: tuple[str, list[dict]], b: tuple[str, list[dict]]) -> dict[str, list[float]]:
+    """Print and return, per pair, A / B of the attn_kv slope (each paired within its own sweep) and of the plain
+    ms at the shallowest and the deepest depth (not paired: the two sweeps ran minutes apart)."""
+    (na, ra), (nb, rb) = a, b
+    pairs = list(zip(ra, rb, strict=False))
+    plain = lambda r, i: list(r["plain_ms"].values())[i]  # noqa: E731 (depths in order)
+    rows = {"attn_kv slope": [x["attn_kv_slope"] / y["attn_kv_slope"] for x, y in pairs],
+            "plain ms, shallowest depth": [plain(x, 0) / plain(y, 0) for x, y in pairs],
+            "plain ms, deepest depth": [plain(x, -1) / plain(y, -1) for x, y in pairs]}
+    if pairs:
+        print(f"\n({na}) / ({nb}), {len(pairs)} pairs (the k-th sweep of each):")
+        for k, v in rows.items():
+            print(f"  {k}: " + ", ".join(f"x{x:.3f}" for x in v) + f"; median x{np.median(v):.3f}")
+    return rows
+
+
+def across(res: list[dict]) -> tuple[float, dict | None]:
+    """Print the attn_kv slope's spread across the sweeps, and how much of it is the device changing between
+    sweeps rather than each sweep's sampling noise; return the spread in % and ``heterogeneity``'s figures."""
+    slopes = np.array([r["attn_kv_slope"] for r in res])
+    spread = float(checks.spread_pct(slopes)) if len(slopes) > 1 else float("nan")
+    print(f"\nattn_kv slope across {len(res)} sweeps: " + ", ".join(f"{s:.3f}" for s in slopes)
+          + f" ms/1k tokens; spread (max - min) / mean = {spread:.1f} % (target across five sweeps: <= "
+            f"{SLOPE_SPREAD_TARGET_PCT:g} %)")
+    h = heterogeneity(res)
+    if h and np.isfinite(h["q"]):
+        print(f"  between sweeps: sd {h['between_sd_pct']:.1f} % of the mean; within a sweep (bootstrap over rounds): "
+              f"se {h['within_se_pct']:.1f} %; I2 = {h['i2_pct']:.0f} % of the spread is the device changing between "
+              f"sweeps (Cochran's Q {h['q']:.1f} on {len(res) - 1} df); slope vs the sweep's split cost: "
+              f"r = {h['r_split_cost']:+.2f}")
+        if np.isfinite(h["ratio_to_ffn_spread_pct"]):
+            print(f"  slope / the same sweep's FFN ms at the shallowest depth: spread "
+                  f"{h['ratio_to_ffn_spread_pct']:.1f} % (a drift that slows every stage alike cancels here)")
+        if h["r_stage_shallowest"]:
+            print("  slope vs the same sweep's depth-invariant stage ms at the shallowest depth: r = "
+                  + ", ".join(f"{k} {v:+.2f}" for k, v in h["r_stage_shallowest"].items()))
+    if h:
+        groups = [f"{k} {', '.join(f'{v:.3f} ({u:.2f} us)' for v, u in zip(g, h['split_us_by_state'][k], strict=True))}"
+                  + (f", spread {checks.spread_pct(np.array(g)):.1f} %" if len(g) > 1 else "")
+                  for k, g in h["slope_by_state"].items() if g]
+        print(f"  by state (split cost < or >= {SLOW_SYNC_US:g} us; a sweep flagged for a state change apart; unknown: "
+              "saved before the state check): "
+              + "; ".join(groups))
+    return spread, h
+
+
+def heterogeneity(res: list[dict]) -> dict | None:
+    """Between-sweep spread of the attn_kv slope against each sweep's own interval: the between-sweep sd, the
+    root-mean-square within-sweep standard error (95 % interval width / 3.92), Cochran's Q and I2 (the share
+    of the variation beyond sampling noise), and the correlation of the slope with the sweep's split cost."""
+    if len(res) < 3:
+        return None
+    s = np.array([r["attn_kv_slope"] for r in res], float)
+    se = np.array([(r["attn_kv_slope_ci"][1] - r["attn_kv_slope_ci"][0]) / 3.92 for r in res], float)
+    sync = np.array([r.get("sync_us") for r in res], float)  # None (not measured) -> NaN
+    state = [_state(r, y) for r, y in zip(res, sync, strict=True)]
+    nan = float("nan")
+    q = nan
+    if np.isfinite(se).all() and (se > 0).all():  # an interval of zero width (no bootstrap) weighs nothing
+        w = 1 / se**2
+        q = float((w * (s - (w * s).sum() / w.sum()) ** 2).sum())
+    return {"between_sd_pct": float(100 * s.std(ddof=1) / s.mean()),
+            "within_se_pct": float(100 * np.sqrt((se**2).mean()) / s.mean()),
+            "q": q, "i2_pct": float(100 * max(0.0, (q - (len(s) - 1)) / q)) if q > 0 else nan,
+            "r_split_cost": _r(s, sync),
+            "ratio_to_ffn_spread_pct": _ratio_spread(s, res),
+            "slope_by_state": {k: [float(x) for x, st in zip(s, state, strict=True) if st == k] for k in STATES},
+            "split_us_by_state": {k: [float(y) for y, st in zip(sync, state, strict=True) if st == k] for k in STATES},
+            "r_stage_shallowest": {k: _r(s, np.array([r["stage_ms_shallowest"][k] for r in res], float))
+                                   for k in checks.INVARIANT_STAGES
+                                   if all(k in r.get("stage_ms_shallowest", {}) for r in res)}}
+
+
+def _ratio_spread(s: np.ndarray, res: list[dict]) -> float:
+    """Spread in % of each sweep's slope divided by its FFN ms at the shallowest depth: a drift that slows every
+    stage alike cancels here, the VM's two-thread states (which move FFN and attention apart) do not."""
+    ffn = np.array([r.get("stage_ms_shallowest", {}).get("ffn", np.nan) for r in res], float)
+    return float(checks.spread_pct(s / ffn)) if np.isfinite(ffn).all() else float("nan")
+
+
+def _state(r: dict, sync_us: float) -> str:
+    if "state_change" not in r:  # saved before the check existed: a switch would go unseen
+        return "unknown"
+    if r["state_change"]:
+        return "switched"
+    return "unknown" if not np.isfinite(sync_us) else "slow-sync" if sync_us >= SLOW_SYNC_US else "quick-sync"
+
+
+def _r(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r, NaN unless both are finite and vary."""
+    ok = np.isfinite(x).all() and np.isfinite(y).all() and x.std() > 0 and y.std() > 0
+    return float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
