@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 robust = importlib.import_module("robust")
 across = importlib.import_module("across")
 same_depth = importlib.import_module("same_depth")
+paired_settings = importlib.import_module("paired_settings")
 
 
 def _sweeps(slopes, half_width, sync):
@@ -129,3 +130,32 @@ def test_robust_figures_of_a_kept_run(tiny_run):
     assert set(r["stage_ms_shallowest"]) <= set(robust.checks.INVARIANT_STAGES) and r["stage_ms_shallowest"]["ffn"] > 0
     lo, hi = r["attn_kv_slope_ci"]
     assert lo <= r["attn_kv_slope"] <= hi
+
+
+def test_paired_settings_measures_both_settings_in_the_same_rounds(tiny_gguf):
+    from harness.config import SweepConfig, parse_contexts
+    from harness.engine import Model
+    from harness.orchestrate import prompt_tokens
+
+    cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
+    with Model(tiny_gguf) as model:
+        prompt = prompt_tokens(model, True, cfg.max_depth)
+        ms = paired_settings.measure(model, cfg, [("flash_attn", "on"), ("flash_attn", "off")], prompt, 4, 1)
+    assert ms.shape == (4, 2, 2) and np.isfinite(ms).all() and (ms > 0).all()
+    f = paired_settings.paired(ms, [13, 40])
+    assert f["ratio"] == pytest.approx(list(ms[:, 0].mean(axis=0) / ms[:, 1].mean(axis=0)))
+    assert all(lo <= hi for lo, hi in f["ratio_ci"])
+
+
+def test_paired_settings_figures_on_made_up_rounds():
+    depths = [13, 1024, 4096]
+    d = np.array(depths, float)
+    drift = np.array([1.0, 1.1, 0.9, 1.2])[:, None]  # every context of a round alike: pairing removes it
+    a, b = 10 + 3e-3 * d, 11 + 1e-3 * d  # A is cheaper shallow, dearer deep; equal at depth 500
+    ms = np.stack([drift * a, drift * b], axis=1)  # (rounds, arms, depths)
+    f = paired_settings.paired(ms, depths)
+    assert f["crossover_depths"] == [pytest.approx(500.0, rel=0.02)]
+    assert f["ratio"] == pytest.approx(list(a / b))
+    assert f["rise_ms"] == pytest.approx([drift.mean() * 3e-3 * 4083, drift.mean() * 1e-3 * 4083])
+    assert paired_settings.paired(ms[:, ::-1], depths)["crossover_depths"] == f["crossover_depths"]
+    assert paired_settings.paired(np.stack([drift * a, drift * a * 2], axis=1), depths)["crossover_depths"] == []
