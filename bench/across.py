@@ -5,39 +5,51 @@ Pure arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from harness import checks
-from harness.config import LIST_SETTINGS
+from harness.config import LIST_SETTINGS, SweepConfig, expand, split_list
+from harness.errors import UsageError
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 STATES = ("quick-sync", "slow-sync", "switched", "unknown")
 SLOPE_SPREAD_TARGET_PCT = 10.0
+INT_SETTINGS = ("threads", "n_gpu_layers", "n_ubatch")
 
 
-def parse_vary(spec: str | None) -> list[tuple[str, str] | None]:
-    """'flash_attn=on,off' -> [('flash_attn', 'on'), ('flash_attn', 'off')]; None -> [None] (the sweep's own)."""
+def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> list[tuple[str, object] | None]:
+    """'flash_attn=on,off' -> [('flash_attn', 'on'), ('flash_attn', 'off')], each value checked as the sweep
+    checks it (at least ``least`` distinct values); None -> [None] (the sweep's own settings)."""
     if not spec:
         return [None]
     key, _, values = spec.partition("=")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
-    bad_threads = key == "threads" and not all(v.isdigit() and int(v) for v in vals)
-    if key not in LIST_SETTINGS or len(vals) < 2 or bad_threads:
-        raise SystemExit(f"robust.py: --vary takes SETTING=A,B with SETTING one of {', '.join(LIST_SETTINGS)} "
-                         f"(threads: integers >= 1), not {spec!r}")
+    try:
+        if key not in LIST_SETTINGS:
+            raise UsageError(f"unknown setting {key!r}")
+        vals = split_list(values, key, int if key in INT_SETTINGS else str)
+        if len(vals) < least or len(set(vals)) < len(vals):
+            raise UsageError(f"{least} or more distinct values needed, got {values!r}")
+        expand(SweepConfig(), {key: vals})
+    except UsageError as e:
+        raise SystemExit(f"{prog}: --vary takes SETTING=A,B with SETTING one of {', '.join(LIST_SETTINGS)}: {e}") \
+            from None
     return [(key, v) for v in vals]
 
 
+def _settings(r: dict) -> dict:
+    return r.get("settings") or {"threads": r.get("threads")}  # saved before the settings were kept: threads only
+
+
 def arm_label(r: dict, keys: list[str]) -> str:
-    s = r.get("settings") or {"threads": r.get("threads")}  # saved before the settings were kept: threads only
-    return ", ".join(f"{k}={s.get(k)}" for k in keys)
+    return ", ".join(f"{k}={_settings(r).get(k, 'unrecorded')}" for k in keys)
 
 
 def across_by_arm(res: list[dict]) -> dict:
-    """``across`` for each value of the settings that differ among the sweeps (one group when none does); with
-    two groups, the ratios of each pair of sweeps (the k-th of each, adjacent in time under --vary)."""
-    keys = [k for k in LIST_SETTINGS if len({str((r.get("settings") or {"threads": r.get("threads")}).get(k))
-                                              for r in res}) > 1]
+    """``across`` for each value of the settings that differ among the sweeps that recorded them (one group when
+    none does); with two groups, the ratios of each pair of sweeps (``pair_ratios``)."""
+    keys = [k for k in LIST_SETTINGS if len({str(_settings(r)[k]) for r in res if k in _settings(r)}) > 1]
     groups: dict[str, list[dict]] = {}
     for r in res:
         groups.setdefault(arm_label(r, keys), []).append(r)
@@ -51,17 +63,29 @@ def across_by_arm(res: list[dict]) -> dict:
     return per
 
 
+def _pair_index(r: dict) -> int | None:
+    m = re.fullmatch(r"robust-(\d+)-.*", str(r.get("label", "")))  # robust.py --vary's labels carry the pair
+    return int(m.group(1)) if m else None
+
+
 def pair_ratios(a: tuple[str, list[dict]], b: tuple[str, list[dict]]) -> dict[str, list[float]]:
     """Print and return, per pair, A / B of the attn_kv slope (each paired within its own sweep) and of the plain
     ms at the shallowest and the deepest depth (not paired: the two sweeps ran minutes apart)."""
     (na, ra), (nb, rb) = a, b
-    pairs = list(zip(ra, rb, strict=False))
+    ia, ib = [_pair_index(r) for r in ra], [_pair_index(r) for r in rb]
+    if None not in ia + ib:  # pair by the pair number in the labels, whatever order the runs came in
+        by_b = dict(zip(ib, rb, strict=True))
+        pairs, how = [(x, by_b[i]) for i, x in zip(ia, ra, strict=True) if i in by_b], "by pair number"
+    else:
+        pairs, how = list(zip(ra, rb, strict=False)), "the k-th sweep of each, in the order given"
+    if len(pairs) < max(len(ra), len(rb)):
+        print(f"\n({na}) / ({nb}): {max(len(ra), len(rb)) - len(pairs)} sweep(s) without a partner left out")
     plain = lambda r, i: list(r["plain_ms"].values())[i]  # noqa: E731 (depths in order)
     rows = {"attn_kv slope": [x["attn_kv_slope"] / y["attn_kv_slope"] for x, y in pairs],
             "plain ms, shallowest depth": [plain(x, 0) / plain(y, 0) for x, y in pairs],
             "plain ms, deepest depth": [plain(x, -1) / plain(y, -1) for x, y in pairs]}
     if pairs:
-        print(f"\n({na}) / ({nb}), {len(pairs)} pairs (the k-th sweep of each):")
+        print(f"\n({na}) / ({nb}), {len(pairs)} pairs ({how}):")
         for k, v in rows.items():
             print(f"  {k}: " + ", ".join(f"x{x:.3f}" for x in v) + f"; median x{np.median(v):.3f}")
     return rows

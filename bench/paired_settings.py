@@ -34,7 +34,7 @@ from across import parse_vary  # noqa: E402
 from harness import device, stats  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.errors import HarnessError, UsageError  # noqa: E402
 from harness.gguf_model import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import round_order  # noqa: E402
@@ -51,7 +51,7 @@ def measure(model: Model, cfg: SweepConfig, arms: list[tuple[str, str]], prompt:
     with ExitStack() as stack:
         ctxs = []
         for key, value in arms:
-            ecfg = dataclasses.replace(cfg.engine_config(cfg.threads), **{key: _cast(key, value)})
+            ecfg = dataclasses.replace(cfg.engine_config(cfg.threads), **{key: value})
             prev = None
             for d in depths:
                 c = stack.enter_context(Context(model, ecfg))
@@ -73,10 +73,6 @@ def measure(model: Model, cfg: SweepConfig, arms: list[tuple[str, str]], prompt:
     return ms.reshape(rounds, len(arms), len(depths))
 
 
-def _cast(key: str, value: str):
-    return int(value) if key in ("threads", "n_ubatch") else value
-
-
 def paired(ms: np.ndarray, depths: list[int]) -> dict:
     """Figures of (rounds, 2 arms, depths) ms: per depth the means, A / B of the means with a 95 % interval from
     a bootstrap over rounds, and the paired A - B; per arm the paired rise; where A - B changes sign."""
@@ -88,12 +84,20 @@ def paired(ms: np.ndarray, depths: list[int]) -> dict:
     rise = ms[:, :, -1] - ms[:, :, 0]  # (rounds, arms)
     rise_ci = stats.interval(rise[rows].mean(axis=1))
     d_mean = diff.mean(axis=0)
-    steps = zip(depths, depths[1:], d_mean, d_mean[1:], strict=False)
-    cross = [float(d0 + (d1 - d0) * a / (a - b)) for d0, d1, a, b in steps if a * b < 0]
+    once = [c[0] if len(c) == 1 else np.nan for c in (_crossings(diff[r].mean(axis=0), depths) for r in rows)]
     return {"depths": depths, "mean_ms": mean.tolist(), "ratio": (mean[0] / mean[1]).tolist(),
             "ratio_ci": ratio_ci.T.tolist(), "diff_ms": d_mean.tolist(),
             "diff_ci_ms": stats.interval(diff[rows].mean(axis=1)).T.tolist(),
-            "rise_ms": rise.mean(axis=0).tolist(), "rise_ci_ms": rise_ci.T.tolist(), "crossover_depths": cross}
+            "rise_ms": rise.mean(axis=0).tolist(), "rise_ci_ms": rise_ci.T.tolist(),
+            "crossover_depths": _crossings(d_mean, depths),
+            "crossover_ci": stats.interval(np.array(once)).tolist() if np.isfinite(once).any() else None,
+            "crossover_share": float(np.isfinite(once).mean())}
+
+
+def _crossings(d_mean: np.ndarray, depths: list[int]) -> list[float]:
+    """Depths where the mean difference changes sign, linear between the neighbouring depths."""
+    steps = zip(depths, depths[1:], d_mean, d_mean[1:], strict=False)
+    return [float(d0 + (d1 - d0) * a / (a - b)) for d0, d1, a, b in steps if a * b < 0]
 
 
 def report(f: dict, names: list[str]) -> None:
@@ -107,9 +111,11 @@ def report(f: dict, names: list[str]) -> None:
         lo, hi = f["rise_ci_ms"][k]
         print(f"  rise {f['depths'][0]} -> {f['depths'][-1]} with {n}: {f['rise_ms'][k]:+.2f} ms "
               f"[{lo:+.2f}, {hi:+.2f}]")
-    cross = f["crossover_depths"]
-    print("  the two cross near depth " + ", ".join(f"{c:.0f}" for c in cross) if cross
-          else "  the two do not cross between the depths measured")
+    cross, ci, share = f["crossover_depths"], f["crossover_ci"], 100 * f["crossover_share"]
+    where = (f"; 95 % interval [{ci[0]:.0f}, {ci[1]:.0f}] over the resamples that cross once" if ci and cross else "")
+    print(("  the two cross near depth " + ", ".join(f"{c:.0f}" for c in cross) if cross
+           else "  the two do not cross between the depths measured")
+          + f" (linear between neighbours{where}; {share:.0f} % of resamples of the rounds cross exactly once)")
 
 
 def main() -> None:
@@ -122,21 +128,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="threads where not varied (default: physical cores)")
     a = ap.parse_args()
-    arms = parse_vary(a.vary)
+    arms = parse_vary(a.vary, "paired_settings.py")
     if len(arms) != 2 or arms[0][0] not in CONTEXT_SETTINGS:
         raise SystemExit(f"paired_settings.py: --vary takes one of {', '.join(CONTEXT_SETTINGS)} with two values, "
                          f"not {a.vary!r}")
     try:
         cfg = SweepConfig(contexts=parse_contexts(a.contexts), rounds=a.rounds, warmup=a.warmup,
-                          threads=a.threads or device.physical_cores()).validate()
-        for key, value in arms:
-            cfg.replace(**{key: _cast(key, value)}).validate()
+                          threads=device.physical_cores() if a.threads is None else a.threads).validate()
+        arm_cfgs = [cfg.replace(**{key: value}).validate() for key, value in arms]
+        if any(c.n_ubatch > c.n_batch for c in arm_cfgs):
+            raise UsageError(f"n_ubatch above n_batch ({cfg.n_batch}): llama.cpp would cap it")
         path = ensure_default_model() if a.model is None else Path(a.model)
-        info = check_model(cfg, path, read_model(path))
+        info = read_model(path)
+        for c in arm_cfgs:  # each as if all 2 x depths contexts were its own: an upper bound of the need
+            check_model(c, path, info)
         with Model(path) as model:
             prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
             ms = measure(model, cfg, arms, prompt, a.rounds, a.warmup)
-    except (HarnessError, ValueError) as e:
+    except HarnessError as e:
         raise SystemExit(f"paired_settings.py: {e}") from None
     names = [f"{k}={v}" for k, v in arms]
     f = paired(ms, [d for _, d in cfg.contexts])

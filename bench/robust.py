@@ -60,7 +60,7 @@ TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct":
 def one_sweep(a, out: Path, label: str, arm: tuple[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "harness.sweep", "-c", a.contexts, "-r", str(a.rounds), "--out", str(out),
            "--label", label, *(["--model", a.model] if a.model else []),
-           *([LIST_SETTINGS[arm[0]], arm[1]] if arm else []), *a.extra]
+           *([LIST_SETTINGS[arm[0]], str(arm[1])] if arm else []), *a.extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -86,7 +86,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
-        "threads": rec.params.threads, "settings": {k: getattr(rec.params, k) for k in LIST_SETTINGS},
+        "label": rec.label, "threads": rec.params.threads,
+        "settings": {k: getattr(rec.params, k) for k in LIST_SETTINGS},
         "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
         "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
         "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
@@ -152,7 +153,7 @@ def main() -> None:
         Path(d).mkdir(parents=True, exist_ok=True)
         if a.threads and a.vary:
             raise SystemExit("robust.py: give --threads or --vary, not both")
-        arms = parse_vary(f"threads={a.threads}" if a.threads else a.vary)
+        arms = parse_vary(f"threads={a.threads}", least=1) if a.threads else parse_vary(a.vary)
         plan = [(None, None)] * len(a.runs) if a.runs else [
             (i, arm) for i in range(a.sweeps) for arm in (arms if i % 2 == 0 else arms[::-1])]
         for k, (i, arm) in enumerate(plan):
@@ -177,7 +178,8 @@ def report_one(i: int, r: dict) -> None:
     dis = 100 * (r["attn_kv_rise_ms"] - r["plain_rise_ms"]) / r["plain_rise_ms"] if r["plain_rise_ms"] else np.nan
     lo, hi = r["attn_kv_slope_ci"]
     n, (c0, c1) = r["threads"], r["rise_disagreement_ci_pct"]
-    fa = f", fa {r['settings']['flash_attn']}" if "settings" in r else ""
+    st = r.get("settings")
+    fa = f", fa {st['flash_attn']}, kv {st['cache_type_k']}/{st['cache_type_v']}" if st else ""
     print(f"sweep {i} ({n} thread{'s' if n != 1 else ''}{fa}): {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); "
           f"invariant stages within {r['invariant_pct']:.2f} % ({r['invariant_stage']}); attn_kv rise "
           f"{r['attn_kv_rise_ms']:+.2f} ms vs plain {r['plain_rise_ms']:+.2f} ms "

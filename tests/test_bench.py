@@ -65,9 +65,11 @@ def test_slope_over_ffn_cancels_a_uniform_drift_and_thread_counts_are_kept_apart
 def test_vary_parses_one_setting_and_pairs_its_sweeps(capsys):
     assert across.parse_vary(None) == [None]
     assert across.parse_vary("flash_attn=on,off") == [("flash_attn", "on"), ("flash_attn", "off")]
-    for bad in ("fa=on,off", "threads=2,0", "threads=x,1", "flash_attn=on", "flash_attn"):
-        with pytest.raises(SystemExit, match="--vary takes SETTING=A,B"):
-            across.parse_vary(bad)
+    assert across.parse_vary("threads=1", least=1) == [("threads", 1)]  # robust.py --threads 1: no alternation
+    for bad in ("fa=on,off", "threads=2,0", "threads=x,1", "threads=²,1", "flash_attn=on", "flash_attn",
+                "flash_attn=on,on", "flash_attn=on,maybe", "cache_type_k=f16,q9", "n_ubatch=a,b"):
+        with pytest.raises(SystemExit, match="^prog: --vary takes SETTING=A,B"):
+            across.parse_vary(bad, "prog")
 
     def sweep(fa, slope, p13, p4k):
         return {"attn_kv_slope": slope, "attn_kv_slope_ci": [slope - 0.05, slope + 0.05], "sync_us": 0.6,
@@ -83,6 +85,12 @@ def test_vary_parses_one_setting_and_pairs_its_sweeps(capsys):
     assert "plain ms, shallowest depth: x0.952, x0.976, x0.955; median x0.955" in capsys.readouterr().out
     saved = [{k: v for k, v in r.items() if k != "settings"} for r in on]  # results saved before settings were kept
     assert list(across.across_by_arm(saved)) == [""]
+    assert list(across.across_by_arm(saved + on)) == [""]  # old and new alike: nothing differs that both recorded
+    labelled = [{**r, "label": f"robust-{i}-flash_attn-{r['settings']['flash_attn']}"}
+                for i, r in enumerate(on)] + [{**r, "label": f"robust-{i}-flash_attn-off"} for i, r in enumerate(off)]
+    shuffled = across.pair_ratios(("on", labelled[:3][::-1]), ("off", labelled[3:5]))  # --runs in any order
+    assert shuffled["attn_kv slope"] == pytest.approx([4.4 / 1.40, 4.1 / 1.35])  # by pair number; one left out
+    assert "1 sweep(s) without a partner left out" in capsys.readouterr().out
 
 
 def test_same_depth_control_pairs_twins_and_splits_segments(tiny_gguf, tmp_path):
@@ -155,6 +163,7 @@ def test_paired_settings_figures_on_made_up_rounds():
     ms = np.stack([drift * a, drift * b], axis=1)  # (rounds, arms, depths)
     f = paired_settings.paired(ms, depths)
     assert f["crossover_depths"] == [pytest.approx(500.0, rel=0.02)]
+    assert f["crossover_share"] == 1.0 and f["crossover_ci"] == pytest.approx([500.0, 500.0])  # drift cancels
     assert f["ratio"] == pytest.approx(list(a / b))
     assert f["rise_ms"] == pytest.approx([drift.mean() * 3e-3 * 4083, drift.mean() * 1e-3 * 4083])
     assert paired_settings.paired(ms[:, ::-1], depths)["crossover_depths"] == f["crossover_depths"]
