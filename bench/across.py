@@ -10,13 +10,12 @@ import re
 import numpy as np
 
 from harness import checks
-from harness.config import LIST_SETTINGS, SweepConfig, expand, split_list
+from harness.config import LIST_CASTS, LIST_SETTINGS, SweepConfig, expand, split_list
 from harness.errors import UsageError
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 STATES = ("quick-sync", "slow-sync", "switched", "unknown")
 SLOPE_SPREAD_TARGET_PCT = 10.0
-INT_SETTINGS = ("threads", "n_gpu_layers", "n_ubatch")
 
 
 def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> list[tuple[str, object] | None]:
@@ -28,7 +27,7 @@ def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> lis
     try:
         if key not in LIST_SETTINGS:
             raise UsageError(f"unknown setting {key!r}")
-        vals = split_list(values, key, int if key in INT_SETTINGS else str)
+        vals = split_list(values, key, LIST_CASTS[key])
         if len(vals) < least or len(set(vals)) < len(vals):
             raise UsageError(f"{least} or more distinct values needed, got {values!r}")
         expand(SweepConfig(), {key: vals})

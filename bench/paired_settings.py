@@ -80,14 +80,13 @@ def paired(ms: np.ndarray, depths: list[int]) -> dict:
     mean = ms.mean(axis=0)  # (arms, depths)
     boot = ms[rows].mean(axis=1)  # (boot, arms, depths)
     ratio_ci = stats.interval(boot[:, 0] / boot[:, 1])
-    diff = ms[:, 0] - ms[:, 1]  # (rounds, depths), paired by round
+    d_mean, d_boot = mean[0] - mean[1], boot[:, 0] - boot[:, 1]  # the paired difference: a mean of differences
     rise = ms[:, :, -1] - ms[:, :, 0]  # (rounds, arms)
     rise_ci = stats.interval(rise[rows].mean(axis=1))
-    d_mean = diff.mean(axis=0)
-    once = [c[0] if len(c) == 1 else np.nan for c in (_crossings(diff[r].mean(axis=0), depths) for r in rows)]
+    once = [c[0] if len(c) == 1 else np.nan for c in (_crossings(d, depths) for d in d_boot)]
     return {"depths": depths, "mean_ms": mean.tolist(), "ratio": (mean[0] / mean[1]).tolist(),
             "ratio_ci": ratio_ci.T.tolist(), "diff_ms": d_mean.tolist(),
-            "diff_ci_ms": stats.interval(diff[rows].mean(axis=1)).T.tolist(),
+            "diff_ci_ms": stats.interval(d_boot).T.tolist(),
             "rise_ms": rise.mean(axis=0).tolist(), "rise_ci_ms": rise_ci.T.tolist(),
             "crossover_depths": _crossings(d_mean, depths),
             "crossover_ci": stats.interval(np.array(once)).tolist() if np.isfinite(once).any() else None,

@@ -178,8 +178,8 @@ def report_one(i: int, r: dict) -> None:
     dis = 100 * (r["attn_kv_rise_ms"] - r["plain_rise_ms"]) / r["plain_rise_ms"] if r["plain_rise_ms"] else np.nan
     lo, hi = r["attn_kv_slope_ci"]
     n, (c0, c1) = r["threads"], r["rise_disagreement_ci_pct"]
-    st = r.get("settings")
-    fa = f", fa {st['flash_attn']}, kv {st['cache_type_k']}/{st['cache_type_v']}" if st else ""
+    cfg = r.get("settings")
+    fa = f", fa {cfg['flash_attn']}, kv {cfg['cache_type_k']}/{cfg['cache_type_v']}" if cfg else ""
     print(f"sweep {i} ({n} thread{'s' if n != 1 else ''}{fa}): {r['wall_s']:.0f} s wall (load {r['load_s']:.1f} s); "
           f"invariant stages within {r['invariant_pct']:.2f} % ({r['invariant_stage']}); attn_kv rise "
           f"{r['attn_kv_rise_ms']:+.2f} ms vs plain {r['plain_rise_ms']:+.2f} ms "

@@ -23,6 +23,8 @@ CALIB_ALL = 1 << 20  # extra splits of a calibration token: as many as the graph
 # settings that take comma lists, as in llama-bench: config field -> its flag
 LIST_SETTINGS = {"threads": "--threads", "flash_attn": "--flash-attn", "cache_type_k": "--cache-type-k",
                  "cache_type_v": "--cache-type-v", "n_gpu_layers": "--n-gpu-layers", "n_ubatch": "--ubatch-size"}
+LIST_CASTS = {"threads": int, "flash_attn": str, "cache_type_k": str, "cache_type_v": str, "n_gpu_layers": int,
+              "n_ubatch": int}  # config field -> parser of one list item
 
 
 def parse_contexts(spec: str) -> tuple[tuple[str, int], ...]:

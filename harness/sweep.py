@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import checks, store
 from harness.cli import ArgParser, format_table, run_cli
-from harness.config import CALIB_ALL, DEFAULT_CONTEXTS, SweepConfig, expand, parse_contexts, split_list
+from harness.config import CALIB_ALL, DEFAULT_CONTEXTS, LIST_CASTS, SweepConfig, expand, parse_contexts, split_list
 from harness.errors import UsageError
 from harness.orchestrate import run_sweeps
 from harness.record import RunRecord
@@ -55,10 +55,9 @@ def build_parser() -> ArgParser:
     return ap
 
 
-# argparse dest -> (config field, parser of one list item)
-_LISTS = {"threads": ("threads", int), "flash_attn": ("flash_attn", str), "cache_type_k": ("cache_type_k", str),
-          "cache_type_v": ("cache_type_v", str), "n_gpu_layers": ("n_gpu_layers", int),
-          "ubatch_size": ("n_ubatch", int)}
+# argparse dest -> config field (its parser: config.LIST_CASTS)
+_LISTS = {"threads": "threads", "flash_attn": "flash_attn", "cache_type_k": "cache_type_k",
+          "cache_type_v": "cache_type_v", "n_gpu_layers": "n_gpu_layers", "ubatch_size": "n_ubatch"}
 
 
 def configs_from_args(a: argparse.Namespace) -> list[SweepConfig]:
@@ -67,8 +66,8 @@ def configs_from_args(a: argparse.Namespace) -> list[SweepConfig]:
     base = SweepConfig(contexts=parse_contexts(a.contexts), model=a.model, rounds=a.rounds, warmup=a.warmup,
                        n_batch=a.batch_size, mode=a.mode, calib_splits=a.calib_splits, out=a.out, layout=a.layout,
                        label=a.label, probe=not a.no_probe, force=a.force)
-    lists = {field: split_list(getattr(a, dest), dest.replace("_", "-"), cast)
-             for dest, (field, cast) in _LISTS.items() if getattr(a, dest) is not None}
+    lists = {field: split_list(getattr(a, dest), dest.replace("_", "-"), LIST_CASTS[field])
+             for dest, field in _LISTS.items() if getattr(a, dest) is not None}
     return expand(base, lists)
 
 
