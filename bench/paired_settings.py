@@ -34,7 +34,7 @@ from across import parse_vary  # noqa: E402
 from harness import device, stats  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
-from harness.errors import HarnessError, UsageError  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.gguf_model import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import round_order  # noqa: E402
@@ -135,8 +135,6 @@ def main() -> None:
         cfg = SweepConfig(contexts=parse_contexts(a.contexts), rounds=a.rounds, warmup=a.warmup,
                           threads=device.physical_cores() if a.threads is None else a.threads).validate()
         arm_cfgs = [cfg.replace(**{key: value}).validate() for key, value in arms]
-        if any(c.n_ubatch > c.n_batch for c in arm_cfgs):
-            raise UsageError(f"n_ubatch above n_batch ({cfg.n_batch}): llama.cpp would cap it")
         path = ensure_default_model() if a.model is None else Path(a.model)
         info = read_model(path)
         for c in arm_cfgs:  # each as if all 2 x depths contexts were its own: an upper bound of the need

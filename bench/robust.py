@@ -7,7 +7,7 @@
 
 Runs N sweeps back to back (all depths resident, measured round-robin) and prints, per sweep:
 - the largest disagreement across depths of a depth-invariant stage (ffn, lm_head, attn_proj,
-  gemma3n_extra, norm; each depth's 20 % trimmed mean over rounds of calibrated ms, as the run's check judges it;
+  gemma3n_extra, norm; each depth's calibrated ms as the run's check judges them, checks.depth_values;
   the means' spread beside it, and the noise floor: the 95th percentile of the spread with the depths
   shuffled within rounds) -- target <= 2 %;
 - the attn_kv rise from the shallowest to the deepest context against the plain-decode rise,

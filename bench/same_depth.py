@@ -6,9 +6,9 @@ noise, drift, or an effect of depth?
 
 Each sweep holds every depth twice, d and d + 1 (the same KV padding, so the same graph, in separate
 contexts; a d whose d + 1 would cross a 256-cell padding step is refused), all resident and measured
-round-robin. Per depth-invariant stage it prints, on each depth's 20 %
-trimmed mean over rounds of calibrated stage ms (the run check's estimator):
-- twins: the spread between d and d + 1 (what noise and a context's own placement give, no depth at all);
+round-robin. Per depth-invariant stage it prints, on calibrated stage ms:
+- twins: the spread between d and d + 1 as the run's check measures a spread (``checks.depth_values``: paired
+  by round, 20 % trimmed), what noise and a context's own placement give, no depth at all;
 - deep - shallow: the deepest pair minus the shallowest, paired by round, in %, with a 95 % bootstrap
   interval over rounds;
 - where that difference sits, per timed segment: after the attention of a layer that reads the whole
@@ -109,7 +109,7 @@ def analyse(path: Path) -> dict:
         if np.nanmean(x) <= 0:
             continue
         tm = stats.trimmed_mean(x, checks.TRIM)
-        twins = [float(checks.spread_pct(tm[p])) for p in pairs]
+        twins = [float(checks.spread_pct(checks.depth_values(x[:, p]))) for p in pairs]
         res["stages"][s] = {"ms": [float(v) for v in tm], "twins_pct": twins,
                             "deep_vs_shallow_pct": _paired_pct(x[:, hi_j].mean(1), x[:, lo_j].mean(1))}
     gb = run.record.sorted_contexts()[-1].graph_bytes or {}

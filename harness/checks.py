@@ -16,6 +16,8 @@ per-depth figure. The run says so too.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from harness import stages, stats
@@ -25,6 +27,7 @@ INVARIANT_STAGES = (stages.FFN, stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N
 INVARIANT_THRESHOLD_PCT = 2.0  # largest allowed (max - min) / mean across depths of an invariant stage
 INVARIANT_MIN_SHARE_PCT = 5.0  # judged only on stages holding at least this share (smaller ones: reported)
 TRIM = 0.2  # each depth's value: the mean of its rounds without the lowest and highest 20 %
+ESTIMATOR = f"paired {TRIM * 100:g} % trimmed mean"  # of within-round ratios (depth_values)
 OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
 STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
 CALIB_SUM_TOL_PCT = 3.0  # calibrated stage ms must add up to the plain ms within this
@@ -40,12 +43,25 @@ def spread_pct(v: np.ndarray) -> np.ndarray:
         return 100.0 * (np.nanmax(v, -1) - np.nanmin(v, -1)) / np.nanmean(v, -1)
 
 
+def depth_values(x: np.ndarray) -> np.ndarray:
+    """Each depth's value for the invariance check from ``x`` (rounds x depths [x stages]), paired by round:
+    each round's ms divided by that round's median over depths (its level: drift, the VM's state), then each
+    depth's 20 % trimmed mean over rounds of those ratios. The trim then drops what differs between depths
+    within a round (a lost core hitting one token), not a different set of rounds at each depth, through
+    which a level that changes mid-run would leak in (bench/NOTES.md §17b)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a round with no value at all: its ratios stay NaN
+        level = np.nanmedian(x, axis=1, keepdims=True)
+    with np.errstate(all="ignore"):
+        return stats.trimmed_mean(x / np.where(level > 0, level, np.nan), TRIM)
+
+
 def noise_floor_pct(x: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> float:
-    """The 95th percentile of the spread across depths of the per-depth 20 % trimmed means of ``x`` (rounds x
-    depths) with each round's depths shuffled: a permutation null that keeps every round's drift and removes
-    any effect of depth. A spread above it is not this run's noise."""
+    """The 95th percentile of the spread across depths of ``depth_values(x)`` (``x``: rounds x depths) with
+    each round's depths shuffled: a permutation null that keeps every round's drift and removes any effect of
+    depth. A spread above it is not this run's noise."""
     rng = np.random.default_rng(seed)
-    tm = np.array([stats.trimmed_mean(rng.permuted(x, axis=1), TRIM) for _ in range(n_perm)])
+    tm = np.array([depth_values(rng.permuted(x, axis=1)) for _ in range(n_perm)])
     return float(np.nanpercentile(spread_pct(tm), 95))
 
 
@@ -83,11 +99,12 @@ def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[
 def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None,
                threshold_pct: float = INVARIANT_THRESHOLD_PCT) -> Invariants | None:
     """Largest disagreement across depths of the depth-invariant stages, judged on stages holding >=
-    INVARIANT_MIN_SHARE_PCT of decode. With the run's rounds ``rd`` (same
-    depth order as ``contexts``), each depth's value is the 20 % trimmed mean over rounds of its calibrated
-    stage ms: the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on
-    one depth move a 40-round mean by 2-4 % with no drift at all; trimmed, the noise floor is 1-2 %
-    (bench/NOTES.md §9b). Without rounds (the seed's reference run), the summaries' means. One depth: only the
+    INVARIANT_MIN_SHARE_PCT of decode. With the run's rounds ``rd`` (same depth order as ``contexts``), each
+    depth's value is ``depth_values`` of its calibrated stage ms (a 20 % trimmed mean of within-round ratios):
+    the noise here is heavy-tailed (a lost core hits one or two tokens), and a few such tokens on one depth
+    move a 40-round mean by 2-4 % with no drift at all; trimmed, the noise floor is 1-2 % (bench/NOTES.md
+    §9b), and paired by round a little lower (§17b). Without rounds (the seed's reference run), the
+    summaries' means. One depth: only the
     check over rounds (``Invariants.across_depths`` false). None with nothing to check (one depth and fewer
     than 2 * SHIFT_MIN_ROUNDS rounds)."""
     if len(contexts) < (1 if rd is not None else 2):
@@ -98,7 +115,7 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
     if rd is not None:
         cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
         cal = cal[:, :, [stats.S[s] for s in INVARIANT_STAGES]]
-        values = stats.trimmed_mean(cal, TRIM)
+        values = depth_values(cal)
 
     per, per_mean, floor, judged, steps = {}, {}, {}, {}, {}
     for k, s in enumerate(INVARIANT_STAGES):
@@ -116,7 +133,7 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
         return None
     worst = max(judged, key=judged.get) if across else ""
     return Invariants(max_disagreement_pct=judged.get(worst, 0.0), stage=worst, threshold_pct=threshold_pct,
-                      per_stage_pct=per, estimator=f"{TRIM * 100:g} % trimmed mean" if rd is not None else "mean",
+                      per_stage_pct=per, estimator=ESTIMATOR if rd is not None else "mean",
                       per_stage_mean_pct=per_mean, noise_floor_pct=floor,
                       step_ratio={s: 1 + v[0] / 100 for s, v in steps.items() if v},
                       step_round={s: v[1] for s, v in steps.items() if v},

@@ -137,8 +137,9 @@ class EngineConfig:
             if v not in CACHE_TYPES:
                 raise UsageError(f"unknown cache type {v!r} for -ctk/-ctv {which} "
                                  f"(choose from: {', '.join(CACHE_TYPES)})")
-        if self.n_batch < 1 or self.n_ubatch < 1:
-            raise UsageError("batch and ubatch must be >= 1")
+        if self.n_batch < 1 or self.n_ubatch < 1 or self.n_ubatch > self.n_batch:
+            raise UsageError(f"batch and ubatch must be >= 1 and ubatch <= batch (llama.cpp caps ubatch at batch), "
+                             f"got -b {self.n_batch} -ub {self.n_ubatch}")
 
 
 class _Closing:

@@ -175,7 +175,8 @@ class Invariants(Record):
     stage: str  # the stage where it occurred ("" with one depth)
     threshold_pct: float
     per_stage_pct: dict[str, float] = field(default_factory=dict)
-    estimator: str = "mean"  # each depth's value over rounds: "20 % trimmed mean" (robust to outlier tokens) or "mean"
+    estimator: str = "mean"  # each depth's value over rounds: "paired 20 % trimmed mean" (checks.depth_values),
+    # "20 % trimmed mean" (unpaired: runs written before it) or "mean" (no rounds)
     per_stage_mean_pct: dict[str, float] = field(default_factory=dict)  # the same spread of the per-depth means
     noise_floor_pct: dict[str, float] = field(default_factory=dict)  # 95th pct of the spread, depths shuffled in rounds
     step_ratio: dict[str, float] = field(default_factory=dict)  # largest step of the per-round time: after / before

@@ -106,6 +106,7 @@ def test_bad_model_files(broken, runs_dir, case, needle):
     (["-r", "0"], "rounds must be >= 1"), (["--warmup", "-1"], "warmup must be >= 0"),
     (["-t", "0"], "bad --threads value"), (["-r", "x"], "invalid int value"), (["-t", "1,x"], "threads must be int"),
     (["--layout", "tree"], "unknown layout"), (["-ub", "0"], "bad --ubatch-size value"),
+    (["-ub", "1024"], "ubatch <= batch (llama.cpp caps ubatch at batch), got -b 512 -ub 1024"),
     (["-fa", "maybe"], "bad --flash-attn value(s): maybe (choose from: auto, on, off)"),
     (["-ctk", "q9_9"], "bad --cache-type-k value"),
     (["--mode", "fast"], "unknown mode"), (["--bogus"], "unrecognized arguments"),

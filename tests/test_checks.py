@@ -1,0 +1,149 @@
+"""The checks every run gets, on made-up rounds (pure unit tests of harness/checks.py's arithmetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import checks, stages, stats
+from harness.record import ContextSummary, Invariants
+
+
+def _invariants(st: np.ndarray, depths=(13, 658, 4096)):
+    """checks.invariants on made-up stage ms (rounds x depths x stages), plain = their sum."""
+    n = st.shape[0]
+    plain = st.sum(axis=2)
+    rd = stats.RoundData(tuple(map(str, depths)), depths, np.arange(n), plain, plain, st,
+                         np.zeros((len(depths), len(stages.STAGES))), np.full(n, np.nan), np.zeros(n))
+    contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
+    return contexts, checks.invariants(contexts, rd)
+
+
+def test_invariance_check_uses_trimmed_values_over_rounds():
+    """A lost core makes a few outlier tokens; three of them on one depth move its attn_proj mean by ~6 % but
+    not its 20 % trimmed mean, so no drift is flagged. A real shift of every round at one depth is flagged."""
+    rng = np.random.default_rng(0)
+    n_rounds, depths = 40, (13, 658, 4096)
+    base = {stages.FFN: 60.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 7.0}
+
+    def run(shift_at_deepest: float, outliers_ms: float, noise: float = 0.003):
+        st = np.zeros((n_rounds, len(depths), len(stages.STAGES)))
+        for s, v in base.items():
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, noise, (n_rounds, len(depths))))
+        st[:, -1, stats.S[stages.ATTN_PROJ]] *= shift_at_deepest
+        st[:3, -1, stats.S[stages.ATTN_PROJ]] += outliers_ms
+        plain = st.sum(axis=2)
+        rd = stats.RoundData(tuple(map(str, depths)), depths, np.arange(n_rounds), plain, plain, st,
+                             np.zeros((len(depths), len(stages.STAGES))), np.full(n_rounds, np.nan), np.zeros(n_rounds))
+        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
+        inv = checks.invariants(contexts, rd)
+        drift = [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
+                                                 stop_reason=None) if f.kind == "drift"]
+        return inv, drift
+
+    inv, flagged = run(1.0, outliers_ms=4.0)
+    assert inv.estimator == checks.ESTIMATOR and inv.per_stage_pct[stages.ATTN_PROJ] < 1.0 and not flagged
+    assert inv.per_stage_mean_pct[stages.ATTN_PROJ] > 5.0  # the means see the outliers
+    inv, flagged = run(1.05, outliers_ms=0.0)
+    assert inv.stage == stages.ATTN_PROJ and 4.0 < inv.max_disagreement_pct < 6.0 and flagged
+    assert inv.noise_floor_pct[stages.ATTN_PROJ] < inv.max_disagreement_pct and "beyond this run's noise" in flagged[0]
+    assert checks.invariants(contexts=[ContextSummary(**s) for s in stats.summarize(
+        stats.RoundData(("a", "b"), (1, 2), np.arange(2), np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2, 9)),
+                        np.zeros((2, 9)), np.full(2, np.nan), np.zeros(2)), n_boot=5)[0]]).estimator == "mean"
+
+
+def test_noise_floor_holds_pure_noise_and_the_flag_says_which_side_it_is_on():
+    """On depth-free noise the observed spread exceeds the permutation floor (its 95th percentile) in about
+    1 run of 20; the drift flag says whether the disagreement is within the run's floor or beyond it."""
+    rng = np.random.default_rng(1)
+    spread, floor = [], []
+    for _ in range(20):
+        x = 60.0 * (1 + rng.normal(0, 0.05, (40, 4)))
+        spread.append(checks.spread_pct(checks.depth_values(x)))
+        floor.append(checks.noise_floor_pct(x))
+    spread, floor = np.array(spread), np.array(floor)
+    assert (spread > floor).sum() <= 4  # a floor too low would be crossed often
+    assert np.median(floor) < 1.5 * np.percentile(spread, 95)  # ... and one too high never
+
+    def message(floor):
+        inv = Invariants(max_disagreement_pct=2.5, stage=stages.FFN, threshold_pct=2.0,
+                         noise_floor_pct={} if floor is None else {stages.FFN: floor})
+        return [f.message for f in checks.flags([], inv, [], cores=2, synthetic=False, complete=True,
+                                                stop_reason=None) if f.kind == "drift"][0]
+
+    assert "within this run's noise (its floor: 3.0 %)" in message(3.0)
+    assert "beyond this run's noise (its floor: 1.0 %)" in message(1.0)
+    assert "its noise is above the threshold" in message(None)
+
+
+@pytest.mark.parametrize("n_depths", [3, 1])
+def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise(n_depths):
+    """A device that switches state after 15 of 40 rounds (FFN -12 %, gemma3n_extra +25 %, as measured on the
+    2-core VM) is flagged with the stage, the size and the round; the same noise without the switch is not.
+    A run of one depth gets the same check over rounds, and no depth comparison."""
+    rng = np.random.default_rng(2)
+    base = {stages.FFN: 55.0, stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 6.5}
+
+    def run(switch: bool):
+        st = np.zeros((40, n_depths, len(stages.STAGES)))
+        for s, v in base.items():
+            st[:, :, stats.S[s]] = v * (1 + rng.normal(0, 0.015, (40, n_depths)))
+        if switch:
+            st[15:, :, stats.S[stages.FFN]] *= 0.88
+            st[15:, :, stats.S[stages.GEMMA3N_EXTRA]] *= 1.25
+        plain = st.sum(axis=2)
+        rd = stats.RoundData(("a", "b", "c")[:n_depths], (13, 658, 4096)[:n_depths], np.arange(40), plain, plain, st,
+                             np.zeros((n_depths, len(stages.STAGES))), np.full(40, np.nan), np.zeros(40))
+        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
+        inv = checks.invariants(contexts, rd)
+        fl = checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True, stop_reason=None)
+        assert inv.across_depths == (n_depths > 1) and (inv.stage == "") == (n_depths == 1)
+        assert n_depths > 1 or not any(f.kind == "drift" for f in fl)
+        return inv, [f.message for f in fl if f.kind == "state"]
+
+    inv, flagged = run(True)
+    assert inv.step_round[stages.GEMMA3N_EXTRA] == inv.step_round[stages.FFN] == 15
+    assert 1.20 < inv.step_ratio[stages.GEMMA3N_EXTRA] < 1.30 and 0.85 < inv.step_ratio[stages.FFN] < 0.91
+    assert len(flagged) == 1 and flagged[0].startswith("the device changed state during the run: gemma3n_extra")
+    assert "after the first 15 rounds" in flagged[0]
+    assert ("(one depth)" in flagged[0]) == (n_depths == 1)
+    inv, flagged = run(False)
+    assert max(abs(100 * (r - 1)) for r in inv.step_ratio.values()) < checks.SHIFT_PCT and not flagged
+    if n_depths == 1:  # one depth and too few rounds for two sides of a step: nothing checked, no record
+        few = stats.RoundData(("a",), (13,), np.arange(9), np.full((9, 1), 80.0), np.full((9, 1), 80.0),
+                              np.full((9, 1, len(stages.STAGES)), 10.0), np.zeros((1, len(stages.STAGES))),
+                              np.full(9, np.nan), np.zeros(9))
+        assert checks.invariants([ContextSummary(**s) for s in stats.summarize(few, n_boot=5)[0]], few) is None
+    assert all(abs(100 * (inv.step_ratio[s] - 1)) < inv.step_floor_pct[s] * 1.5 for s in inv.judged)
+
+
+def test_trimmed_mean_drops_both_tails_and_skips_nan():
+
+    x = np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 5.0], [4.0, 5.0], [100.0, 50.0]])
+    np.testing.assert_allclose(stats.trimmed_mean(x, 0.2), [3.0, 16.25])  # 5 values: 1 cut each side; 4: none
+    np.testing.assert_allclose(stats.trimmed_mean(x, 0.0), [22.0, 16.25])
+
+
+def test_invariance_is_paired_by_round():
+    """The VM switches state after 20 of 40 rounds (every depth x1.25) and a lost core hits four low-state
+    tokens at one depth. Unpaired, each depth's trim drops a different set of rounds and the level leaks in
+    (~3.7 %); divided by each round's median over depths first, the trim drops the outliers and nothing is
+    left. A real effect of depth (x1.03 at the deepest, every round) is still measured through the switch."""
+    rng = np.random.default_rng(3)
+    level = np.r_[np.ones(20), np.full(20, 1.25)][:, None]
+    x = 60.0 * level * (1 + rng.normal(0, 0.003, (40, 3)))
+    x[:4, 0] *= 1.3
+    unpaired = float(checks.spread_pct(stats.trimmed_mean(x, checks.TRIM)))
+    paired = float(checks.spread_pct(checks.depth_values(x)))
+    assert unpaired > 3.0 and paired < 0.5
+    y = 60.0 * level * (1 + rng.normal(0, 0.003, (40, 3))) * np.array([1.0, 1.0, 1.03])
+    assert 2.7 < float(checks.spread_pct(checks.depth_values(y))) < 3.3
+    x[5, :] = np.nan  # a round with no value is left out
+    assert abs(float(checks.spread_pct(checks.depth_values(x))) - paired) < 0.5
+    st = np.zeros((40, 3, len(stages.STAGES)))
+    st[:, :, stats.S[stages.FFN]] = x[:, [1, 1, 2]]
+    st[5, :, stats.S[stages.FFN]] = 60.0
+    for s, v in {stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 7.0}.items():
+        st[:, :, stats.S[s]] = v * level * (1 + rng.normal(0, 0.003, (40, 3)))
+    _, inv = _invariants(st)
+    assert inv.estimator == checks.ESTIMATOR == "paired 20 % trimmed mean" and inv.per_stage_pct[stages.FFN] < 1.0
