@@ -81,17 +81,18 @@ def figures(path: Path, wall: float | None = None) -> dict:
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
     rd_rise, agree_ci = _paired_rise(rd, cal)
     sl = run_slopes(run, rd=rd).loc["attn_kv"]
-    inv = rec.invariants if rec.invariants.judged else checks.invariants(list(rec.contexts), rd)  # older runs: redo
-    # (same function and seed: a run that stored its noise floors gets the same ones back)
+    inv = rec.invariants  # a run made before the current check (no judged stages, another estimator): redo it
+    if not inv.judged or inv.estimator != checks.ESTIMATOR:
+        inv = checks.invariants(list(rec.contexts), rd)
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
     return {
         "label": rec.label, "threads": rec.params.threads,
         "settings": {k: getattr(rec.params, k) for k in LIST_SETTINGS},
         "wall_s": wall, "load_s": rec.timing.load_s, "sweep_s": rec.timing.sweep_s,
-        "invariant_pct": rec.invariants.max_disagreement_pct, "invariant_stage": rec.invariants.stage,
-        "invariant_per_stage_pct": rec.invariants.per_stage_pct, "invariant_estimator": rec.invariants.estimator,
-        "invariant_per_stage_mean_pct": rec.invariants.per_stage_mean_pct,
+        "invariant_pct": inv.max_disagreement_pct, "invariant_stage": inv.stage,
+        "invariant_per_stage_pct": inv.per_stage_pct, "invariant_estimator": inv.estimator,
+        "invariant_per_stage_mean_pct": inv.per_stage_mean_pct,
         "invariant_noise_floor_pct": inv.noise_floor_pct,
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "rise_disagreement_ci_pct": agree_ci,

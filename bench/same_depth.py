@@ -53,11 +53,12 @@ def sweep(a, out: Path, i: int) -> Path:
 
 
 def _paired_pct(deep: np.ndarray, shallow: np.ndarray) -> list[float]:
-    """100 * (deep / shallow - 1) on 20 % trimmed means over rounds, and its 95 % interval (bootstrap over
-    rounds, the same rounds for both)."""
-    rows = stats.boot_indices(len(deep))
-    point = 100 * (stats.trimmed_mean(deep, checks.TRIM) / stats.trimmed_mean(shallow, checks.TRIM) - 1)
-    boot = 100 * (stats.trimmed_mean(deep[rows].T, checks.TRIM) / stats.trimmed_mean(shallow[rows].T, checks.TRIM) - 1)
+    """100 * (the 20 % trimmed mean over rounds of deep / shallow - 1), each round's ratio first (paired as
+    the run's check pairs), and its 95 % interval (bootstrap over rounds)."""
+    ratio = deep / shallow
+    rows = stats.boot_indices(len(ratio))
+    point = 100 * (stats.trimmed_mean(ratio, checks.TRIM) - 1)
+    boot = 100 * (stats.trimmed_mean(ratio[rows].T, checks.TRIM) - 1)
     lo, hi = stats.interval(boot)
     return [float(point), float(lo), float(hi)]
 

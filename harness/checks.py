@@ -26,7 +26,7 @@ from harness.record import ContextSummary, Flag, Invariants, RoundNoise
 INVARIANT_STAGES = (stages.FFN, stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N_EXTRA, stages.NORM)
 INVARIANT_THRESHOLD_PCT = 2.0  # largest allowed (max - min) / mean across depths of an invariant stage
 INVARIANT_MIN_SHARE_PCT = 5.0  # judged only on stages holding at least this share (smaller ones: reported)
-TRIM = 0.2  # each depth's value: the mean of its rounds without the lowest and highest 20 %
+TRIM = 0.2  # each depth's value: a mean over its rounds without the lowest and highest 20 % (depth_values)
 ESTIMATOR = f"paired {TRIM * 100:g} % trimmed mean"  # of within-round ratios (depth_values)
 OVERHEAD_EXCESS = 0.03  # a context's profiled/plain ratio this far above the run's median is implausible
 STEAL_PCT, OTHERS_CPU_PCT = 2.0, 10.0  # noise: CPU steal / other processes' CPU, % of the rounds' wall x cores
@@ -48,7 +48,9 @@ def depth_values(x: np.ndarray) -> np.ndarray:
     each round's ms divided by that round's median over depths (its level: drift, the VM's state), then each
     depth's 20 % trimmed mean over rounds of those ratios. The trim then drops what differs between depths
     within a round (a lost core hitting one token), not a different set of rounds at each depth, through
-    which a level that changes mid-run would leak in (bench/NOTES.md §17b)."""
+    which a level that changes mid-run would leak in (bench/NOTES.md §17b). A round missing any depth, or
+    whose level is not positive, is left out: its median would not be the same level's."""
+    x = np.where(np.isnan(x).any(axis=1, keepdims=True), np.nan, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a round with no value at all: its ratios stay NaN
         level = np.nanmedian(x, axis=1, keepdims=True)
@@ -119,7 +121,7 @@ def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None
 
     per, per_mean, floor, judged, steps = {}, {}, {}, {}, {}
     for k, s in enumerate(INVARIANT_STAGES):
-        if means[:, k].mean() <= 0 or np.nanmean(values[:, k]) <= 0:
+        if means[:, k].mean() <= 0 or not np.nanmean(values[:, k]) > 0:  # NaN too: no round to judge
             continue
         if across:
             per[s], per_mean[s] = float(spread_pct(values[:, k])), float(spread_pct(means[:, k]))

@@ -42,7 +42,7 @@ def build_parser() -> ArgParser:
     ap.add_argument("-ctv", "--cache-type-v", default="f16", help="V cache type, or a comma list")
     ap.add_argument("-ngl", "--n-gpu-layers", default="0", help="layers offloaded to a GPU, or a comma list")
     ap.add_argument("-b", "--batch-size", type=int, default=512)
-    ap.add_argument("-ub", "--ubatch-size", default="512", help="micro-batch size, or a comma list")
+    ap.add_argument("-ub", "--ubatch-size", help="micro-batch size, or a comma list (default: 512, at most -b)")
     ap.add_argument("--mode", default="stages", help="stages (default) or ops")
     ap.add_argument("--calib-splits", type=int, default=CALIB_ALL,
                     help="extra graph splits of the per-round calibration token (0: no split-cost calibration)")
@@ -66,8 +66,9 @@ def configs_from_args(a: argparse.Namespace) -> list[SweepConfig]:
     base = SweepConfig(contexts=parse_contexts(a.contexts), model=a.model, rounds=a.rounds, warmup=a.warmup,
                        n_batch=a.batch_size, mode=a.mode, calib_splits=a.calib_splits, out=a.out, layout=a.layout,
                        label=a.label, probe=not a.no_probe, force=a.force)
-    lists = {field: split_list(getattr(a, dest), dest.replace("_", "-"), LIST_CASTS[field])
-             for dest, field in _LISTS.items() if getattr(a, dest) is not None}
+    given = vars(a) | {"ubatch_size": a.ubatch_size or str(min(SweepConfig.n_ubatch, a.batch_size))}  # capped, as
+    lists = {field: split_list(given[dest], dest.replace("_", "-"), LIST_CASTS[field])  # llama.cpp caps it
+             for dest, field in _LISTS.items() if given[dest] is not None}
     return expand(base, lists)
 
 

@@ -138,12 +138,12 @@ def test_invariance_is_paired_by_round():
     assert unpaired > 3.0 and paired < 0.5
     y = 60.0 * level * (1 + rng.normal(0, 0.003, (40, 3))) * np.array([1.0, 1.0, 1.03])
     assert 2.7 < float(checks.spread_pct(checks.depth_values(y))) < 3.3
-    x[5, :] = np.nan  # a round with no value is left out
-    assert abs(float(checks.spread_pct(checks.depth_values(x))) - paired) < 0.5
-    st = np.zeros((40, 3, len(stages.STAGES)))
-    st[:, :, stats.S[stages.FFN]] = x[:, [1, 1, 2]]
-    st[5, :, stats.S[stages.FFN]] = 60.0
+    st = np.zeros((40, 3, len(stages.STAGES)))  # the run's check judges FFN so, outliers and switch included
+    st[:, :, stats.S[stages.FFN]] = x
     for s, v in {stages.LM_HEAD: 15.0, stages.ATTN_PROJ: 5.0, stages.GEMMA3N_EXTRA: 7.0}.items():
         st[:, :, stats.S[s]] = v * level * (1 + rng.normal(0, 0.003, (40, 3)))
     _, inv = _invariants(st)
-    assert inv.estimator == checks.ESTIMATOR == "paired 20 % trimmed mean" and inv.per_stage_pct[stages.FFN] < 1.0
+    assert inv.estimator == checks.ESTIMATOR == "paired 20 % trimmed mean" and inv.per_stage_pct[stages.FFN] < 0.5
+    x[5, :] = np.nan  # a round with no value is left out, and so is one missing a depth
+    x[6, 0] = np.nan
+    assert abs(float(checks.spread_pct(checks.depth_values(x))) - paired) < 0.5

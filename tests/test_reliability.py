@@ -118,6 +118,19 @@ def test_bad_arguments(tiny_gguf, runs_dir, args, needle):
     assert _snapshot(runs_dir) == before
 
 
+def test_ubatch_defaults_to_at_most_the_batch():
+    """llama.cpp caps ubatch at batch: untyped, -ub follows a smaller -b; typed above it, it is refused."""
+    from harness.errors import UsageError
+    from harness.sweep import build_parser, configs_from_args
+
+    def ub(*argv):
+        return [c.n_ubatch for c in configs_from_args(build_parser().parse_args(list(argv)))]
+
+    assert ub() == [512] and ub("-b", "64") == [64] and ub("-b", "64", "-ub", "32,16") == [32, 16]
+    with pytest.raises(UsageError, match="ubatch <= batch"):
+        ub("-b", "64", "-ub", "128")
+
+
 def test_unwritable_output_folder(tiny_gguf, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
