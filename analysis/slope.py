@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness import columns, stats, store
+from harness import checks, columns, stats, store
 from harness.stages import STAGES
 
 NEEDED_COLUMNS = [columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE, columns.TIME_US]
@@ -179,6 +179,20 @@ def run_slopes(run: store.Run, n_boot: int = stats.N_BOOT, rd: stats.RoundData |
     """Slopes of one run (needs its op table's NEEDED_COLUMNS and its token table; or ``rd``, its round data)."""
     rd = stats.round_data(run.ops, run.tokens) if rd is None else rd
     return pooled_slopes([round_data_sample(rd)], [*STAGES, DECODE], n_boot)
+
+
+def invariant_off_zero(sl: pd.DataFrame, contexts) -> dict[str, tuple[float, float]]:
+    """Depth-invariant stages (``checks.INVARIANT_STAGES``: their bytes do not depend on depth) whose slope
+    interval excludes 0: {stage: (ms, % of the stage's mean ms) that the slope amounts to over the run's
+    depths}. An interval over rounds does not hold a context's own offset nor a device's small real effect of
+    depth on time (bench/NOTES.md §12, §17c-d), so such a slope is said out loud, not read as a trend."""
+    ctxs = sorted(contexts, key=lambda c: c.depth)
+    span_k, out = (ctxs[-1].depth - ctxs[0].depth) / 1000, {}
+    for s in checks.INVARIANT_STAGES:
+        r, ms = sl.loc[s], float(np.mean([c.stage(s) for c in ctxs]))
+        if ms > 0 and (r["ci95_low_ms_per_1k"] > 0 or r["ci95_high_ms_per_1k"] < 0):
+            out[s] = (float(r["slope_ms_per_1k"]) * span_k, 100 * float(r["slope_ms_per_1k"]) * span_k / ms)
+    return out
 
 
 def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400) -> pd.DataFrame:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from analysis import readmodel, roofline
 from analysis.readmodel import ReadModel
-from analysis.slope import run_slopes
+from analysis.slope import invariant_off_zero, run_slopes
 from harness import stages, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import UsageError
@@ -260,7 +260,12 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
         return df.to_csv(index=False)
     parts = [*describe(rec, model), "", format_markdown(df), "", NOTES]
     if sl is not None:
-        parts += ["", format_slopes(sl)]
+        off = invariant_off_zero(sl, rec.contexts)
+        parts += ["", format_slopes(sl)] + ([""] if off else []) + [
+            f"- {s}: its bytes do not depend on depth, yet its interval excludes 0 ({ms:+.2f} ms, {pct:+.1f} % over "
+            "the depths): a context's own offset or a small effect of depth on time, which an interval over rounds "
+            "does not hold (README, Performance); read it against the invariance figure above"
+            for s, (ms, pct) in off.items()]
     return "\n".join(parts) + "\n"
 
 

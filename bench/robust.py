@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from across import SLOPE_SPREAD_TARGET_PCT, across_by_arm, parse_vary  # noqa: E402
 
-from analysis.slope import run_slopes  # noqa: E402
+from analysis.slope import invariant_off_zero, run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
 from harness.config import LIST_SETTINGS  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
@@ -80,7 +80,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
     rd = stats.round_data(run.ops, run.tokens)
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
     rd_rise, agree_ci = _paired_rise(rd, cal)
-    sl = run_slopes(run, rd=rd).loc["attn_kv"]
+    slopes = run_slopes(run, rd=rd)
+    sl = slopes.loc["attn_kv"]
     inv = rec.invariants  # a run made before the current check (no judged stages, another estimator): redo it
     if not inv.judged or inv.estimator != checks.ESTIMATOR:
         inv = checks.invariants(list(rec.contexts), rd)
@@ -102,6 +103,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "calibrated_sum_pct": {c.depth: c.calibrated_sum_pct for c in ctxs},
         "plain_ms": {c.depth: c.plain_ms for c in ctxs}, "sync_us": ctxs[0].sync_us,
         "stage_ms_shallowest": {s: lo.stage(s) for s in checks.INVARIANT_STAGES},
+        "invariant_slopes_off_zero_pct": {s: v[1] for s, v in invariant_off_zero(slopes, rec.contexts).items()},
         "state_change": None if step is None else {"stage": step, "step_pct": checks.steps_pct(inv)[step],
                                                    "after_rounds": inv.step_round[step]},
         "flags": [f"{f.kind}{'@' + f.context if f.context else ''}" for f in rec.flags if f.kind != "synthetic"],
@@ -147,6 +149,7 @@ def main() -> None:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
         across_by_arm(res)
+        report_off_zero(res)
         return
     res = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,6 +169,7 @@ def main() -> None:
             report_one(k, res[-1])
     per = across_by_arm(res)
     spread, h = next(iter(per.values()))
+    report_off_zero(res)
     out = ROOT / "bench" / "results" / f"robust-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
@@ -173,6 +177,16 @@ def main() -> None:
                                "by_arm": {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]}
                                           for t, v in per.items()}}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
+
+
+def report_off_zero(res: list[dict]) -> None:
+    """How many sweeps have a depth-invariant stage whose slope interval excludes 0, and how many unflagged."""
+    off = [(bool(r["invariant_slopes_off_zero_pct"]), bool(r["flags"])) for r in res
+           if "invariant_slopes_off_zero_pct" in r]
+    if off:
+        print(f"depth-invariant stages with a slope interval excluding 0: in {sum(o for o, _ in off)} of {len(off)} "
+              f"sweeps; of the unflagged ones, {sum(o for o, f in off if not f)} of {sum(not f for _, f in off)} "
+              "(issue: never on a clean run)")
 
 
 def report_one(i: int, r: dict) -> None:
@@ -197,7 +211,9 @@ def report_one(i: int, r: dict) -> None:
           + " (means " + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_per_stage_mean_pct"].items())
           + "; noise floor, 95th percentile with depths shuffled within rounds: "
           + " ".join(f"{s}:{v:.1f}%" for s, v in r["invariant_noise_floor_pct"].items()) + ")"
-          + f" | steal {r['steal_pct']:.1f} % others {r['others_cpu_pct']:.1f} % | flags {r['flags'] or '-'}",
+          + f" | steal {r['steal_pct']:.1f} % others {r['others_cpu_pct']:.1f} % | flags {r['flags'] or '-'}"
+          + " | invariant slopes off 0 (% over the depths): "
+          + (" ".join(f"{s}:{v:+.1f}%" for s, v in r.get("invariant_slopes_off_zero_pct", {}).items()) or "-"),
           flush=True)
 
 

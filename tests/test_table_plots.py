@@ -199,3 +199,21 @@ def test_table_has_slopes_with_three_depths(tiny_run):
     assert "Slopes against depth" in r.stdout and "| attn_kv |" in r.stdout and "| decode |" in r.stdout
     csv = run_cli("analysis.table", str(tiny_run), "--format", "csv")
     assert "attn_kv_slope_ms_per_1k" in csv.stdout.splitlines()[0]
+
+
+def test_invariant_stage_slope_off_zero_is_said_out_loud():
+    """A depth-invariant stage whose slope interval excludes 0 is reported with what it amounts to over the
+    depths (ms and % of the stage); one whose interval holds 0, or a depth-dependent stage, is not."""
+    from types import SimpleNamespace
+
+    from analysis.slope import SLOPE_COLUMNS, invariant_off_zero
+    from harness.stages import STAGES
+
+    rows = {s: [0.0, -0.1, 0.1, 0.0, 40, 2] for s in STAGES}
+    rows["ffn"] = [-0.25, -0.4, -0.1, 50.0, 40, 2]  # ms per 1k tokens: -1.0 ms over 4,000 tokens
+    rows["attn_kv"] = [4.0, 3.9, 4.1, 0.5, 40, 2]  # depends on depth: not reported
+    sl = pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS)
+    ms = {"ffn": 50.0, "lm_head": 15.0, "attn_proj": 5.0, "gemma3n_extra": 7.0, "norm": 0.5, "attn_kv": 1.0}
+    ctxs = [SimpleNamespace(depth=d, stage=lambda s: ms.get(s, 0.0)) for d in (4013, 13)]
+    off = invariant_off_zero(sl, ctxs)
+    assert list(off) == ["ffn"] and off["ffn"] == pytest.approx((-1.0, -2.0))
