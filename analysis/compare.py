@@ -12,7 +12,7 @@
   and speedup vs the baseline device (same model; a differing setting is named in base_note).
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
 - Slopes: per group and stage, ms per 1,000 KV tokens through each depth's mean, 95 % bootstrap interval
-  over rounds (depths paired by round; runs stratified).
+  over rounds (depths paired by round; runs stratified); "!": a depth-invariant stage's interval excludes 0.
 - Crossover: per group, where attn_kv reaches the FFN's time (its time model, runs pooled; ``--crossover``).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fleet, forecast, roofline, slope, timemodel
-from harness import columns, stages, stats, store
+from harness import checks, columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import HarnessError, InputError, UsageError
 
@@ -66,10 +66,8 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
         rm = rm0 if depth >= 0 else None
         w = [c.timed_tokens for _, c in items]
         plain = _wmean([c.plain_ms for _, c in items], w)
-        if len(items) > 1:
-            sd, sd_over = float(np.std([c.plain_ms for _, c in items], ddof=1)), "runs"
-        else:
-            sd, sd_over = items[0][1].plain_ms_std or NAN, "tokens"
+        sd, sd_over = ((float(np.std([c.plain_ms for _, c in items], ddof=1)), "runs") if len(items) > 1
+                       else (items[0][1].plain_ms_std or NAN, "tokens"))
         row = {"context": ctx, "depth": depth, "device": g.label, "group": name, "group_index": gi, "runs": len(items),
                "complete": g.complete, "reference": g.reference, "model_key": g.model_key,
                "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
@@ -113,8 +111,7 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
         speed.append(cand[bi] / r.plain_ms if r.plain_ms > 0 else NAN)
         note.append("; ".join([f"base {k}={groups[bi].setting.get(k)}" for k in diffs[bi]]
                               + (["base INCOMPLETE"] if not groups[bi].complete else [])))
-    df["base_speedup"] = speed
-    df["base_note"] = note
+    df["base_speedup"], df["base_note"] = speed, note
     return [f"no speedup for {dev} | {grp} at {', '.join(ctx)}: {why}" for (dev, grp, why), ctx in missing.items()]
 
 
@@ -162,9 +159,7 @@ def group_crossovers(groups: list[fleet.Group], names: list[str]) -> pd.DataFram
     cross = []
     for gi, g in enumerate(groups):
         rds, recs = [], []
-        for r in g.runs:
-            if r.reference:
-                continue
+        for r in (r for r in g.runs if not r.reference):
             try:
                 run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
             except InputError as e:
@@ -244,11 +239,16 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
         for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
             by = sub.set_index(columns.STAGE)
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
-                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" if s in by.index else "" for s in st]
+                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" + ("!" if s in checks.INVARIANT_STAGES and (
+                         by.at[s, "ci95_low_ms_per_1k"] > 0 or by.at[s, "ci95_high_ms_per_1k"] < 0) else "")
+                     if s in by.index else "" for s in st]
             rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells,
                          _crossover_cell(df, dev, grp)])
         out.append(format_table(["device", "group", "rounds", "depths", *st, "attn_kv = ffn at depth [95 %]"], rows,
                                 numeric_from=2))
+        if any("]!" in c for r in rows for c in r):
+            out += ["", "! a depth-invariant stage (its bytes do not depend on depth) whose interval excludes 0: a "
+                    "context's own offset or a small effect of depth on time, not held by an interval over rounds"]
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)

@@ -204,3 +204,24 @@ def test_unknown_baseline_is_a_usage_error(tiny_run):
 
 def test_missing_path_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_cli("analysis.compare", str(tmp_path / "nope")))
+
+
+def test_slope_table_marks_an_invariant_stage_whose_interval_excludes_zero():
+    """format_md marks ffn (bytes independent of depth) whose interval excludes 0, and says what the mark
+    means; attn_kv's interval excludes 0 too but its work grows with depth: no mark."""
+    import pandas as pd
+
+    from analysis.compare import format_md
+    from analysis.slope import SLOPE_COLUMNS
+    from harness.stages import STAGES
+
+    sl = pd.DataFrame([["dev", "g", s, *v, 40, 2] for s, v in
+                       {"ffn": (-0.2, -0.3, -0.1, 50.0), "attn_kv": (4.0, 3.9, 4.1, 0.5),
+                        "lm_head": (0.0, -0.1, 0.1, 15.0)}.items()],
+                      columns=["device", "group", "stage", *SLOPE_COLUMNS])
+    df = pd.DataFrame(columns=["context", "depth", "device", "group", *(f"{s}_ms" for s in STAGES)])
+    md = format_md(df, sl, [], "dev", 1)
+    assert "-0.200 [-0.300, -0.100]!" in md and "4.000 [3.900, 4.100] |" in md and "0.000 [-0.100, 0.100] |" in md
+    assert "! a depth-invariant stage" in md
+    clean = format_md(df, sl[sl.stage != "ffn"], [], "dev", 1)
+    assert "!" not in clean.split("## slope")[1].replace("attn_kv = ffn", "")
