@@ -159,7 +159,7 @@ def group_crossovers(groups: list[fleet.Group], names: list[str]) -> pd.DataFram
     cross = []
     for gi, g in enumerate(groups):
         rds, recs = [], []
-        for r in (r for r in g.runs if not r.reference):
+        for r in (x for x in g.runs if not x.reference):
             try:
                 run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
             except InputError as e:

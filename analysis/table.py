@@ -262,10 +262,11 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
     if sl is not None:
         off = invariant_off_zero(sl, rec.contexts)
         parts += ["", format_slopes(sl)] + ([""] if off else []) + [
-            f"- {s}: its bytes do not depend on depth, yet its interval excludes 0 ({ms:+.2f} ms, {pct:+.1f} % over "
-            "the depths): a context's own offset or a small effect of depth on time, which an interval over rounds "
-            "does not hold (README, Performance); read it against the invariance figure above"
-            for s, (ms, pct) in off.items()]
+            f"- {s}: its bytes do not depend on depth, yet its interval excludes 0 "
+            f"([{sl.at[s, 'ci95_low_ms_per_1k']:.4f}, {sl.at[s, 'ci95_high_ms_per_1k']:.4f}]; "
+            f"{ms:+.2f} ms, {pct:+.1f} % over the depths): a context's own "
+            "offset or a small effect of depth on time, which an interval over rounds does not hold (README, "
+            "Performance); read it against the invariance figure above" for s, (ms, pct) in off.items()]
     return "\n".join(parts) + "\n"
 
 

@@ -186,7 +186,9 @@ def report_off_zero(res: list[dict]) -> None:
     if off:
         print(f"depth-invariant stages with a slope interval excluding 0: in {sum(o for o, _ in off)} of {len(off)} "
               f"sweeps; of the unflagged ones, {sum(o for o, f in off if not f)} of {sum(not f for _, f in off)} "
-              "(issue: never on a clean run)")
+              "(target: 0 of the unflagged)")
+    if len(off) < len(res):
+        print(f"  ({len(res) - len(off)} sweeps saved before this count: re-read their kept runs with --runs)")
 
 
 def report_one(i: int, r: dict) -> None:

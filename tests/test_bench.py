@@ -138,6 +138,16 @@ def test_robust_figures_of_a_kept_run(tiny_run):
     assert set(r["stage_ms_shallowest"]) <= set(robust.checks.INVARIANT_STAGES) and r["stage_ms_shallowest"]["ffn"] > 0
     lo, hi = r["attn_kv_slope_ci"]
     assert lo <= r["attn_kv_slope"] <= hi
+    assert set(r["invariant_slopes_off_zero_pct"]) <= set(robust.checks.INVARIANT_STAGES)
+
+
+def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys):
+    """Three sweeps with the count, one of them unflagged and off zero, and one saved before the count."""
+    robust.report_off_zero([{"invariant_slopes_off_zero_pct": {"ffn": -1.0}, "flags": []},
+                            {"invariant_slopes_off_zero_pct": {"norm": 2.0}, "flags": ["drift"]},
+                            {"invariant_slopes_off_zero_pct": {}, "flags": []}, {"flags": []}])
+    out = capsys.readouterr().out
+    assert "in 2 of 3 sweeps; of the unflagged ones, 1 of 2" in out and "1 sweeps saved before this count" in out
 
 
 def test_paired_settings_measures_both_settings_in_the_same_rounds(tiny_gguf):

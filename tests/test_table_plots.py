@@ -217,3 +217,15 @@ def test_invariant_stage_slope_off_zero_is_said_out_loud():
     ctxs = [SimpleNamespace(depth=d, stage=lambda s: ms.get(s, 0.0)) for d in (4013, 13)]
     off = invariant_off_zero(sl, ctxs)
     assert list(off) == ["ffn"] and off["ffn"] == pytest.approx((-1.0, -2.0))
+    rows["gemma3n_extra"] = [0.1, 0.05, 0.2, 0.0, 40, 2]  # off zero, but the model has no such stage (0 ms)
+    ms["gemma3n_extra"] = 0.0
+    sl = pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS)
+    assert list(invariant_off_zero(sl, ctxs)) == ["ffn"]
+
+
+def test_table_says_which_invariant_slope_excludes_zero(tiny_run, monkeypatch):
+    """The line beneath the slopes names the stage, its interval and what it amounts to over the depths."""
+    monkeypatch.setattr(table, "invariant_off_zero", lambda sl, contexts: {"ffn": (-0.56, -1.0)})
+    out = table.render(store.read_record(tiny_run), seed_model(), run=store.read_run(tiny_run))
+    line = next(x for x in out.splitlines() if x.startswith("- ffn: its bytes do not depend on depth"))
+    assert "-0.56 ms, -1.0 % over the depths" in line and "interval over rounds does not hold" in line
