@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fleet, forecast, roofline, slope, timemodel
-from harness import checks, columns, stages, stats, store
+from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
 from harness.errors import HarnessError, InputError, UsageError
 
@@ -235,18 +235,18 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
         st = [s for s in (*stages.STAGES, slope.DECODE) if s in set(sl[columns.STAGE])]
         out += ["", "## slope: ms/token per 1,000 KV tokens [95 % bootstrap interval over rounds, depths paired]; "
                 "crossover: the time model's depth where attn_kv reaches ffn (python -m analysis.predict)", ""]
-        rows = []
+        rows, marked = [], False
         for (dev, grp), sub in sl.groupby(["device", "group"], sort=True):
             by = sub.set_index(columns.STAGE)
+            marked |= bool(off := {s for s in st if s in by.index and slope.off_zero(s, by.loc[s])})
             cells = [f"{_f(by.at[s, 'slope_ms_per_1k'], '.3f')} [{_f(by.at[s, 'ci95_low_ms_per_1k'], '.3f')}, "
-                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" + ("!" if s in checks.INVARIANT_STAGES and (
-                         by.at[s, "ci95_low_ms_per_1k"] > 0 or by.at[s, "ci95_high_ms_per_1k"] < 0) else "")
-                     if s in by.index else "" for s in st]
+                     f"{_f(by.at[s, 'ci95_high_ms_per_1k'], '.3f')}]" + "!" * (s in off) if s in by.index else ""
+                     for s in st]
             rows.append([dev, grp, str(int(by["n_rounds"].max())), str(int(by["n_depths"].max())), *cells,
                          _crossover_cell(df, dev, grp)])
         out.append(format_table(["device", "group", "rounds", "depths", *st, "attn_kv = ffn at depth [95 %]"], rows,
                                 numeric_from=2))
-        if any("]!" in c for r in rows for c in r):
+        if marked:
             out += ["", "! a depth-invariant stage (its bytes do not depend on depth) whose interval excludes 0: a "
                     "context's own offset or a small effect of depth on time, not held by an interval over rounds"]
     if notes:

@@ -181,6 +181,12 @@ def run_slopes(run: store.Run, n_boot: int = stats.N_BOOT, rd: stats.RoundData |
     return pooled_slopes([round_data_sample(rd)], [*STAGES, DECODE], n_boot)
 
 
+def off_zero(stage: str, row) -> bool:
+    """A depth-invariant stage (``checks.INVARIANT_STAGES``) whose slope interval (a row of SLOPE_COLUMNS)
+    excludes 0."""
+    return stage in checks.INVARIANT_STAGES and (row["ci95_low_ms_per_1k"] > 0 or row["ci95_high_ms_per_1k"] < 0)
+
+
 def invariant_off_zero(sl: pd.DataFrame, contexts) -> dict[str, tuple[float, float]]:
     """Depth-invariant stages (``checks.INVARIANT_STAGES``: their bytes do not depend on depth) whose slope
     interval excludes 0: {stage: (ms, % of the stage's mean ms) that the slope amounts to over the run's
@@ -190,7 +196,7 @@ def invariant_off_zero(sl: pd.DataFrame, contexts) -> dict[str, tuple[float, flo
     span_k, out = (ctxs[-1].depth - ctxs[0].depth) / 1000, {}
     for s in checks.INVARIANT_STAGES:
         r, ms = sl.loc[s], float(np.mean([c.stage(s) for c in ctxs]))
-        if ms > 0 and (r["ci95_low_ms_per_1k"] > 0 or r["ci95_high_ms_per_1k"] < 0):
+        if ms > 0 and off_zero(s, r):
             out[s] = (float(r["slope_ms_per_1k"]) * span_k, 100 * float(r["slope_ms_per_1k"]) * span_k / ms)
     return out
 

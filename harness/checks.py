@@ -43,27 +43,33 @@ def spread_pct(v: np.ndarray) -> np.ndarray:
         return 100.0 * (np.nanmax(v, -1) - np.nanmin(v, -1)) / np.nanmean(v, -1)
 
 
-def depth_values(x: np.ndarray) -> np.ndarray:
-    """Each depth's value for the invariance check from ``x`` (rounds x depths [x stages]), paired by round:
-    each round's ms divided by that round's median over depths (its level: drift, the VM's state), then each
-    depth's 20 % trimmed mean over rounds of those ratios. The trim then drops what differs between depths
-    within a round (a lost core hitting one token), not a different set of rounds at each depth, through
-    which a level that changes mid-run would leak in (bench/NOTES.md §17b). A round missing any depth, or
-    whose level is not positive, is left out: its median would not be the same level's."""
+def round_ratios(x: np.ndarray) -> np.ndarray:
+    """``x`` (rounds x depths [x stages]) with each round divided by its median over depths (its level: drift,
+    the VM's state). A round missing any depth, or whose level is not positive, becomes NaN: its median would
+    not be the same level's."""
     x = np.where(np.isnan(x).any(axis=1, keepdims=True), np.nan, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a round with no value at all: its ratios stay NaN
         level = np.nanmedian(x, axis=1, keepdims=True)
     with np.errstate(all="ignore"):
-        return stats.trimmed_mean(x / np.where(level > 0, level, np.nan), TRIM)
+        return x / np.where(level > 0, level, np.nan)
+
+
+def depth_values(x: np.ndarray) -> np.ndarray:
+    """Each depth's value for the invariance check, paired by round: the 20 % trimmed mean over rounds of
+    ``round_ratios(x)``. The trim then drops what differs between depths within a round (a lost core hitting
+    one token), not a different set of rounds at each depth, through which a level that changes mid-run would
+    leak in (bench/NOTES.md §17b)."""
+    return stats.trimmed_mean(round_ratios(x), TRIM)
 
 
 def noise_floor_pct(x: np.ndarray, n_perm: int = N_PERM, seed: int = 0) -> float:
     """The 95th percentile of the spread across depths of ``depth_values(x)`` (``x``: rounds x depths) with
     each round's depths shuffled: a permutation null that keeps every round's drift and removes any effect of
-    depth. A spread above it is not this run's noise."""
-    rng = np.random.default_rng(seed)
-    tm = np.array([depth_values(rng.permuted(x, axis=1)) for _ in range(n_perm)])
+    depth. A spread above it is not this run's noise. A round's level does not change when its depths are
+    shuffled, so the ratios are taken once and shuffled."""
+    rng, r = np.random.default_rng(seed), round_ratios(x)
+    tm = np.array([stats.trimmed_mean(rng.permuted(r, axis=1), TRIM) for _ in range(n_perm)])
     return float(np.nanpercentile(spread_pct(tm), 95))
 
 

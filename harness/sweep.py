@@ -66,8 +66,9 @@ def configs_from_args(a: argparse.Namespace) -> list[SweepConfig]:
     base = SweepConfig(contexts=parse_contexts(a.contexts), model=a.model, rounds=a.rounds, warmup=a.warmup,
                        n_batch=a.batch_size, mode=a.mode, calib_splits=a.calib_splits, out=a.out, layout=a.layout,
                        label=a.label, probe=not a.no_probe, force=a.force)
-    given = vars(a) | {"ubatch_size": a.ubatch_size or str(min(SweepConfig.n_ubatch, a.batch_size))}  # capped, as
-    lists = {field: split_list(given[dest], dest.replace("_", "-"), LIST_CASTS[field])  # llama.cpp caps it
+    # an untyped -ub: the default, capped at -b as llama.cpp caps it
+    given = vars(a) | {"ubatch_size": a.ubatch_size or str(min(SweepConfig.n_ubatch, a.batch_size))}
+    lists = {field: split_list(given[dest], dest.replace("_", "-"), LIST_CASTS[field])
              for dest, field in _LISTS.items() if given[dest] is not None}
     return expand(base, lists)
 

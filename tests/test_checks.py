@@ -32,11 +32,7 @@ def test_invariance_check_uses_trimmed_values_over_rounds():
             st[:, :, stats.S[s]] = v * (1 + rng.normal(0, noise, (n_rounds, len(depths))))
         st[:, -1, stats.S[stages.ATTN_PROJ]] *= shift_at_deepest
         st[:3, -1, stats.S[stages.ATTN_PROJ]] += outliers_ms
-        plain = st.sum(axis=2)
-        rd = stats.RoundData(tuple(map(str, depths)), depths, np.arange(n_rounds), plain, plain, st,
-                             np.zeros((len(depths), len(stages.STAGES))), np.full(n_rounds, np.nan), np.zeros(n_rounds))
-        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
-        inv = checks.invariants(contexts, rd)
+        contexts, inv = _invariants(st, depths)
         drift = [f.message for f in checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True,
                                                  stop_reason=None) if f.kind == "drift"]
         return inv, drift
@@ -91,11 +87,7 @@ def test_state_change_over_rounds_is_found_where_it_is_and_not_in_noise(n_depths
         if switch:
             st[15:, :, stats.S[stages.FFN]] *= 0.88
             st[15:, :, stats.S[stages.GEMMA3N_EXTRA]] *= 1.25
-        plain = st.sum(axis=2)
-        rd = stats.RoundData(("a", "b", "c")[:n_depths], (13, 658, 4096)[:n_depths], np.arange(40), plain, plain, st,
-                             np.zeros((n_depths, len(stages.STAGES))), np.full(40, np.nan), np.zeros(40))
-        contexts = [ContextSummary(**s) for s in stats.summarize(rd, n_boot=20)[0]]
-        inv = checks.invariants(contexts, rd)
+        contexts, inv = _invariants(st, (13, 658, 4096)[:n_depths])
         fl = checks.flags(contexts, inv, [], cores=2, synthetic=False, complete=True, stop_reason=None)
         assert inv.across_depths == (n_depths > 1) and (inv.stage == "") == (n_depths == 1)
         assert n_depths > 1 or not any(f.kind == "drift" for f in fl)
