@@ -28,7 +28,7 @@ import pandas as pd
 from analysis import fleet, forecast, roofline, slope, timemodel
 from harness import columns, stages, stats, store
 from harness.cli import ArgParser, format_table, run_cli
-from harness.errors import HarnessError, InputError, UsageError
+from harness.errors import HarnessError, UsageError
 
 log = logging.getLogger(__name__)
 GBPS_STAGES = (stages.FFN, stages.ATTN_KV)
@@ -118,9 +118,10 @@ def add_baseline(df: pd.DataFrame, groups: list[fleet.Group], base: str) -> list
 def group_slopes(groups: list[fleet.Group], names: list[str], engine: str = "pandas") -> pd.DataFrame:
     """Long table: device, group, stage + slope.SLOPE_COLUMNS; a group's runs pooled by a stratified bootstrap
     over each run's rounds (per-round stage sums read with pandas or DuckDB; the reference run has none)."""
-    runs = [(gi, r.path) for gi, g in enumerate(groups) for r in g.runs if not r.reference]
+    runs = [(gi, r) for gi, g in enumerate(groups) for r in g.runs if not r.reference]
     cols = ["device", "group", columns.STAGE, *slope.SLOPE_COLUMNS]
-    long = fleet.round_sums([p for _, p in runs], engine) if runs else pd.DataFrame()
+    paths, named = [r.path for _, r in runs], [r.path for _, r in runs if r.named]  # named: a defect is an error
+    long = fleet.round_sums(paths, engine, named) if runs else pd.DataFrame()
     fit = slope.long_slopes(long, np.array([gi for gi, _ in runs]))
     if fit.empty:
         return pd.DataFrame(columns=cols)
@@ -160,12 +161,8 @@ def group_crossovers(groups: list[fleet.Group], names: list[str]) -> pd.DataFram
     for gi, g in enumerate(groups):
         rds, recs = [], []
         for r in (x for x in g.runs if not x.reference):
-            try:
-                run = store.read_run(r.path, only=slope.NEEDED_COLUMNS)
-            except InputError as e:
-                log.warning("no op table for the time model: %s", e)
-                continue
-            if not run.ops.empty:
+            run = fleet.read_ops(r.path, r.named, "no op table for the time model")
+            if run is not None and not run.ops.empty:
                 rds.append(stats.round_data(run.ops, run.tokens))
                 recs.append((run.record, r.path))
         if rds and len({d for rd in rds for d in rd.depths}) >= 2:
@@ -272,6 +269,8 @@ def build_parser() -> ArgParser:
 
 def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
+    if a.plots:  # an unwritable plot folder is found before the work, not after the table
+        store.check_out_dir(a.plots, hard_links=False)
     runs = fleet.load_runs(a.paths, with_hostname=a.hostname, engine=a.engine)
     groups = fleet.group_runs(runs)
     baseline = choose_baseline(groups, a.baseline)

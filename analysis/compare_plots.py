@@ -2,7 +2,8 @@
 (``make_figures``, no pyplot state), written as PNG + SVG by ``write_plots``.
 
 - ``compare_stage_ms``: grouped bars of stage ms/token, one panel per context, one bar per device group.
-- ``compare_stage_share``: stage share of profiled time vs depth, one panel per main stage, one line per group.
+- ``compare_stage_share``: stage share of the calibrated stage sum (~ the plain decode time) vs depth, one panel
+  per main stage, one line per group.
 - ``compare_roofline``: achieved bandwidth as a fraction of the device's measured read bandwidth
   (ffn, attn_kv and the whole token), one panel per context.
 """
@@ -19,7 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness import stages
-from harness.errors import UsageError
+from harness.errors import OutputError
+from harness.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 MAX_GROUPS = 16  # more groups than this: the first ones (table order) are plotted, the rest logged
@@ -29,7 +31,11 @@ def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
     paths = []
     for ext in ("png", "svg"):
         p = out / f"{stem}.{ext}"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
+        try:  # a temp file renamed into place: never half a figure under the final name
+            atomic_write(p, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight"),
+                         overwrite=True)
+        except OSError as e:
+            raise OutputError(f"could not write {p}: {e.strerror or e}") from None
         paths.append(p)
     return paths
 
@@ -103,7 +109,7 @@ def plot_stage_share(df: pd.DataFrame) -> Figure:
         ax.set_xticks(depths, [str(d) for d in depths], fontsize=7, rotation=45)
         ax.minorticks_off()
         ax.set_xlabel("KV depth (tokens)")
-        ax.set_ylabel("% of profiled time")
+        ax.set_ylabel("% of calibrated stage sum")
         ax.set_title(s, fontsize=10)
         ax.grid(alpha=0.3)
     _legend(fig, *axes[0].get_legend_handles_labels())
@@ -159,5 +165,5 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create the plot folder ({e.strerror}): {out}") from None
+        raise OutputError(f"cannot create the plot folder ({e.strerror}): {out}") from None
     return [p for stem, fig in make_figures(df).items() for p in _save(fig, out, stem)]

@@ -1,24 +1,25 @@
 """A fleet of runs: find run files, read their metadata (footer only) and group them by device, model and settings.
 
-A *group* is the unit that ``analysis.compare`` reports: runs with the same device label, the
-same model (content hash, else name + dominant quant type), the same work-changing settings
-(``SETTINGS``), the same completeness and the same reference flag. Runs within a group are
-pooled; runs in different groups are never pooled.
+A *group* is the unit that ``analysis.compare`` reports: runs with the same device label, the same model (content
+hash, else name + dominant quant type), the same work-changing settings (``SETTINGS``), the same completeness and
+the same reference flag. Runs within a group are pooled; runs in different groups are never pooled. A copy of a
+run is read once; a run that another run continued (``--resume``: that one holds its rounds) is left out.
 
-Runs are found recursively, so the flat layout (``runs/<time>_<label>_<model>.parquet``) and the
-Hive layout (``runs/device=<label>/model=<stem>/<time>.parquet``) read alike. Two engines read
-them and give the same results: ``pandas`` (pyarrow, one file at a time on a thread pool) and
-``duckdb`` (one query over every footer, one over every op table: ``analysis.fleet_db``); ``auto``
-picks DuckDB from ``DUCKDB_MIN_RUNS`` runs on.
+Runs are found recursively, hidden folders left out, so the flat layout (``runs/<time>_<label>_<model>.parquet``)
+and the Hive layout (``runs/device=<label>/model=<stem>/<time>.parquet``) read alike. Two engines read them and
+give the same results: ``pandas`` (pyarrow, one file at a time on a thread pool) and ``duckdb`` (one query over
+every footer, one over every op table: ``analysis.fleet_db``); ``auto`` picks DuckDB from ``DUCKDB_MIN_RUNS`` on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,15 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis import slope
-from harness import columns
+from harness import columns, store
 from harness.errors import InputError, UsageError
 from harness.record import ContextSummary, RunRecord
-from harness.store import TMP_PREFIX, read_record, record_from_meta
+from harness.store import read_record, record_from_meta
 
 log = logging.getLogger(__name__)
 SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers")
 ENGINES = ("auto", "pandas", "duckdb")
 DUCKDB_MIN_RUNS = 200  # auto: from here on DuckDB is faster (bench/fleet_bench.py)
+PLAIN = [[s, "int64", "int64", s, "double"] for s in ("large_string", "string")]  # slope.NEEDED_COLUMNS as written
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class RunInfo:
     bandwidth_gbps: float | None
     contexts: tuple[ContextSummary, ...]
     flags: tuple[str, ...] = ()  # kinds of the measurement flags the run raised (drift, noise, ...)
+    resumed_from: str | None = None  # the run file this run continued, as it was named then
+    named: bool = False  # named on the command line, not found in a folder: a defect is an error
+    identity: tuple = field(default=(), repr=False, compare=False)  # the measurement: copies of a run share it
     read_model: object | None = field(default=None, repr=False, compare=False)  # analysis.readmodel.ReadModel
 
     @property
@@ -81,8 +86,8 @@ def find_runs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path
     for p in map(Path, paths):
         if not p.exists():
             raise InputError(f"no such file or folder: {p}")
-        cands = [p] if p.is_file() else sorted(f for f in p.rglob("*.parquet")
-                                              if not f.name.startswith((TMP_PREFIX, ".")))
+        cands = [p] if p.is_file() else sorted(f for f in p.rglob("*.parquet")  # hidden: temp files, tools' state
+                                              if not any(s.startswith(".") for s in f.relative_to(p).parts))
         for f in cands:
             st = f.stat()  # one call per file: regular? and its identity, for de-duplication
             if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
@@ -123,31 +128,24 @@ def _read_model(rec: RunRecord):
 
 
 def run_info(path: Path, rec: RunRecord, with_hostname: bool, rm_cache: dict,
-             full_record: Callable[[], RunRecord] | None = None) -> RunInfo:
+             full_record: Callable[[], RunRecord] | None = None, named: bool = False) -> RunInfo:
     """``rec`` may lack the tensor table (DuckDB engine); ``full_record`` then reads the whole footer, once
     per model and settings, for the read model."""
     key, name = model_identity(rec)
     settings = tuple((k, getattr(rec.params, k)) for k in SETTINGS)
-    rm_key = (key, settings)
-    if rm_key not in rm_cache:
-        rm_cache[rm_key] = _read_model(full_record() if full_record and not rec.model.gguf else rec)
+    if (key, settings) not in rm_cache:
+        rm_cache[key, settings] = _read_model(full_record() if full_record and not rec.model.gguf else rec)
     return RunInfo(path=str(path), label=device_label(rec, with_hostname), model_key=key, model_name=name,
                    settings=settings, complete=rec.complete, reference=rec.reference,
-                   bandwidth_gbps=rec.bandwidth_gbps, contexts=rec.contexts, read_model=rm_cache[rm_key],
-                   flags=tuple(sorted({f.kind for f in rec.flags if f.kind != "synthetic"})))
+                   bandwidth_gbps=rec.bandwidth_gbps, contexts=rec.contexts, read_model=rm_cache[key, settings],
+                   flags=tuple(sorted({f.kind for f in rec.flags if f.kind != "synthetic"})),
+                   resumed_from=rec.resumed_from, named=named, identity=(rec.resumed_from, rec.device, rec.timing, *(
+                       (c.context, c.depth, c.timed_tokens, c.plain_ms, c.profiled_ms) for c in rec.contexts)))
 
 
-def _try_meta(path: Path) -> RunRecord | InputError:
+def _caught(read: Callable[..., RunRecord], *args) -> RunRecord | InputError:
     try:
-        return read_record(path)
-    except InputError as e:
-        return e
-
-
-def _partial(meta: dict, path: Path) -> RunRecord | InputError:
-    """A record from a footer without its per-token times and tensor table (the DuckDB fast path)."""
-    try:
-        return record_from_meta({**meta, "tokens": meta.get("tokens", [])}, path)
+        return read(*args)
     except InputError as e:
         return e
 
@@ -155,17 +153,7 @@ def _partial(meta: dict, path: Path) -> RunRecord | InputError:
 def resolve_engine(engine: str, n_runs: int) -> str:
     if engine not in ENGINES:
         raise UsageError(f"unknown fleet engine {engine!r} (choose from: {', '.join(ENGINES)})")
-    if engine == "auto":
-        return "duckdb" if n_runs >= DUCKDB_MIN_RUNS else "pandas"
-    return engine
-
-
-def read_records(files: list[Path], engine: str) -> list[RunRecord | InputError]:
-    """Each file's validated record, or the InputError that reading it raised. DuckDB leaves out what compare
-    never reads (``fleet_db``'s module doc; the rest is validated as usual); a file its fast path cannot
-    vouch for is read the pandas way."""
-    with paused_gc():
-        return _read_records(files, engine)
+    return ("duckdb" if n_runs >= DUCKDB_MIN_RUNS else "pandas") if engine == "auto" else engine
 
 
 @contextlib.contextmanager
@@ -183,15 +171,19 @@ def paused_gc():
             gc.enable()
 
 
-def _read_records(files: list[Path], engine: str) -> list[RunRecord | InputError]:
+@paused_gc()
+def read_records(files: list[Path], engine: str) -> list[RunRecord | InputError]:
+    """Each file's validated record, or the InputError that reading it raised. DuckDB leaves out what compare
+    never reads (per-token times, the tensor table, ...: ``fleet_db``'s module doc; the rest is validated as
+    usual); a file its fast path cannot vouch for is read the pandas way."""
     fast: list[RunRecord | InputError | None] = [None] * len(files)
     if engine == "duckdb":
         from analysis import fleet_db
-        fast = [None if m is None else _partial(m, f) for f, m in zip(files, fleet_db.read_footers(files),
-                                                                       strict=True)]
+        fast = [None if m is None else _caught(record_from_meta, {**m, "tokens": m.get("tokens", [])}, f)
+                for f, m in zip(files, fleet_db.read_footers(files), strict=True)]
     slow = [f for f, m in zip(files, fast, strict=True) if m is None]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        it = iter(list(ex.map(_try_meta, slow)))
+        it = iter(list(ex.map(functools.partial(_caught, read_record), slow)))
     return [m if m is not None else next(it) for m in fast]
 
 
@@ -201,21 +193,41 @@ def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False, e
     explicit, found = find_runs(paths)
     files = explicit + found
     engine = resolve_engine(engine, len(files))
-    metas = read_records(files, engine)
     runs, rm_cache, skipped = [], {}, []
-    for i, (f, m) in enumerate(zip(files, metas, strict=True)):
+    for i, (f, m) in enumerate(zip(files, read_records(files, engine), strict=True)):
         if isinstance(m, InputError):
             if i < len(explicit):
                 raise m
             skipped.append(m)
             continue
         full = (lambda f=f: read_record(f)) if engine == "duckdb" else None
-        runs.append(run_info(f, m, with_hostname, rm_cache, full))
+        runs.append(run_info(f, m, with_hostname, rm_cache, full, named=i < len(explicit)))
     if not runs:
         raise InputError(f"no harness runs among {len(files)} Parquet file(s); first: {skipped[0]}")
     for e in skipped:
         log.warning("skipping %s", e)
-    return runs
+    return distinct(runs)
+
+
+def distinct(runs: list[RunInfo]) -> list[RunInfo]:
+    """``runs`` less copies of a run (same group and measurement: device, timing, each context's times; the first
+    kept) and runs another run continued (``resumed_from``, a path as given then: matched by file name within the
+    device, model and settings; runs naming each other in a loop are kept), each left out with a log line."""
+    first: dict[tuple, RunInfo] = {}
+    for r in runs:
+        if (seen := first.setdefault((r.group_key, r.identity), r)) is not r:
+            log.warning("skipping %s: a copy of %s", r.path, seen.path)
+    later = {(Path(r.resumed_from).name, *r.group_key[:3]): r for r in first.values() if r.resumed_from}
+    out = []
+    for r in first.values():
+        chain = [r]  # r, the run that continued r, the run that continued that one, ...
+        while (c := later.get((Path(chain[-1].path).name, *r.group_key[:3]))) is not None and c not in chain:
+            chain.append(c)
+        if len(chain) > 1 and c is None:
+            log.info("leaving out %s: %s continues it (--resume: the same measurement)", r.path, chain[-1].path)
+        else:
+            out.append(r)
+    return out
 
 
 def group_runs(runs: Iterable[RunInfo]) -> list[Group]:
@@ -231,46 +243,56 @@ def group_runs(runs: Iterable[RunInfo]) -> list[Group]:
 def group_names(groups: list[Group]) -> list[str]:
     """Row labels: the model, plus every setting that differs between groups, plus markers."""
     varying = [k for k in SETTINGS if len({g.setting.get(k) for g in groups} - {None}) > 1]
-    names_by_display: dict[str, set[str]] = {}
-    for g in groups:
-        names_by_display.setdefault(g.model_name, set()).add(g.model_key)
+    clash = {n for n, k in Counter(n for n, _ in {(g.model_name, g.model_key) for g in groups}).items() if k > 1}
     out = []
     for g in groups:
         model = g.model_name
-        if len(names_by_display[model]) > 1:  # same display name, different models: show the key
+        if model in clash:  # same display name, different models: show the key
             model += f" [{g.model_key.split(':')[-1][:8]}]"
-        parts = [model] + [f"{k}={g.setting[k]}" for k in varying if g.setting.get(k) is not None]
-        if g.reference:
-            parts.append("REFERENCE")
-        if not g.complete:
-            parts.append("INCOMPLETE")
-        out.append(" ".join(parts))
+        out.append(" ".join([model, *(f"{k}={g.setting[k]}" for k in varying if g.setting.get(k) is not None)]
+                            + ["REFERENCE"] * g.reference + ["INCOMPLETE"] * (not g.complete)))
     return out
 
 
-def round_sums(paths: list[str], engine: str = "pandas") -> pd.DataFrame:
+def round_sums(paths: list[str], engine: str = "pandas", named: Iterable[str] = ()) -> pd.DataFrame:
     """Stage ms of every profiled token of the runs at ``paths``: columns run (index into ``paths``), context,
-    depth, round, stage, ms. Runs whose op table cannot be read are left out with a warning."""
+    depth, round, stage, ms. A run whose op table cannot be read is an error when ``named``, else left out with a
+    warning; an older format (repeat/step for round) is upgraded on read."""
+    named, fast, rest = set(named), None, range(len(paths))
     if engine == "duckdb":
         from analysis import fleet_db
-        long = fleet_db.round_sums(paths)
-        if long is not None:
-            return long
-    parts = [t for t in (_ops_sums(i, p) for i, p in enumerate(paths)) if t is not None]
+        fast, rest = fleet_db.round_sums(paths)  # rest: older formats, or every run when DuckDB failed
+    parts = [t for t in (_ops_sums(i, paths[i], paths[i] in named) for i in rest) if t is not None]
     cols = [slope.RUN, *slope.NEEDED_COLUMNS[:-1], "ms"]
-    if not parts:
-        return pd.DataFrame(columns=cols)
-    return pa.concat_tables(parts, promote_options="permissive").to_pandas()[cols]
+    slow = pa.concat_tables(parts, promote_options="permissive").to_pandas()[cols] if parts else None
+    frames = [f for f in (fast, slow) if f is not None]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
-def _ops_sums(i: int, path: str) -> pa.Table | None:
-    """Per-token per-stage time sums of one run (arrow group-by; only the needed columns are read)."""
+def read_ops(path: str, named: bool, what: str) -> store.Run | None:
+    """The run with its op table's slope columns, older formats upgraded. A defect: named, an error; else None."""
+    try:
+        return store.read_run(path, only=slope.NEEDED_COLUMNS)
+    except InputError as e:
+        if named:
+            raise
+        log.warning("%s: %s", what, e)
+        return None
+
+
+def _ops_sums(i: int, path: str, named: bool = False) -> pa.Table | None:
+    """Per-token per-stage time sums of one run (arrow group-by; only the needed columns are read). What the plain
+    read refuses (an older format, other types, empty keys, bad times) goes through ``read_ops``."""
     try:
         t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
-    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
-        log.warning("no op table for slopes in %s: %s", path, str(e).splitlines()[0][:120])
-        return None
-    if t.num_rows == 0:
+        if [str(f.type) for f in t.schema] not in PLAIN or any(c.null_count for c in t.columns) or not (
+                pa.compute.all(pa.compute.is_finite(x := t.column(columns.TIME_US))).as_py()
+                and (pa.compute.min(x).as_py() or 0) >= 0):
+            raise ValueError("another layout, empty keys or bad times")  # read_ops checks it, or says what is wrong
+    except (pa.ArrowException, OSError, KeyError, ValueError):
+        run = read_ops(path, named, "no op table for slopes")
+        t = None if run is None else pa.Table.from_pandas(run.ops, preserve_index=False)
+    if t is None or t.num_rows == 0:
         return None
     keys = [c for c in slope.NEEDED_COLUMNS if c != columns.TIME_US]
     t = t.group_by(keys).aggregate([(columns.TIME_US, "sum")])

@@ -7,7 +7,9 @@
   A file the fast path cannot vouch for (no ``harness.run`` key, invalid JSON, another schema
   version: it needs an upgrade or a refusal) comes back as None and is read one by one.
 - ``round_sums``: one ``read_parquet`` over every op table, summed per run, context, round and stage
-  inside DuckDB (the input of ``slope``'s bootstrap over rounds).
+  inside DuckDB (the input of ``slope``'s bootstrap over rounds). An op table of an older format
+  (``repeat``/``step``, no ``round``: ``parquet_schema`` tells from the footers) is left to the caller,
+  which reads it upgraded (``harness.store.read_run``).
 
 When DuckDB cannot read the fleet at all (a corrupt file, op tables with other columns) both answer
 None for everything with a warning, and the caller reads file by file: same results, slower.
@@ -21,6 +23,7 @@ import os
 from collections.abc import Sequence
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from analysis import slope
@@ -41,13 +44,16 @@ SELECT file_name, CASE WHEN json_type(j, '$.contexts') = 'ARRAY' THEN json_merge
 FROM m
 """
 # file_index (a virtual column: which file of $files a row came from) keeps file names out of the 60 M-row
-# group-by; a context is one depth, so it rides along as any_value.
+# group-by; a context is one depth, so it rides along as any_value. ok: every time finite and >= 0.
 ROUND_SUMS = f"""
 SELECT file_index AS {slope.RUN}, any_value("{columns.CONTEXT}") AS "{columns.CONTEXT}", "{columns.DEPTH}",
-       "{columns.ROUND}", "{columns.STAGE}", sum("{columns.TIME_US}") / 1000.0 AS ms
+       "{columns.ROUND}", "{columns.STAGE}", sum("{columns.TIME_US}") / 1000.0 AS ms,
+       bool_and(coalesce(isfinite("{columns.TIME_US}"::DOUBLE) AND "{columns.TIME_US}" >= 0, false)) AS ok
 FROM read_parquet($files, hive_partitioning = false) GROUP BY file_index, "{columns.DEPTH}", "{columns.ROUND}",
        "{columns.STAGE}"
 """
+
+WITH_ROUND = f"SELECT DISTINCT file_name FROM parquet_schema($files) WHERE name = '{columns.ROUND}'"
 
 
 _DB: duckdb.DuckDBPyConnection | None = None
@@ -91,11 +97,17 @@ def read_footers(files: Sequence[str | os.PathLike]) -> list[dict | None]:
     return out
 
 
-def round_sums(paths: Sequence[str | os.PathLike]) -> pd.DataFrame | None:
-    """``fleet.round_sums`` of every op table under ``paths`` in one query; None when DuckDB cannot read
-    them all (the caller then reads file by file)."""
-    long = _query(ROUND_SUMS, paths)
+def round_sums(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame | None, list[int]]:
+    """(``fleet.round_sums`` of the op tables under ``paths`` that have a round column, in one query; the indices
+    of the other paths, and of those with empty keys or bad times, for the caller to read one by one, checked).
+    (None, every index) when DuckDB cannot read them."""
+    have = _query(WITH_ROUND, paths, rows=True)
+    have = {name for (name,) in have} if have is not None else set()
+    cur = [i for i, p in enumerate(paths) if str(p) in have]
+    long = _query(ROUND_SUMS, [paths[i] for i in cur]) if cur else None
     if long is None:
-        return None
-    long[slope.RUN] = long[slope.RUN].astype("int64")
-    return long[[slope.RUN, *slope.NEEDED_COLUMNS[:-1], "ms"]]
+        return None, list(range(len(paths)))
+    long[slope.RUN] = np.asarray(cur, dtype="int64")[long[slope.RUN].to_numpy(dtype="int64")]
+    odd = set(long.loc[~long.pop("ok").astype(bool) | long.isna().any(axis=1), slope.RUN])
+    rest = [i for i, p in enumerate(paths) if str(p) not in have or i in odd]
+    return long[~long[slope.RUN].isin(odd)][[slope.RUN, *slope.NEEDED_COLUMNS[:-1], "ms"]], rest

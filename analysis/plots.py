@@ -3,7 +3,7 @@
     python -m analysis.plots RUN.parquet -o DIR [--model-variant auto|exact|exact_padded|seed] [--model GGUF]
 
 1. ``read_per_token``: modelled FFN and attention-KV MiB read per token against context depth.
-2. ``stage_shares``: measured decode stage shares (calibrated) against depth; with a time model
+2. ``stage_shares``: measured decode stage shares (of the calibrated stage sum) against depth; with a time model
    (``analysis.timemodel``), its predicted FFN and attention shares as dashed curves with 95 % bands.
 3. ``stage_ms``: stacked measured ms/token of every stage per context, with the plain decode time; with
    a time model, a second panel of plain, FFN and attention ms against depth, measured and predicted.
@@ -25,7 +25,8 @@ from analysis.readmodel import ReadModel
 from analysis.timemodel import TimeModel
 from harness import stages, store
 from harness.cli import ArgParser, run_cli
-from harness.errors import UsageError
+from harness.errors import OutputError
+from harness.fsutil import atomic_write
 from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def plot_stage_shares(rec: RunRecord, tm: TimeModel | None = None) -> Figure:
     ax.set_xticks(depths, [f"{c.depth}\n{c.context}" for c in ctxs], fontsize=8)
     ax.set_title(f"Measured decode stage shares{_title_suffix(rec)}", fontsize=10)
     ax.set_xlabel("Context depth (tokens)")
-    ax.set_ylabel("% of profiled decode wall time")
+    calibrated = all(c.stage_pct_calibrated for c in ctxs)  # share() falls back to the profiled shares
+    ax.set_ylabel("% of calibrated stage sum (≈ plain decode)" if calibrated else "% of profiled decode wall time")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -168,15 +170,15 @@ def make_figures(rec: RunRecord, model: ReadModel, tm: TimeModel | None = None) 
 
 
 def write_plots(rec: RunRecord, model: ReadModel, out_dir: str | Path, tm: TimeModel | None = None) -> list[Path]:
-    d = store.check_out_dir(out_dir)
+    d = store.check_out_dir(out_dir, hard_links=False)  # figures are replaced whole by a rename
     written = []
     for name, fig in make_figures(rec, model, tm).items():
         for ext in ("png", "svg"):
             p = d / f"{name}.{ext}"
-            try:
-                fig.savefig(p, dpi=120)
+            try:  # a temp file renamed into place: never half a figure under the final name
+                atomic_write(p, lambda tmp, fig=fig, ext=ext: fig.savefig(tmp, format=ext, dpi=120), overwrite=True)
             except OSError as e:
-                raise UsageError(f"could not write {p}: {e.strerror or e}") from None
+                raise OutputError(f"could not write {p}: {e.strerror or e}") from None
             written.append(p)
     return written
 

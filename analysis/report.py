@@ -25,16 +25,17 @@ from analysis import report_html as h
 from harness import store
 from harness.cli import ArgParser, run_cli
 from harness.errors import OutputError, UsageError
+from harness.fsutil import atomic_write
 from harness.record import RunRecord
 
 log = logging.getLogger(__name__)
 FIGURE_CAPTIONS = {
     "read_per_token": "Modelled FFN and KV-cache MiB read per token against depth (read model).",
-    "stage_shares": "Measured stage shares of the profiled decode time against depth.",
+    "stage_shares": "Measured stage shares of the calibrated stage sum (about the plain decode time) against depth.",
     "stage_ms": "Measured ms per token by stage; the bar is the plain (unprofiled) decode time.",
     "roofline": "Stage time against modelled bytes per stage; the dashed line is the device's measured bandwidth.",
     "compare_stage_ms": "Stage ms per token, one bar per device group, per context.",
-    "compare_stage_share": "Stage share of profiled time against depth, one line per device group.",
+    "compare_stage_share": "Stage share of the calibrated stage sum against depth, one line per device group.",
     "compare_roofline": "Achieved bandwidth as a fraction of each device's measured read bandwidth.",
 }
 
@@ -133,16 +134,13 @@ def build(paths: list[str], variant: str = "auto", model_path: str | None = None
 
 
 def write(text: str, out: str | os.PathLike) -> Path:
-    """Write the page atomically (temp file in the same folder, then rename over any old report)."""
+    """Write the page atomically (a temp file in the same folder, renamed over any old report; the temp file is
+    removed whatever stops the write, Ctrl-C included)."""
     p = Path(out)
-    tmp = p.parent / f"{store.TMP_PREFIX}{os.getpid()}-{p.name}"
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        return atomic_write(p, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"could not write the report ({e.strerror or e}): {p}") from None
-    return p
 
 
 def _main(argv: list[str] | None) -> int:
@@ -159,7 +157,7 @@ def _main(argv: list[str] | None) -> int:
     out = Path(a.out)
     if out.is_dir():
         raise UsageError(f"--out is a folder, expected an .html file: {out}")
-    store.check_out_dir(out.parent if str(out.parent) else ".")
+    store.check_out_dir(out.parent if str(out.parent) else ".", hard_links=False)  # replaced whole by a rename
     page = build(a.paths, a.model_variant, a.model, a.baseline, a.engine, a.detail, a.title)
     log.info("report written: %s (%.0f kB)", write(page, out), len(page.encode()) / 1e3)
     return 0

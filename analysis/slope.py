@@ -3,9 +3,11 @@
 The slope is the least-squares line through each depth's mean stage ms/token. The interval is a
 percentile bootstrap over *rounds*, not tokens: tokens in a row are not independent, and a round
 holds one token of every depth, so resampling rounds keeps depths paired (drift within a round
-hits every depth alike). Several runs of a group are pooled with a stratified bootstrap: each
-run's rounds are resampled within that run, and a depth's mean is the mean over the runs that
-measured it.
+hits every depth alike). Several runs of a group are pooled with a stratified bootstrap (each
+run's rounds are resampled within that run) into one slope within runs: each run's depths and
+means are centred on its own, so runs at different levels that measured different depths do not
+make a slope of their levels. With one set of depths this is the line through the per-depth
+means pooled over runs.
 
 - ``run_slopes(run)``: one run, calibrated stage ms plus the plain pass (``decode``);
 - ``long_slopes(long, group_of_run)``: many groups at once from per-round stage sums (what
@@ -15,10 +17,13 @@ measured it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
 from harness import checks, columns, stats, store
+from harness.errors import InputError
 from harness.stages import STAGES
 
 NEEDED_COLUMNS = [columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE, columns.TIME_US]
@@ -30,21 +35,8 @@ Sample = tuple[np.ndarray, np.ndarray]  # (depths (D,), ms per token (R, D, K)):
 
 
 CHUNK = 256  # runs of one shape bootstrapped together (bounds the (runs, resamples, rounds) count array)
+CELLS = 4_000_000  # resampled means held at once on the general path (runs x resamples x depths x columns)
 Bucket = tuple[np.ndarray, np.ndarray, np.ndarray]  # runs of one shape: ms (n, R, D, K), depths (n, D), group (n,)
-
-
-def _fit(depths: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares slope and intercept against depths (D,), or (..., 1, D) per group, of y (..., D, K), per
-    leading index and column; NaN cells of y are left out."""
-    ok = ~np.isnan(y)
-    x = np.broadcast_to(depths.astype(float)[..., :, None], y.shape)
-    x0, y0 = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
-    with np.errstate(all="ignore"):
-        n = ok.sum(axis=-2)
-        sx, sy = x0.sum(axis=-2), y0.sum(axis=-2)
-        sxx, sxy = (x0 * x0).sum(axis=-2) - sx * sx / n, (x0 * y0).sum(axis=-2) - sx * sy / n
-        slope = np.where(sxx > 0, sxy / sxx, np.nan)
-        return slope, (sy - slope * sx) / n
 
 
 def _counts(rng: np.random.Generator, n: int, r: int, n_boot: int) -> np.ndarray:
@@ -68,70 +60,51 @@ def _buckets(samples: list[Sample], group: np.ndarray) -> list[Bucket]:
             for idx in by_shape.values()]
 
 
-class _Depths:
-    """Each group's depths (the union over its runs), as a 0-padded (G, Dmax) matrix, and where each run's
-    depths sit in it (``cell``: row g * Dmax + position)."""
-
-    def __init__(self, buckets: list[Bucket], n_groups: int):
-        key = np.unique(np.concatenate([(gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64).reshape(len(gs), -1)
-                                        for _, ds, gs in buckets], axis=None))
-        g, first = np.unique(key >> 32, return_index=True)
-        pos = np.arange(len(key)) - np.repeat(first, np.diff(np.r_[first, len(key)]))
-        self.n = np.bincount(key >> 32, minlength=n_groups)
-        self.dmax = int(self.n.max())
-        self.matrix = np.zeros((n_groups, self.dmax))
-        self.matrix[key >> 32, pos] = key & 0xFFFFFFFF
-        self._key, self._row = key, (key >> 32) * self.dmax + pos
-
-    def cell(self, ds: np.ndarray, gs: np.ndarray) -> np.ndarray:
-        """Rows (n, D) of the runs' depths ``ds`` (n, D) of groups ``gs`` (n,)."""
-        return self._row[np.searchsorted(self._key, (gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64))]
-
-
-def _curves(buckets: list[Bucket], n_boot: int, seed: int, gd: _Depths | None = None):
-    """Per group (0..G-1): its depths (G, Dmax; 0-padded), the per-depth mean curves of the data and of every
-    resample (G, n_boot + 1, Dmax, K; NaN where no run measured a depth), its rounds and depths (G,). Each
-    run's rounds are resampled within that run (a stratified bootstrap); runs of one shape together."""
-    n_groups, k = max(int(g.max()) for _, _, g in buckets) + 1, buckets[0][0].shape[3]
-    gd = gd or _Depths(buckets, n_groups)
-    acc = np.zeros((n_groups * gd.dmax, (n_boot + 1) * k))
-    cnt = np.zeros((n_groups * gd.dmax, k))
-    rounds = np.zeros(n_groups)
+def _within(buckets: list[Bucket], n_groups: int, n_boot: int, seed: int) -> dict[str, np.ndarray]:
+    """Within-run sums per group, resample (row 0: the data) and column, each (G, n_boot + 1, K): ``sxy`` and
+    ``sxx`` (depths centred on each run's own mean over the depths it has data at) and, for the intercept, the
+    sums over runs of each run's mean depth ``sx`` and mean ms ``sy`` and the number of runs ``n``. A resample
+    that draws none of a cell's valid rounds leaves that cell out, as for a run that did not measure it."""
+    k = buckets[0][0].shape[3]
+    out = {name: np.zeros((n_groups, n_boot + 1, k)) for name in ("sxy", "sxx", "sx", "sy", "n")}
     rng = np.random.default_rng(seed)
     for ys, ds, gs in buckets:
         n_all, r, d = ys.shape[:3]
-        np.add.at(rounds, gs, r)
-        for a in range(0, n_all, CHUNK):
-            y, g = ys[a:a + CHUNK].reshape(-1, r, d * k), gs[a:a + CHUNK]
+        step = max(1, min(CHUNK, CELLS // ((n_boot + 1) * d * k)))
+        for a in range(0, n_all, step):
+            y = ys[a:a + step].reshape(-1, r, d * k)
             ok = ~np.isnan(y)
             counts = _counts(rng, len(y), r, n_boot)
             with np.errstate(all="ignore"):  # NaN where a resample has no data
-                means = (counts @ np.where(ok, y, 0.0)) / (counts @ ok.astype(float))
-            means = means.reshape(len(y), n_boot + 1, d, k).transpose(0, 2, 1, 3).reshape(len(y) * d, -1)
-            rows = gd.cell(ds[a:a + CHUNK], g).ravel()  # each run's depths, as rows of acc
-            _add_rows(acc, rows, np.nan_to_num(means))
-            _add_rows(cnt, rows, ~np.isnan(means[:, :k]))
-    with np.errstate(all="ignore"):
-        curve = (acc.reshape(n_groups, gd.dmax, n_boot + 1, k) / cnt.reshape(n_groups, gd.dmax, 1, k))
-    return gd.matrix, curve.transpose(0, 2, 1, 3), rounds, gd.n
+                m = ((counts @ np.where(ok, y, 0.0)) / (counts @ ok.astype(float))).reshape(len(y), n_boot + 1, d, k)
+                has = ~np.isnan(m)
+                x = np.where(has, ds[a:a + step, None, :, None].astype(float), 0.0)
+                n = has.sum(axis=2)
+                xbar, ybar = x.sum(axis=2) / n, np.where(has, m, 0.0).sum(axis=2) / n
+                xc = np.where(has, x - xbar[:, :, None, :], 0.0)
+            run = {"sxy": (xc * np.where(has, m, 0.0)).sum(axis=2), "sxx": (xc * xc).sum(axis=2),
+                   "sx": np.where(n > 0, xbar, 0.0), "sy": np.where(n > 0, ybar, 0.0), "n": (n > 0).astype(float)}
+            for name, v in run.items():
+                _add_rows(out[name], gs[a:a + step], v)
+    return out
 
 
-def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, gd: _Depths, k: int):
-    """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell. A least-squares slope is
-    linear in the per-depth means, so each run's rounds are first folded over depths with its group's
-    weights, and only (rounds x stages) per run are resampled: a depth-fold less work than the curves."""
-    n_groups = len(gd.n)
-    cells = [gd.cell(ds, gs) for _, ds, gs in buckets]
-    n_at = np.bincount(np.concatenate([c.ravel() for c in cells]), minlength=n_groups * gd.dmax)
-    x = np.where(np.arange(gd.dmax) < gd.n[:, None], gd.matrix, np.nan)
-    xc = x - np.nanmean(x, axis=1, keepdims=True)
-    with np.errstate(all="ignore"):  # a group with one depth has no slope
-        weight = np.nan_to_num(xc / np.nansum(xc**2, axis=1, keepdims=True)).ravel() / np.maximum(n_at, 1)
+def _clean_slopes(buckets: list[Bucket], n_groups: int, n_boot: int, seed: int, k: int) -> np.ndarray:
+    """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell. The within-run slope is
+    linear in each run's per-depth means, so each run's rounds are first folded over its depths with its
+    weights (its centred depths over the group's sum of squares) and only (rounds x stages) per run are
+    resampled: a depth-fold less work than ``_within``."""
+    sxx = np.zeros(n_groups)
+    centred = [ds - ds.mean(axis=1, keepdims=True) for _, ds, _ in buckets]
+    for (_, _, gs), xc in zip(buckets, centred, strict=True):
+        np.add.at(sxx, gs, (xc * xc).sum(axis=1))
     slopes = np.zeros((n_groups, n_boot + 1, k))
     rng = np.random.default_rng(seed)
-    for (ys, _, gs), cell in zip(buckets, cells, strict=True):
+    for (ys, _, gs), xc in zip(buckets, centred, strict=True):
         n_all, r = ys.shape[:2]
-        z = np.einsum("nrdk,nd->nrk", ys, weight[cell] / r)  # each round folded over depths
+        with np.errstate(all="ignore"):  # a group with one depth has no slope
+            weight = np.nan_to_num(xc / sxx[gs][:, None]) / r
+        z = np.einsum("nrdk,nd->nrk", ys, weight)  # each round folded over depths
         for a in range(0, n_all, CHUNK):
             zc = z[a:a + CHUNK]
             _add_rows(slopes, gs[a:a + CHUNK], _counts(rng, len(zc), r, n_boot) @ zc)
@@ -139,28 +112,63 @@ def _clean_slopes(buckets: list[Bucket], n_boot: int, seed: int, gd: _Depths, k:
 
 
 def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """SLOPE_COLUMNS per group and column (arrays of shape (G, K)). Groups whose runs all have every cell take
-    the folded fast path for the bootstrap; the data's own slope and intercept come from the curves."""
+    """SLOPE_COLUMNS per group and column (arrays of shape (G, K)). A group's slope is the least-squares slope
+    within its runs (each run's depths and ms centred on its own means), so runs that measured different
+    depths do not turn their difference in level into a slope; with one set of depths it is the slope of the
+    per-depth means pooled over runs. Groups whose runs all have every cell take the folded fast path."""
     n_groups, k = max(int(g.max()) for _, _, g in buckets) + 1, buckets[0][0].shape[3]
     dirty = np.zeros(n_groups, bool)
     for ys, _, gs in buckets:
         dirty[gs[np.isnan(ys).any(axis=(1, 2, 3))]] = True
-    gd = _Depths(buckets, n_groups)
-    depths, curve, rounds, n_depths = _curves(buckets, 0, seed, gd)
-    slope, intercept = _fit(depths[:, None, :], curve)
+    data = {name: v[:, 0] for name, v in _within(buckets, n_groups, 0, seed).items()}
+    with np.errstate(all="ignore"):
+        slope = np.where(data["sxx"] > 0, data["sxy"] / data["sxx"], np.nan)
+        intercept = (data["sy"] - slope * data["sx"]) / data["n"]
     boot = np.full((n_groups, n_boot, k), np.nan)
     if n_boot and not dirty.all():
-        boot[~dirty] = _clean_slopes(buckets, n_boot, seed, gd, k)[~dirty, 1:]
-    if n_boot and dirty.any():  # the curves of every resample, for those groups only (renumbered 0..)
+        boot[~dirty] = _clean_slopes(buckets, n_groups, n_boot, seed, k)[~dirty, 1:]
+    if n_boot and dirty.any():  # every resample's per-run means, for those groups only (renumbered 0..)
         renum = np.cumsum(dirty) - 1
         sub = [(ys[m], ds[m], renum[gs[m]]) for ys, ds, gs in buckets if (m := dirty[gs]).any()]
-        sub_depths, c_dirty, _, _ = _curves(sub, n_boot, seed)
-        boot[dirty] = _fit(sub_depths[:, None, :], c_dirty)[0][:, 1:]
-    lo, hi = stats.interval(boot, axis=1) if n_boot else (slope[:, 0], slope[:, 0])
-    shape = slope[:, 0].shape
-    return {"slope_ms_per_1k": slope[:, 0] * 1000, "ci95_low_ms_per_1k": lo * 1000, "ci95_high_ms_per_1k": hi * 1000,
-            "intercept_ms": intercept[:, 0], "n_rounds": np.broadcast_to(rounds[:, None], shape),
-            "n_depths": np.broadcast_to(n_depths[:, None], shape)}
+        w = _within(sub, int(dirty.sum()), n_boot, seed)
+        with np.errstate(all="ignore"):
+            boot[dirty] = np.where(w["sxx"] > 0, w["sxy"] / w["sxx"], np.nan)[:, 1:]
+    lo, hi = stats.interval(boot, axis=1) if n_boot else (slope, slope)
+    key = np.unique(np.concatenate([((gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64)).ravel()
+                                    for _, ds, gs in buckets]))
+    rounds = np.zeros(n_groups)
+    for ys, _, gs in buckets:
+        np.add.at(rounds, gs, ys.shape[1])
+    return {"slope_ms_per_1k": slope * 1000, "ci95_low_ms_per_1k": lo * 1000, "ci95_high_ms_per_1k": hi * 1000,
+            "intercept_ms": intercept, "n_rounds": np.broadcast_to(rounds[:, None], slope.shape),
+            "n_depths": np.broadcast_to(np.bincount(key >> 32, minlength=n_groups)[:, None], slope.shape)}
+
+
+def pool_runs(y: np.ndarray, iters: int = 500) -> np.ndarray:
+    """Per-depth means pooled over runs, (n_runs, D, ...) -> (D, ...), NaN where a run did not measure a depth.
+    With one set of depths, the mean over runs. Otherwise each run's level is fitted first (y = run level +
+    depth curve, least squares by alternating means) and the curve is put at the runs' mean level, so runs at
+    different levels that measured different depths do not make a shape of their levels. Runs that share no
+    depth, directly or through other runs, have no common level: InputError."""
+    have = ~np.isnan(y)
+    if have.all():
+        return y.mean(axis=0)
+    seen = have.reshape(len(y), y.shape[1], -1).any(axis=2)  # (runs, D)
+    linked = seen[:1].any(axis=0)
+    for _ in range(len(y)):
+        linked = linked | seen[(seen & linked).any(axis=1)].any(axis=0)
+    if (seen.any(axis=1) & ~(seen & linked).any(axis=1)).any():
+        raise InputError("these runs share no depth, directly or through other runs: no common level to pool them")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a depth no run measured stays NaN
+        curve = np.nanmean(y, axis=0)
+        for _ in range(iters):
+            level = np.nanmean(y - curve, axis=1, keepdims=True)
+            level -= level.mean(axis=0)
+            before, curve = curve, np.nanmean(y - level, axis=0)
+            if np.nanmax(np.abs(curve - before), initial=0.0) <= 1e-12 * np.nanmax(np.abs(curve), initial=1.0):
+                break
+        return curve
 
 
 def pooled_slopes(samples: list[Sample], names: list[str], n_boot: int = stats.N_BOOT, seed: int = 0) -> pd.DataFrame:
@@ -201,7 +209,10 @@ def invariant_off_zero(sl: pd.DataFrame, contexts) -> dict[str, tuple[float, flo
     return out
 
 
-def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = 400) -> pd.DataFrame:
+FLEET_N_BOOT = 400  # compare's resamples: a fleet of 10,000 runs stays within bench/NOTES.md §10's 10 s
+
+
+def long_slopes(long: pd.DataFrame, group_of_run: np.ndarray, n_boot: int = FLEET_N_BOOT) -> pd.DataFrame:
     """Slopes of every group from per-round stage sums (columns RUN, context, depth, round, stage, ms; group
     ``group_of_run[run]``). Columns: group, stage, SLOPE_COLUMNS; only stages with time in the group."""
     cols = ["group", columns.STAGE, *SLOPE_COLUMNS]

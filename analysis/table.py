@@ -83,6 +83,8 @@ def load_read_model(rec: RunRecord, variant: str = "auto", model_path: str | Non
     if variant == "seed":
         return readmodel.seed_model()
     if readmodel.has_tensor_table(rec):
+        if model_path is not None:
+            log.warning("--model %s not read: the run carries its model's tensor table", model_path)
         return readmodel.from_run(rec, variant)
     if model_path is None:
         raise UsageError(f"the {variant} read model needs the model's tensor table: the run has none, "
@@ -258,7 +260,8 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
             for stage, r in sl.iterrows():
                 df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
         return df.to_csv(index=False)
-    parts = [*describe(rec, model), "", format_markdown(df), "", NOTES]
+    raw = "" if any(c.stage_ms_calibrated for c in rec.contexts) else " This run has no calibration: stage ms are raw."
+    parts = [*describe(rec, model), "", format_markdown(df), "", NOTES + raw]
     if sl is not None:
         off = invariant_off_zero(sl, rec.contexts)
         parts += ["", format_slopes(sl)] + ([""] if off else []) + [

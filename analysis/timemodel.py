@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import readmodel
+from analysis import readmodel, slope
 from harness import stages, stats
 from harness.errors import InputError
 from harness.graph_bytes import split_kv_path
@@ -129,22 +129,20 @@ def _means(rd: stats.RoundData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def depth_means(rds: stats.RoundData | list[stats.RoundData], n_boot: int = stats.N_BOOT, seed: int = 0,
                 chunk: int = 250) -> DepthMeans:
-    """Per-depth means of one run, or of several pooled (a depth's mean over the runs that measured it;
-    resampled within each run)."""
+    """Per-depth means of one run, or of several pooled (``analysis.slope.pool_runs``: runs that measured
+    different depths are put at one level first; resampled within each run)."""
     rds = [rds] if isinstance(rds, stats.RoundData) else list(rds)
     depths = np.array(sorted({d for rd in rds for d in rd.depths}))
     boots = [stats.boot_indices(len(rd.rounds), n_boot, seed + k) for k, rd in enumerate(rds)]
 
     def pooled(picks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         b = picks[0].shape[0]
-        acc_p, acc_s, cnt = np.zeros((b, len(depths))), np.zeros((b, len(depths), len(stats.S))), np.zeros(len(depths))
-        for rd, rows in zip(rds, picks, strict=True):
-            pos = np.searchsorted(depths, rd.depths)
+        y = np.full((len(rds), len(depths), b, 1 + len(stats.S)), np.nan)  # run, depth, resample, plain + stages
+        for i, (rd, rows) in enumerate(zip(rds, picks, strict=True)):
             p, s = _means(rd, rows)
-            acc_p[:, pos] += p
-            acc_s[:, pos] += s
-            cnt[pos] += 1
-        return acc_p / cnt, acc_s / cnt[:, None]
+            y[i, np.searchsorted(depths, rd.depths)] = np.concatenate([p[:, :, None], s], axis=2).transpose(1, 0, 2)
+        out = slope.pool_runs(y).transpose(1, 0, 2)  # (B, D, 1 + S)
+        return out[:, :, 0], out[:, :, 1:]
 
     plain, stage = pooled([np.arange(len(rd.rounds))[None] for rd in rds])
     parts = [pooled([b[i:i + chunk] for b in boots]) for i in range(0, n_boot, chunk)]

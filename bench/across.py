@@ -5,13 +5,15 @@ Pure arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved
 
 from __future__ import annotations
 
+import contextlib
 import re
+from pathlib import Path
 
 import numpy as np
 
 from harness import checks
 from harness.config import LIST_CASTS, LIST_SETTINGS, SweepConfig, expand, split_list
-from harness.errors import UsageError
+from harness.errors import OutputError, UsageError
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 STATES = ("quick-sync", "slow-sync", "switched", "unknown")
@@ -166,3 +168,20 @@ def _r(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's r, NaN unless both are finite and vary."""
     ok = np.isfinite(x).all() and np.isfinite(y).all() and x.std() > 0 and y.std() > 0
     return float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
+
+
+@contextlib.contextmanager
+def runs_folder(d: Path, make: bool):
+    """``d``, made first when ``make`` (the sweeps' runs go there); a folder made here that holds nothing at the
+    end (the first sweep failed) is removed again."""
+    made = make and not d.exists()
+    try:
+        if make:
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot make the folder for the runs ({e.strerror or e}): {d}") from None
+        yield d
+    finally:
+        if made and d.is_dir() and not any(d.iterdir()):
+            d.rmdir()

@@ -1,15 +1,15 @@
 """Benchmark: ``analysis.compare`` over a fleet of 300 runs.
 
 The runs are copies of one real tiny-twin sweep (made here unless --source is given) with the
-device label rewritten in the Parquet metadata (the op table is kept): 100 labels x 3 runs, so
-pooling is exercised. Prints the wall time of the compare (in-process and as a CLI).
+device label (and, so that analysis.fleet does not read them as copies of one run, the load time)
+rewritten in the Parquet metadata (the op table is kept): 100 labels x 3 runs, so pooling is
+exercised. Prints the wall time of the compare (in-process and as a CLI).
 
     python bench/compare_bench.py [--runs 300] [--source RUN.parquet] [--plots]
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import subprocess
@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis import compare  # noqa: E402
-from harness.store import META_KEY  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
+from harness.store import META_KEY, read_record  # noqa: E402
 
 
 def make_source(tmp: Path) -> Path:
@@ -33,9 +35,11 @@ def make_source(tmp: Path) -> Path:
 
     model = write_twin("tiny", "q4_k_m", tmp / "tiny.gguf")
     out = tmp / "source"
-    subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                    "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", "2",
-                    "--label", "bench", "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
+                        "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", "2",
+                        "--label", "bench", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise InputError(f"the source sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return next(out.glob("*.parquet"))
 
 
@@ -44,19 +48,24 @@ def write_fleet(source: Path, out: Path, n_runs: int, per_label: int = 3) -> Non
     meta = json.loads(table.schema.metadata[META_KEY])
     for i in range(n_runs):
         label = f"device-{i // per_label:03d}"
-        m = {**meta, "label": label, "device": {**meta["device"], "hostname": f"host-{i // per_label:03d}"}}
+        m = {**meta, "label": label, "device": {**meta["device"], "hostname": f"host-{i // per_label:03d}"},
+             "timing": {**meta["timing"], "load_s": meta["timing"]["load_s"] + i / 1000}}  # not a copy to read once
         t = table.replace_schema_metadata({**table.schema.metadata, META_KEY: json.dumps(m).encode()})
         d = out / label
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(t, d / f"20260101T0000{i % 60:02d}Z_{label}_tiny-{i}.parquet", compression="zstd")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="compare_bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--source", type=Path, default=None, help="a run to copy (default: sweep the tiny twin)")
     ap.add_argument("--plots", action="store_true", help="also time --plots")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.runs < 1:
+        raise UsageError(f"--runs must be >= 1, got {a.runs}")
+    if a.source is not None:
+        read_record(a.source)  # InputError: missing, a folder, not Parquet, no or bad run metadata
     with tempfile.TemporaryDirectory(prefix="compare-bench-") as tmp_s:
         tmp = Path(tmp_s)
         source = a.source or make_source(tmp)
@@ -71,12 +80,17 @@ def main() -> int:
         r = subprocess.run([sys.executable, "-m", "analysis.compare", str(fleet), "--format", "csv", *extra],
                            cwd=ROOT, capture_output=True, text=True)
         cli = time.perf_counter() - t0
-        assert rc == 0 and r.returncode == 0, r.stderr
+        if rc != 0 or r.returncode != 0:
+            raise InputError(f"analysis.compare failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         n_rows = len(r.stdout.splitlines()) - 1
         print(f"compare over {a.runs} runs ({a.runs // 3} labels, {n_rows} table rows, "
               f"{len(buf.getvalue()):,} chars of markdown{', plots' if a.plots else ''}): "
               f"in-process {in_proc:.2f} s, CLI (incl. Python start-up and imports) {cli:.2f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("compare_bench.py", _main, argv)
 
 
 if __name__ == "__main__":

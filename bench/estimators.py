@@ -13,7 +13,6 @@ bench/results/. Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import checks, stats  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 JUDGED = ("ffn", "lm_head", "attn_proj", "gemma3n_extra")
@@ -44,9 +44,11 @@ def floor_pct(x: np.ndarray, f) -> float:
 
 def one_run(path: Path) -> dict:
     run = read_run(path)
+    if run.ops.empty:
+        raise InputError(f"the run's op table has no rows: no stage timings to compare: {path}")
     rd = stats.round_data(run.ops, run.tokens)
     if len(rd.depths) < 2:
-        raise HarnessError(f"{path.name}: one depth, nothing to compare across depths")
+        raise InputError(f"one depth, nothing to compare across depths: {path}")
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
     out = {"run": str(path), "depths": list(rd.depths), "stages": {}}
     for s in JUDGED:
@@ -56,14 +58,11 @@ def one_run(path: Path) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="estimators.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="kept runs (Parquet), two or more depths each")
-    a = ap.parse_args()
-    try:
-        res = [one_run(p) for p in a.runs]
-    except (HarnessError, OSError) as e:
-        raise SystemExit(f"estimators.py: {e}") from None
+    a = ap.parse_args(argv)
+    res = [one_run(p) for p in a.runs]  # InputError, one line, for a run that cannot be read or compared
     print(f"{len(res)} runs; mean over them, unpaired -> paired:")
     for s in JUDGED:
         m = {k: {n: np.mean([r["stages"][s][n][k] for r in res]) for n in ESTIMATORS}
@@ -78,7 +77,12 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"runs": res}, indent=1))
     print(f"saved {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("estimators.py", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

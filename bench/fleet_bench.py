@@ -20,7 +20,6 @@ printed the same table.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -43,7 +42,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harness.store import META_KEY, run_path  # noqa: E402
+from analysis.fleet import ENGINES  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, OutputError, UsageError  # noqa: E402
+from harness.store import META_KEY, read_record, run_path  # noqa: E402
 
 RUNS_PER_DEVICE = 10
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -57,24 +59,43 @@ def make_sources(tmp: Path) -> list[Path]:
     out = []
     for threads in (1, 2):
         d = tmp / f"source-{threads}t"
-        subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                        "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", str(threads),
-                        "--label", "bench", "--out", str(d)], check=True, cwd=ROOT, capture_output=True)
+        r = subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
+                            "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", str(threads),
+                            "--label", "bench", "--out", str(d)], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise InputError(f"the source sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
         out.append(next(d.glob("*.parquet")))
     return out
 
 
 def _load_sources(paths: list[Path]) -> None:
+    _SOURCES[:] = []
     for p in paths:
         t = pq.read_table(p)
         _SOURCES.append((t, json.loads(t.schema.metadata[META_KEY])))
+
+
+def check_sources(paths: list[Path]) -> None:
+    """Load and copy (in memory) each source here, before the pool starts: a worker whose initializer fails is
+    restarted by the pool for ever. InputError, one line, for a source that cannot be copied."""
+    for p in paths:
+        read_record(p)  # InputError: missing, a folder, not Parquet, no or bad run metadata
+        try:
+            _load_sources([p])
+            copy_run(0)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError, pa.ArrowException) as e:
+            raise InputError(f"cannot copy --source run ({type(e).__name__}: {e}; a run of an older schema?): "
+                             f"{p}") from None
+        finally:
+            _SOURCES.clear()
 
 
 def _scaled(d: dict, f: float) -> dict:
     return {k: v * f if isinstance(v, float) else v for k, v in d.items()}
 
 
-def write_run(i: int, root: Path) -> None:
+def copy_run(i: int) -> tuple[pa.Table, str, dict]:
+    """Run ``i`` of the fleet: (its table, its device label, the source's metadata)."""
     table, meta = _SOURCES[i % len(_SOURCES)]
     f = float(np.random.default_rng(i).lognormal(0.0, 0.05))
     label = f"dev-{i // RUNS_PER_DEVICE:04d}"
@@ -83,7 +104,11 @@ def write_run(i: int, root: Path) -> None:
             for c in meta["contexts"]]
     m = {**meta, "label": label, "contexts": ctxs, "device": {**meta["device"], "hostname": f"host-{label}"}}
     t = table.set_column(table.schema.get_field_index("time_us"), "time_us", pc.multiply(table["time_us"], f))
-    t = t.replace_schema_metadata({**table.schema.metadata, META_KEY: json.dumps(m).encode()})
+    return t.replace_schema_metadata({**table.schema.metadata, META_KEY: json.dumps(m).encode()}), label, meta
+
+
+def write_run(i: int, root: Path) -> None:
+    t, label, meta = copy_run(i)
     p = run_path(root, label, Path(meta["model"]["path"]).stem, "hive", T0 + timedelta(minutes=i))
     p.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(t, p, compression="zstd")
@@ -97,8 +122,11 @@ def _write_chunk(args: tuple[int, int, str]) -> None:
 
 def write_fleet(sources: list[Path], parts: list[tuple[Path, int, int]]) -> None:
     jobs = [(lo + k, min(hi, lo + k + 250), str(root)) for root, lo, hi in parts for k in range(0, hi - lo, 250)]
-    with Pool(min(2, os.cpu_count() or 1), initializer=_load_sources, initargs=(sources,)) as pool:
-        pool.map(_write_chunk, jobs)
+    try:
+        with Pool(min(2, os.cpu_count() or 1), initializer=_load_sources, initargs=(sources,)) as pool:
+            pool.map(_write_chunk, jobs)
+    except OSError as e:
+        raise OutputError(f"cannot write the fleet ({e.strerror or e}): {parts[0][0].parent}") from None
 
 
 SETTLE_S = 10.0  # pause after writing a fleet, once its pages are on disk, before timing anything
@@ -129,15 +157,31 @@ def same_table(a: str, b: str) -> bool:
     return True
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _positive_ints(spec: str, flag: str) -> list[int]:
+    try:
+        vals = sorted({int(s) for s in spec.split(",")})
+    except ValueError:
+        vals = []
+    if not vals or vals[0] < 1:
+        raise UsageError(f"{flag}: a comma list of positive counts, got {spec!r}")
+    return vals
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="fleet_bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="300,1000,10000", help="fleet sizes (each a multiple of 10)")
     ap.add_argument("--engines", default="pandas,duckdb")
     ap.add_argument("--source", type=Path, nargs="+", default=None, help="runs to copy (default: two tiny sweeps)")
     ap.add_argument("--keep", type=Path, default=None, help="write (or reuse) the fleet here and keep it")
-    a = ap.parse_args()
-    sizes = sorted(int(s) for s in a.sizes.split(","))
+    a = ap.parse_args(argv)
+    sizes = _positive_ints(a.sizes, "--sizes")
     engines = a.engines.split(",")
+    if not set(engines) <= set(ENGINES[1:]):
+        raise UsageError(f"--engines: a comma list of {' and '.join(ENGINES[1:])}, got {a.engines!r}")
+    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
+        raise UsageError(f"--keep: not a folder: {a.keep}")
+    if a.source:
+        check_sources(a.source)
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     try:
         base = a.keep or tmp / "fleet"
@@ -156,7 +200,7 @@ def main() -> int:
             roots = [p[0] for p in parts[: k + 1]]
             found = sum(1 for r in roots for _ in r.rglob("*.parquet"))
             if found != n:  # a kept folder from another --sizes, or a half-written one
-                raise SystemExit(f"{found:,} runs under {', '.join(map(str, roots))}, expected {n:,}: remove them")
+                raise InputError(f"{found:,} runs under {', '.join(map(str, roots))}, expected {n:,}: remove them")
             outs = {}
             for engine in engines:
                 load = os.getloadavg()[0]
@@ -170,6 +214,10 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("fleet_bench.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ asserted; the figures are printed and saved as JSON in bench/results/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -25,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis import forecast  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.config import parse_contexts  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"plain": 5.0, "attn_kv": 15.0}  # |error| in %, at the held-out depths
@@ -39,7 +41,7 @@ def sweep(a, model: str, out: Path) -> Path:
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(r.stderr)
+        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     print(f"sweep of {a.contexts} x {a.rounds} rounds took {time.perf_counter() - t0:.1f} s", flush=True)
     return max(out.glob("*predict-bench_*.parquet"))
 
@@ -75,8 +77,8 @@ def report(path: Path, fit_depths: list[int]) -> dict:
     return {"run": str(path), "model": tm.to_dict(), "holdout": rows, "crossovers": [x.to_dict() for x in xs]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="predict_bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a GGUF, or 'tiny' for the tiny twin")
     ap.add_argument("--contexts", default="13,172,658,2048,4096,8192")
     ap.add_argument("--fit", default="13,172,658,2048", help="fitting depths (the others are held out)")
@@ -84,8 +86,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--run", type=Path, default=None, help="an existing run (no sweep)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the sweep's run (default: a temp folder)")
-    a = ap.parse_args()
-    fit_depths = [int(x) for x in a.fit.split(",")]
+    a = ap.parse_args(argv)
+    try:
+        fit_depths = sorted({int(x) for x in a.fit.split(",")})
+    except ValueError:
+        fit_depths = []
+    if len(fit_depths) < 2 or fit_depths[0] < 1:
+        raise UsageError(f"--fit: a comma list of two or more depths >= 1, got {a.fit!r}")
+    if a.rounds < 1 or (a.threads is not None and a.threads < 1):
+        raise UsageError("--rounds and --threads must be >= 1")
+    if a.run is None:
+        depths = [d for _, d in parse_contexts(a.contexts)]  # UsageError for a bad list
+        missing = sorted(set(fit_depths) - set(depths))
+        if missing:
+            raise UsageError(f"--fit depth(s) {', '.join(map(str, missing))} are not in --contexts {a.contexts}")
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp_s:
         tmp = Path(tmp_s)
         path = a.run
@@ -101,6 +115,10 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"\nsaved {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("predict_bench.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ Nothing is asserted: the figures are printed and saved as JSON in bench/results/
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -45,12 +44,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import SLOPE_SPREAD_TARGET_PCT, across_by_arm, parse_vary  # noqa: E402
+from across import SLOPE_SPREAD_TARGET_PCT, across_by_arm, parse_vary, runs_folder  # noqa: E402
 
 from analysis.slope import invariant_off_zero, run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import LIST_SETTINGS  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": SLOPE_SPREAD_TARGET_PCT,
@@ -65,7 +65,7 @@ def one_sweep(a, out: Path, label: str, arm: tuple[str, str] | None = None) -> d
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(r.stderr)
+        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return figures(max(out.glob(f"*{label}_*.parquet")), wall)
 
 
@@ -73,6 +73,8 @@ def figures(path: Path, wall: float | None = None) -> dict:
     """One sweep's figures from its run file; ``wall`` defaults to the run's own load + sweep time (a kept run
     re-read: the interpreter's start is not in it)."""
     run = read_run(path)
+    if run.ops.empty:
+        raise InputError(f"the run's op table has no rows: no stage timings to check: {path}")
     rec = run.record
     wall = rec.timing.load_s + rec.timing.sweep_s if wall is None else wall
     ctxs = rec.sorted_contexts()
@@ -125,8 +127,8 @@ def _paired_rise(rd: stats.RoundData, cal: np.ndarray) -> tuple[float, list[floa
     return float(np.nanmean(d_plain)), [float(x) for x in stats.interval(ratio)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="robust.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--contexts", default="13,172,658,4096")
@@ -140,32 +142,31 @@ def main() -> None:
                     help=f"the sweeps alternate over these values of one setting ({', '.join(LIST_SETTINGS)})")
     ap.add_argument("--threads", default=None, help="comma list of thread counts: --vary threads=...")
     ap.add_argument("extra", nargs="*", help="more sweep flags, after --")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.sweeps < 1 or a.rounds < 1:
+        raise UsageError(f"--sweeps and --rounds must be >= 1, got {a.sweeps} and {a.rounds}")
+    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
+        raise UsageError(f"--keep: not a folder: {a.keep}")
     if a.summarize:
         try:
             res = [r for f in a.summarize for r in json.loads(f.read_text())["sweeps"]]
             if not res or any("attn_kv_slope" not in r or "attn_kv_slope_ci" not in r for r in res):
                 raise ValueError("no sweeps with an attn_kv slope and its interval")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"robust.py: cannot read saved results: {e}") from None
+            raise InputError(f"cannot read saved results: {e}: {' '.join(map(str, a.summarize))}") from None
         across_by_arm(res)
         report_off_zero(res)
-        return
+        return 0
+    if a.threads and a.vary:
+        raise UsageError("give --threads or --vary, not both")
+    arms = parse_vary(f"threads={a.threads}", least=1) if a.threads else parse_vary(a.vary)
+    plan = [(None, None)] * len(a.runs) if a.runs else [
+        (i, arm) for i in range(a.sweeps) for arm in (arms if i % 2 == 0 else arms[::-1])]
     res = []
-    with tempfile.TemporaryDirectory() as tmp:
-        d = a.keep or tmp
-        Path(d).mkdir(parents=True, exist_ok=True)
-        if a.threads and a.vary:
-            raise SystemExit("robust.py: give --threads or --vary, not both")
-        arms = parse_vary(f"threads={a.threads}", least=1) if a.threads else parse_vary(a.vary)
-        plan = [(None, None)] * len(a.runs) if a.runs else [
-            (i, arm) for i in range(a.sweeps) for arm in (arms if i % 2 == 0 else arms[::-1])]
+    with tempfile.TemporaryDirectory() as tmp, runs_folder(Path(a.keep or tmp), make=not a.runs) as d:
         for k, (i, arm) in enumerate(plan):
-            try:
-                res.append(figures(a.runs[k]) if a.runs else
-                           one_sweep(a, Path(d), f"robust-{i}" + (f"-{arm[0]}-{arm[1]}" if arm else ""), arm))
-            except HarnessError as e:
-                raise SystemExit(f"robust.py: {e}") from None
+            res.append(figures(a.runs[k]) if a.runs else
+                       one_sweep(a, d, f"robust-{i}" + (f"-{arm[0]}-{arm[1]}" if arm else ""), arm))
             report_one(k, res[-1])
     per = across_by_arm(res)
     spread, h = next(iter(per.values()))
@@ -177,6 +178,7 @@ def main() -> None:
                                "by_arm": {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]}
                                           for t, v in per.items()}}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
+    return 0
 
 
 def report_off_zero(res: list[dict]) -> None:
@@ -219,5 +221,9 @@ def report_one(i: int, r: dict) -> None:
           flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("robust.py", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

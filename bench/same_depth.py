@@ -21,7 +21,6 @@ Nothing is asserted: the figures are printed and saved as JSON in bench/results/
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -35,8 +34,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from across import runs_folder  # noqa: E402
+
 from harness import checks, columns, gguf_model, stats  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 C = columns
@@ -48,7 +50,7 @@ def sweep(a, out: Path, i: int) -> Path:
            "--label", f"same-depth-{i}", *(["--model", a.model] if a.model else [])]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"sweep failed ({r.returncode})")
+        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[-1]}")
     return max(out.glob(f"*same-depth-{i}_*.parquet"))
 
 
@@ -84,7 +86,7 @@ def segments(ops: pd.DataFrame, shallow: list[str], deep: list[str], full: set[i
     for (stage, after), g in o[o["side"] != ""].groupby([C.STAGE, "after_full"]):
         counts = g.groupby([C.CONTEXT, C.ROUND]).size()
         if counts.min() != counts.max():
-            raise HarnessError(f"{stage}: the contexts' graphs differ in their segments; not twins of one graph")
+            raise InputError(f"{stage}: the contexts' graphs differ in their segments; not twins of one graph")
         n_seg = int(counts.max())
         per = g.groupby([C.ROUND, "side", C.CONTEXT])[C.TIME_US].sum().groupby([C.ROUND, "side"]).mean().unstack()
         d = (per["deep"] - per["shallow"]).dropna().to_numpy() / n_seg
@@ -97,11 +99,13 @@ def segments(ops: pd.DataFrame, shallow: list[str], deep: list[str], full: set[i
 
 def analyse(path: Path) -> dict:
     run = read_run(path)
+    if run.ops.empty:
+        raise InputError(f"the run's op table has no rows: no stage timings to compare: {path}")
     rd = stats.round_data(run.ops, run.tokens)
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))
     depths = sorted(set(rd.depths))
     if len(depths) < 4 or len(depths) % 2 or any(b != a + 1 for a, b in zip(depths[::2], depths[1::2], strict=True)):
-        raise HarnessError(f"{path.name}: depths {depths} are not twins (d, d + 1) of two or more depths")
+        raise InputError(f"{path.name}: depths {depths} are not twins (d, d + 1) of two or more depths")
     pairs = [[j for j, d in enumerate(rd.depths) if d in (lo, lo + 1)] for lo in depths[::2]]
     res = {"run": str(path), "depths": list(rd.depths), "rounds": len(rd.rounds), "stages": {}}
     lo_j, hi_j = pairs[0], pairs[-1]
@@ -134,15 +138,19 @@ def report(i: int, r: dict) -> None:
               f"   {cells[0]} | {cells[1]}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="same_depth.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
     ap.add_argument("--depths", default="13,4096", help="depths, each measured twice (d and d + 1)")
     ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, help="analyse these kept runs instead of sweeping")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.sweeps < 1 or a.rounds < 1:
+        raise UsageError(f"--sweeps and --rounds must be >= 1, got {a.sweeps} and {a.rounds}")
+    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
+        raise UsageError(f"--keep: not a folder: {a.keep}")
     try:
         a.depths = sorted({int(d) for d in a.depths.split(",")})
     except ValueError:
@@ -152,20 +160,20 @@ def main() -> None:
         ap.error("--depths: two or more depths >= 1, at least 2 apart, none just below a multiple of "
                  f"{gguf_model.KV_PAD} (its twin would build another graph)" + (f": {bad}" if bad else ""))
     res = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            d = a.keep or Path(tmp)
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(len(a.runs) if a.runs else a.sweeps):
-                res.append(analyse(a.runs[i] if a.runs else sweep(a, d, i)))
-                report(i, res[-1])
-    except HarnessError as e:
-        raise SystemExit(f"same_depth.py: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp, runs_folder(Path(a.keep or tmp), make=not a.runs) as d:
+        for i in range(len(a.runs) if a.runs else a.sweeps):
+            res.append(analyse(a.runs[i] if a.runs else sweep(a, d, i)))
+            report(i, res[-1])
     out = ROOT / "bench" / "results" / f"same-depth-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "sweeps": res}, indent=1, default=str))
     print(f"saved {out.relative_to(ROOT)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("same_depth.py", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -17,7 +17,6 @@ Nothing here is asserted: targets are compared in the printed table and in bench
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,9 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.stages import STAGES  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
+SKIPPABLE = ("ops", "depth", "twin")
 TARGETS = {"stages_overhead": 1.03, "ops_overhead": 1.10, "attributed_pct": 99.5, "mode_agreement_pp": 2.0,
            "depth_consistency_pct": 10.0}
 
@@ -46,7 +48,7 @@ def sweep(a, out: Path, tag: str, *extra: str):
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(r.stderr)
+        raise InputError(f"the {tag} sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     wall = time.perf_counter() - t0
     print(f"[{tag}] sweep took {wall:.1f} s", flush=True)
     return read_run(max(out.glob(f"*bench-{tag}_*.parquet"))), wall
@@ -90,13 +92,18 @@ def twin_generation() -> dict:
                 "file_gb": out.stat().st_size / 1e9 if status == 0 else None}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="suite.py", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--skip", default="", help="comma list of: ops, depth, twin")
-    a = ap.parse_args()
-    skip = set(filter(None, a.skip.split(",")))
+    ap.add_argument("--skip", default="", help=f"comma list of: {', '.join(SKIPPABLE)}")
+    a = ap.parse_args(argv)
+    skip = set(filter(None, (x.strip() for x in a.skip.split(","))))
+    if skip - set(SKIPPABLE):
+        raise UsageError(f"--skip: unknown part(s) {', '.join(sorted(skip - set(SKIPPABLE)))} "
+                         f"(choose from: {', '.join(SKIPPABLE)})")
+    if a.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {a.rounds}")
     res: dict = {"model": a.model or "models/gemma-3n-e4b-q4.gguf", "targets": TARGETS}
     with tempfile.TemporaryDirectory() as d:
         stages, wall = sweep(a, Path(d), "stages")
@@ -129,6 +136,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=str))
     print(f"\nsaved {out.relative_to(ROOT)}")
+    return 0
 
 
 def report(res: dict) -> None:
@@ -170,5 +178,9 @@ def report(res: dict) -> None:
           f"{t['file_gb']:.2f} GB")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("suite.py", _main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

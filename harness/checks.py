@@ -83,8 +83,8 @@ def largest_step(y: np.ndarray, min_rounds: int = SHIFT_MIN_ROUNDS) -> tuple[np.
         raise ValueError(f"largest_step: {n} rounds, fewer than 2 x {min_rounds}")
     c = np.cumsum(y, 1)
     before, after = c[:, ks - 1] / ks, (c[:, -1:] - c[:, ks - 1]) / (n - ks)
-    with np.errstate(all="ignore"):
-        st = 100.0 * (after / before - 1)
+    with np.errstate(all="ignore"):  # a level of 0 before (a tiny stage calibrated to 0 ms) has no relative step
+        st = np.where(before > 0, 100.0 * (after / before - 1), np.nan)
     best = np.argmax(np.abs(np.nan_to_num(st, nan=0.0)), 1)
     return st[np.arange(len(y)), best], ks[best]
 
@@ -94,14 +94,16 @@ def state_step(x: np.ndarray, n_perm: int = SHIFT_PERM, seed: int = 0) -> tuple[
     depth cancels; with three or more depths one token slowed by a lost core does not move it, with two the
     floor below absorbs it): its size in %, the rounds before it, and its floor (the 99th percentile of the
     same statistic in size with the rounds' order shuffled: 95 % over up to five stages). Rounds with no value
-    are left out. None with too few rounds for two sides."""
+    are left out. None with too few rounds for two sides, or no level above 0 before any step."""
     x = x[~np.isnan(x).all(1)]
     y = np.nanmedian(x, 1) if len(x) else np.empty(0)
     if len(y) < 2 * SHIFT_MIN_ROUNDS:
         return None
     step, k = largest_step(y)
     null, _ = largest_step(np.random.default_rng(seed).permuted(np.tile(y, (n_perm, 1)), axis=1))
-    return float(step[0]), int(k[0]), float(np.percentile(np.abs(null), SHIFT_FLOOR_PCTL))
+    if np.isnan(step[0]) or np.isnan(null).all():
+        return None  # no round with a level above 0 on the before side: nothing to compare
+    return float(step[0]), int(k[0]), float(np.nanpercentile(np.abs(null), SHIFT_FLOOR_PCTL))
 
 
 def invariants(contexts: list[ContextSummary], rd: stats.RoundData | None = None,

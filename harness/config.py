@@ -88,7 +88,7 @@ class SweepConfig:
             raise UsageError(f"unknown mode {self.mode!r} ({' or '.join(MODES)})")
         if self.layout not in LAYOUTS:
             raise UsageError(f"unknown layout {self.layout!r} (choose from: {', '.join(LAYOUTS)})")
-        self.engine_config(self.threads or 1).validate()
+        self.engine_config(1 if self.threads is None else self.threads).validate()  # 0 is refused, not defaulted
         return self
 
     def engine_config(self, threads: int) -> EngineConfig:

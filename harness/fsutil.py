@@ -1,6 +1,7 @@
 """Atomic file writes and the clean-up of what killed writers leave behind (the run store and twins).
 
-A file is written to a hidden temp file in the target folder (``.tmp-<pid>-<name>.partial``),
+A file is written to a hidden temp file in the target folder (``.tmp-<pid>-<random>-<name>.partial``: unique
+per call, so concurrent writes in one process never share or delete each other's temp file),
 fsynced, then put in place: with ``overwrite`` by rename (a twin replaces an older twin), without
 by a hard link that fails rather than replace, the name taking a ``-N`` suffix when it is taken
 (a run never replaces another run). A crash leaves the old state or the new, never half a file.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_name(name: str) -> str:
+    """A hidden temp file name for ``name``, unique to this call: ``.tmp-<pid>-<random>-<name>``
+    (``clean_stale_temps`` reads the pid back)."""
+    return f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name}"
+
+
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:
@@ -41,7 +49,7 @@ def _fsync_dir(d: Path) -> None:
 def atomic_write(target: Path, write_to: Callable[[Path], None], *, overwrite: bool) -> Path:
     """Call ``write_to(temp_path)``, fsync, then put the file at ``target``; returns the final path (with a
     ``-N`` suffix when ``overwrite`` is false and the name is taken). The temp file never outlives the call."""
-    tmp = target.with_name(f"{TMP_PREFIX}{os.getpid()}-{target.name}.partial")  # hidden, not *.parquet/*.gguf
+    tmp = target.with_name(temp_name(f"{target.name}.partial"))  # hidden, not *.parquet/*.gguf
     try:
         write_to(tmp)
         with open(tmp, "rb+") as f:

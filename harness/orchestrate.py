@@ -214,7 +214,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
     contexts = []
     for s in summaries:
         r = extras.get(s["context"])
-        ci = None if np.isnan(cost_us) else cost_ci
+        ci = None if np.isnan(cost_us) else (max(0.0, cost_ci[0]), max(0.0, cost_ci[1]))  # clipped as the point
         s.update(sync_us=None if np.isnan(cost_us) else max(0.0, cost_us), sync_us_ci=ci)
         if r is not None:
             s.update(prefill_s=r.prefill_s, n_nodes=r.n_nodes, syncs_per_token=r.cap.syncs_per_token,

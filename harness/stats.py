@@ -154,9 +154,10 @@ def summarize(rd: RoundData, n_boot: int = N_BOOT) -> tuple[list[dict], float, t
             "overhead_ratio": prof_ms / float(m["plain"][d]), "overhead_ratio_ci": _ci(b_prof[:, d] / b_plain[:, d]),
             "stage_ms": st_ms, "stage_ms_ci": {s: _ci(b_st[:, d, i]) for s, i in S.items()},
             "stage_pct": {s: 100.0 * v / prof_ms for s, v in st_ms.items()},
-            "stage_ms_calibrated": cal_ms, "stage_ms_calibrated_ci": {s: _ci(b_cal[:, d, i]) for s, i in S.items()},
-            "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal_ms.items()} if cal_total else {},
-            "calibrated_sum_pct": 100.0 * cal_total / float(m["plain"][d]),
+            **({} if np.isnan(cost) else {  # no calibration tokens: nothing calibrated (readers fall back to raw)
+                "stage_ms_calibrated": cal_ms, "stage_ms_calibrated_ci": {s: _ci(b_cal[:, d, i]) for s, i in S.items()},
+                "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal_ms.items()} if cal_total else {},
+                "calibrated_sum_pct": 100.0 * cal_total / float(m["plain"][d])}),
             "covered_pct": 100.0 * (sum(st_ms.values()) - st_ms[stages.HOST]) / prof_ms,
             "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms,
         })

@@ -7,7 +7,10 @@
   InputError naming the field and the file). It includes the per-token wall times of every pass
   (``tokens``), loaded as a table by ``Run.tokens``.
 - Writes are atomic and never overwrite a run (``harness.fsutil.atomic_write``): a hidden temp
-  file, fsynced, hard-linked to the final name (a taken name gets a ``-N`` suffix).
+  file, fsynced, hard-linked to the final name (a taken name gets a ``-N`` suffix). ``check_out_dir``
+  proves before the measurement that the folder takes files and hard links.
+- The op table is checked on read: each column's type as written (``_KINDS``), no empty key values,
+  times finite and >= 0 (an InputError naming the column and the file).
 
 Older formats are upgraded on read (``harness.upgrades``), the op table alongside.
 """
@@ -22,14 +25,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness import columns, upgrades
 from harness.errors import InputError, OutputError, UsageError
-from harness.fsutil import TMP_PREFIX, atomic_write, clean_stale_temps  # noqa: F401 - part of this API
-from harness.record import RunRecord
+from harness.fsutil import TMP_PREFIX, atomic_write, clean_stale_temps, temp_name  # noqa: F401 - part of this API
+from harness.record import SCHEMA_VERSION, RunRecord
 from harness.typed import RecordError
 
 log = logging.getLogger(__name__)
@@ -75,33 +79,48 @@ def run_path(out_dir: str | os.PathLike, label: str, model_stem: str, layout: st
     raise UsageError(f"unknown run layout {layout!r} (choose from: {', '.join(LAYOUTS)})")
 
 
-def check_out_dir(out_dir: str | os.PathLike) -> Path:
-    """Create the output folder if needed and prove it is writable, before any heavy work."""
+def check_out_dir(out_dir: str | os.PathLike, hard_links: bool = True) -> Path:
+    """Create the output folder if needed and prove it is writable, before any heavy work; with ``hard_links``
+    also that it takes hard links (``write_run`` puts a run in place by one, so that it never replaces another)."""
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
         raise UsageError(f"output path is not a folder: {d}")
+    probe, link = d / temp_name("probe"), d / temp_name("probe-link")
     try:
         d.mkdir(parents=True, exist_ok=True)
-        probe = d / f"{TMP_PREFIX}{os.getpid()}-probe"
         probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise OutputError(f"output folder is not writable ({e.strerror}): {d}") from None
+        raise OutputError(f"output folder is not writable ({e.strerror or e}): {d}") from None
+    try:
+        if hard_links:
+            os.link(probe, link)
+    except OSError as e:
+        raise OutputError(f"output folder does not take hard links ({e.strerror or e}); runs are put in place by "
+                          f"one so that a run never replaces another: {d}") from None
+    finally:
+        for f in (link, probe):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove the probe file %s (%s)", f, e.strerror or e)
     return d
 
 
 def write_run(ops: pd.DataFrame, record: RunRecord, out_dir: str | os.PathLike, filename: str) -> Path:
     """Write a run atomically; returns its path. Never overwrites: a taken name gets a suffix."""
-    d = check_out_dir(out_dir)
+    if record.schema_version != SCHEMA_VERSION:
+        raise ValueError(f"cannot write a run of schema version {record.schema_version!r}: this harness writes "
+                         f"version {SCHEMA_VERSION}")
     missing = [c for c in columns.OP_COLUMNS if c not in ops.columns]
     if missing:
         raise ValueError(f"op table lacks columns {missing}")
-    if (ops[columns.TIME_US] < 0).any() or ops[columns.TIME_US].isna().any():
-        raise ValueError("negative or NaN op times")
+    if not _good_times(ops[columns.TIME_US]):
+        raise ValueError("negative, NaN or infinite op times")
     meta = record.to_dict()
     RunRecord.from_dict(meta)  # what is written must read back: same validation as on read
     table = pa.Table.from_pandas(ops[list(columns.OP_COLUMNS)], preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    d = check_out_dir(out_dir)
 
     def write(tmp: Path) -> None:
         pq.write_table(table, tmp, compression="zstd")
@@ -117,14 +136,16 @@ def read_record(path: str | os.PathLike) -> RunRecord:
     return _read_record(Path(path))[0]
 
 
-def _read_record(p: Path) -> tuple[RunRecord, int, int]:
-    """(record, schema version it was written with, timed tokens per repeat for version < 3 op tables)."""
+def _read_record(p: Path) -> tuple[RunRecord, int, int, pa.Schema]:
+    """(record, schema version it was written with, timed tokens per repeat for version < 3 op tables, the
+    table's Arrow schema)."""
     if not p.exists():
         raise InputError(f"run file not found: {p}")
     if p.is_dir():
         raise InputError(f"expected a run file, got a folder: {p}")
     try:
-        md = pq.read_schema(p).metadata or {}
+        schema = pq.read_schema(p)
+        md = schema.metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"not a Parquet run ({str(e).splitlines()[0][:120]}): {p}") from None
     if META_KEY not in md:
@@ -136,7 +157,7 @@ def _read_record(p: Path) -> tuple[RunRecord, int, int]:
     params = meta.get("params") if isinstance(meta, dict) else None
     n_tok = params.get("tokens") if isinstance(params, dict) else None
     version = meta.get("schema_version") if isinstance(meta, dict) else None
-    return record_from_meta(meta, p), version, n_tok if isinstance(n_tok, int) and n_tok > 0 else 1
+    return record_from_meta(meta, p), version, n_tok if isinstance(n_tok, int) and n_tok > 0 else 1, schema
 
 
 def record_from_meta(meta, path: str | os.PathLike) -> RunRecord:
@@ -150,9 +171,11 @@ def record_from_meta(meta, path: str | os.PathLike) -> RunRecord:
 def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:
     """Record and op table (``only``: just these columns). Older op tables are upgraded."""
     p = Path(path)
-    record, version, n_tok = _read_record(p)
+    record, version, n_tok, schema = _read_record(p)
+    stored = _stored_columns(only, version)
+    _check_types(schema, stored or schema.names, p)
     try:
-        ops = pd.read_parquet(path, columns=_stored_columns(only, version))
+        ops = pd.read_parquet(path, columns=stored)
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"unreadable run table ({str(e).splitlines()[0][:120]}): {path}") from None
     if version < 3 and {"repeat", "step"} <= set(ops.columns):
@@ -160,7 +183,48 @@ def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:
     missing = [c for c in (only or columns.OP_COLUMNS) if c not in ops.columns]
     if missing:
         raise InputError(f"run lacks columns {', '.join(missing)}: {path}")
-    return Run(path=str(path), record=record, ops=ops[list(only or columns.OP_COLUMNS)])
+    ops = ops[list(only or columns.OP_COLUMNS)]
+    _check_values(ops, p)
+    return Run(path=str(path), record=record, ops=ops)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+_TEXT, _INT, _NUM = ("text", _is_text), ("integer", pa.types.is_integer), ("number", _is_number)
+_KINDS = {columns.CONTEXT: _TEXT, columns.DEPTH: _INT, columns.ROUND: _INT, columns.NODE_FIRST: _INT,
+          columns.NODE: _INT, columns.NAME: _TEXT, columns.LAYER: _INT, columns.OP: _TEXT, columns.STAGE: _TEXT,
+          columns.TIME_US: _NUM, "repeat": _INT, "step": _INT}  # (repeat, step: version < 3 tables)
+KEY_COLUMNS = (columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE)
+
+
+def _check_types(schema: pa.Schema, names: list[str], p: Path) -> None:
+    """Each op-table column that will be read has the type the writer gives it (from the footer: no data read)."""
+    for name in names:
+        if name in _KINDS and name in schema.names:
+            kind, ok = _KINDS[name]
+            t = schema.field(name).type
+            if not ok(t):
+                raise InputError(f"run table column {name} holds {t}, expected {kind}: {p}")
+
+
+def _good_times(times: pd.Series) -> bool:
+    t = times.to_numpy(dtype=np.float64, na_value=np.nan)
+    return bool((np.isfinite(t) & (t >= 0)).all())
+
+
+def _check_values(ops: pd.DataFrame, p: Path) -> None:
+    """No empty key (context, depth, round, stage); op times finite and >= 0 (vectorised)."""
+    for name in KEY_COLUMNS:
+        if name in ops.columns and ops[name].isna().any():
+            raise InputError(f"run table column {name} has empty (null) values: {p}")
+    if columns.TIME_US in ops.columns and not _good_times(ops[columns.TIME_US]):
+        raise InputError(f"run table column {columns.TIME_US} has negative, NaN or infinite times: {p}")
 
 
 def _stored_columns(only: list[str] | None, version: int) -> list[str] | None:

@@ -92,6 +92,9 @@ def resume_config(a: argparse.Namespace, typed: set[str]) -> tuple[store.Run, Sw
     run = store.read_run(a.resume)
     if run.record.complete:
         raise UsageError(f"run is already complete, nothing to resume: {a.resume}")
+    if run.record.params.order != "round-robin":  # upgraded from schema 1 or 2: no stored rounds to go on from
+        raise UsageError(f"run predates round-robin measurement (order {run.record.params.order!r}) and cannot be "
+                         f"resumed; start a new run: {a.resume}")
     stored = SweepConfig.from_record(run.record)
     asked = configs_from_args(a)
     if len(asked) != 1:
@@ -102,7 +105,8 @@ def resume_config(a: argparse.Namespace, typed: set[str]) -> tuple[store.Run, Sw
         def show(v):
             return ",".join(str(d) for _, d in v) if isinstance(v, tuple) else v
 
-        what = "; ".join(f"--{k.replace('_', '-')} {show(mine)} (the run used {show(theirs)})"
+        flag = {field: dest for dest, field in _RESUME_FIELDS.items()}  # the option a user typed, not the field
+        what = "; ".join(f"--{flag.get(k, k).replace('_', '-')} {show(mine)} (the run used {show(theirs)})"
                          for k, (mine, theirs) in diff.items())
         raise UsageError(f"cannot resume with {what}")
     from harness import device, engine  # the device and engine must be the run's
@@ -131,8 +135,9 @@ def format_summary(rec: RunRecord) -> str:
                      *(f"{c.stage(s):.2f}" for s in shown),
                      f"{c.calibrated_sum_pct:.1f} %" if c.calibrated_sum_pct is not None else ""])
     inv = rec.invariants
-    lines = [f"mode={rec.params.mode}, {len(rec.rounds)} rounds; stage ms are calibrated (split cost "
-             f"{ctxs[0].sync_us or 0:.2f} us) and should add up to the plain ms/token",
+    how = (f"stage ms are calibrated (split cost {ctxs[0].sync_us:.2f} us) and should add up to the plain ms/token"
+           if ctxs[0].sync_us is not None else "stage ms are raw (no calibration tokens: --calib-splits 0)")
+    lines = [f"mode={rec.params.mode}, {len(rec.rounds)} rounds; {how}",
              format_table(head, rows, style="text")]
     if inv is not None and inv.across_depths:
         means = inv.per_stage_mean_pct.get(inv.stage)

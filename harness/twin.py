@@ -7,13 +7,18 @@ Quantized tensors are written as valid blocks directly: random payload bytes wit
 fp16 scales, so no float weights are ever materialised or requantized. Payload bytes come from
 a 16 MiB random pool read at a fresh random offset per chunk, which keeps generation at disk
 speed. Decode kernels do the same work whatever the values are; the text produced is noise.
-The file carries ``harness.synthetic = true``, and every run made on it says so.
+The file carries ``harness.synthetic = true``, and every run made on it says so. An existing file at the
+output path is replaced only when it is a twin itself (a real model is never overwritten).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import os
+import struct
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +41,8 @@ _POOL_BYTES = 16 << 20
 _CHUNK = 64 << 20
 # byte offset of each block's fp16 scale(s) inside a block, per quant type
 _SCALE_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,)}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_BOOL = 8, 9, 7
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
@@ -131,22 +138,86 @@ class _Filler:
         return out
 
 
+def is_twin(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GGUF with ``harness.synthetic = true`` (a twin). Walks the metadata only (gguf-py's
+    full parse takes seconds on a 5 GB file); False for anything unreadable or malformed."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return _synthetic_flag(m)
+    except (OSError, ValueError, KeyError, IndexError, struct.error):  # empty, truncated, not a GGUF
+        return False
+
+
+def _synthetic_flag(m: mmap.mmap) -> bool:
+    if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] not in (2, 3):
+        return False
+    n_kv, pos, key = struct.unpack_from("<Q", m, 16)[0], 24, SYNTHETIC_KEY.encode()
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", m, pos)[0]
+        name, (vtype,) = m[pos + 8:pos + 8 + n], struct.unpack_from("<I", m, pos + 8 + n)
+        pos += 12 + n
+        if name == key:
+            return vtype == _GGUF_BOOL and m[pos] == 1
+        if vtype == _GGUF_STRING:
+            pos += 8 + struct.unpack_from("<Q", m, pos)[0]
+        elif vtype == _GGUF_ARRAY:
+            etype, count = struct.unpack_from("<IQ", m, pos)
+            pos += 12
+            if etype == _GGUF_STRING:
+                for _ in range(count):
+                    pos += 8 + struct.unpack_from("<Q", m, pos)[0]
+            else:
+                pos += count * _GGUF_SCALAR_BYTES[etype]
+        else:
+            pos += _GGUF_SCALAR_BYTES[vtype]
+        if pos > len(m):
+            return False
+    return False
+
+
+def twin_bytes(preset: str, quant: str) -> int:
+    """A twin's file size, near enough for a message: tensor data at 32-byte alignment, tensor infos, the vocab."""
+    p, tensors = PRESETS[preset], layout(PRESETS[preset], quant)
+    data = sum(-(-type_nbytes(ty, s) // 32) * 32 + 24 + len(n) + 8 * len(s) for n, s, ty in tensors)
+    return data + sum(16 + len(t.encode()) for t in _vocab(p.n_vocab)[0])  # length, token, score, type
+
+
 def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a twin GGUF atomically (temp file, then rename). Returns the final path."""
+    """Write a twin GGUF atomically (temp file, then rename). Returns the final path. Everything is checked
+    before anything is created; an existing file at ``out`` is replaced only when it is a twin itself."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r} (choose from: {', '.join(PRESETS)})")
     if quant not in QUANTS:
         raise UsageError(f"unknown quant {quant!r} (choose from: {', '.join(QUANTS)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be an integer >= 0, got {seed!r}")
     p = PRESETS[preset]
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"output path is a directory: {out}")
+    if out.exists():
+        if not is_twin(out):
+            raise UsageError(f"{out} exists and is not a synthetic twin (no {SYNTHETIC_KEY} = true): "
+                             "remove it or choose another output path")
+        log.info("replacing the twin %s", out)
+    made = [x for x in (out.parent, *out.parent.parents) if not x.exists()][::-1]  # removed again on failure
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output folder {out.parent}: {e.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {out.parent}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output folder {out.parent}: {e.strerror or e}") from None
+        if not os.access(out.parent, os.W_OK):
+            raise OutputError(f"output folder is not writable: {out.parent}")
+        _write(p, quant, out, seed)
+    except BaseException:
+        for x in reversed(made):
+            with contextlib.suppress(OSError):
+                x.rmdir()
+        raise
+    return out
+
+
+def _write(p: Preset, quant: str, out: Path, seed: int) -> None:
     tensors = layout(p, quant)
     clean_stale_temps(out.parent)
     t0 = time.perf_counter()
@@ -182,34 +253,41 @@ def write_twin(preset: str, quant: str, out: str | os.PathLike, seed: int = 0) -
         atomic_write(out, write, overwrite=True)  # a twin replaces an older twin of the same name
     except OSError as e:
         raise OutputError(f"cannot write twin to {out}: {e.strerror or e}") from None
-    log.info("twin %s (%s) -> %s: %.2f GB in %.1f s", preset, quant, out, out.stat().st_size / 1e9,
+    log.info("twin %s (%s) -> %s: %.2f GB in %.1f s", p.name, quant, out, out.stat().st_size / 1e9,
              time.perf_counter() - t0)
-    return out
 
 
 def ensure_default_model(path: Path = DEFAULT_MODEL) -> Path:
     """Make the default E4B Q4_K_M twin if it is missing."""
     if not path.exists():
-        log.info("default model %s is missing: generating the %s %s twin (about 4.7 GB, under a minute)",
-                 path, DEFAULT_PRESET, DEFAULT_QUANT)
+        log.info("default model %s is missing: generating the %s %s twin (%.2f GB, about 15 s at disk speed)",
+                 path, DEFAULT_PRESET, DEFAULT_QUANT, twin_bytes(DEFAULT_PRESET, DEFAULT_QUANT) / 1e9)
         write_twin(DEFAULT_PRESET, DEFAULT_QUANT, path)
     return path
+
+
+def default_out(preset: str, quant: str) -> Path:
+    """Where ``harness.twin`` writes without -o: the sweep's default model for the default preset and quant (so
+    that ``harness-twin`` then ``harness-sweep`` makes it once), else models/<preset>-<quant>.gguf."""
+    default = (preset, quant) == (DEFAULT_PRESET, DEFAULT_QUANT)
+    return DEFAULT_MODEL if default else Path(f"models/{preset}-{quant}.gguf")
 
 
 def _main(argv: list[str] | None) -> int:
     ap = ArgParser(prog="python -m harness.twin", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
     ap.add_argument("--quant", default=DEFAULT_QUANT, help=f"one of: {', '.join(QUANTS)}")
-    ap.add_argument("-o", "--out", default=None, help="output GGUF path (default models/<preset>-<quant>.gguf)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--out", default=None,
+                    help=f"output GGUF path (default: {DEFAULT_MODEL}, the sweep's default model, for the default "
+                         "preset and quant; models/<preset>-<quant>.gguf for others); an existing file is replaced "
+                         "only if it is a twin")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     ap.add_argument("--list", action="store_true", help="list presets and exit")
     a = ap.parse_args(argv)
     if a.list:
-        for p in PRESETS.values():
-            log.info("%-14s %-8s %s", p.name, p.arch, p.description)
+        sys.stdout.write("".join(f"{p.name:<14} {p.arch:<8} {p.description}\n" for p in PRESETS.values()))
         return 0
-    out = a.out or f"models/{a.preset}-{a.quant}.gguf"
-    write_twin(a.preset, a.quant, out, seed=a.seed)
+    write_twin(a.preset, a.quant, default_out(a.preset, a.quant) if a.out is None else a.out, seed=a.seed)
     return 0
 
 

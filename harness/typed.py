@@ -3,7 +3,8 @@
 ``Record.from_dict`` checks every field against its annotation: presence (fields with defaults may
 be absent), type (int, float, str, bool, Optional/union, tuple, dict, nested records), and that
 values of fields whose name carries a unit (``_ms``, ``_us``, ``_s``, ``_bytes``, ``_gbps``, ``_pct``,
-``_mhz``) are finite and >= 0. Errors are ``RecordError`` naming the dotted field path.
+``_mhz``) are finite and >= 0, and the bounds of their intervals (``_ci``) finite or NaN (an interval no
+resample could fill is NaN). Errors are ``RecordError`` naming the dotted field path.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from typing import Any, Union
 
 UNIT_SUFFIXES = ("_ms", "_us", "_s", "_bytes", "_gbps", "_pct", "_mhz")
+INF = math.inf
 
 
-def _has_unit(where: str) -> bool:
-    return any(part.split("[")[0].endswith(UNIT_SUFFIXES) for part in where.split("."))
+def _has_unit(where: str, suffixes: tuple[str, ...] = UNIT_SUFFIXES) -> bool:
+    return any(part.split("[")[0].endswith(suffixes) for part in where.split("."))
 
 
 class RecordError(ValueError):
@@ -45,21 +47,23 @@ def _number(value: Any, where) -> float:
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise RecordError(where(), f"expected a number, got {value!r}"[:120])
     value = float(value)
+    if math.isinf(value) and _has_unit(where(), (*UNIT_SUFFIXES, "_ci")):  # other ratios may be inf (a 0 mean)
+        raise RecordError(where(), f"a measured value or its interval must be finite, got {value}")
     if (math.isnan(value) or value < 0) and _has_unit(where()):
         raise RecordError(where(), f"a duration, size or rate must be >= 0, got {value}")
     return value
 
 
 def _num_check(value, where):
-    if type(value) is float and value >= 0:  # the common case: no NaN (NaN >= 0 is False), no negative
+    if type(value) is float and 0 <= value < INF:  # the common case: no NaN (NaN >= 0 is False), no negative
         return value
     return _number(value, lambda: where)
 
 
 def _clean_floats(values) -> bool:
-    """All floats, none negative or NaN (the stage maps: most of a footer's numbers)."""
+    """All floats, none negative, infinite or NaN (the stage maps: most of a footer's numbers)."""
     for v in values:  # noqa: SIM110 (a plain loop: faster than all() over a generator, and this is hot)
-        if type(v) is not float or not v >= 0:
+        if type(v) is not float or not 0 <= v < INF:
             return False
     return True
 
@@ -170,8 +174,8 @@ def _plain(v: Any) -> Any:
 
 _NO_DEFAULT = object()
 _INLINE = {  # annotation -> the test that passes a clean value without a call (else its checker decides)
-    float: "type(v) is float and v >= 0", int: "type(v) is int", str: "type(v) is str", bool: "type(v) is bool",
-    float | None: "v is None or (type(v) is float and v >= 0)", int | None: "v is None or type(v) is int",
+    float: "type(v) is float and 0 <= v < INF", int: "type(v) is int", str: "type(v) is str", bool: "type(v) is bool",
+    float | None: "v is None or (type(v) is float and 0 <= v < INF)", int | None: "v is None or type(v) is int",
     str | None: "v is None or type(v) is str"}
 
 
@@ -182,7 +186,7 @@ def _from_dict(cls) -> Callable[[dict, str], Any]:
     error. The frozen dataclass ``__init__`` (one ``object.__setattr__`` per field) is skipped: every
     field is set here and no record has a ``__post_init__``."""
     hints = typing.get_type_hints(cls)
-    ns: dict[str, Any] = {"RecordError": RecordError, "new": object.__new__, "cls": cls}
+    ns: dict[str, Any] = {"RecordError": RecordError, "new": object.__new__, "cls": cls, "INF": INF}
     body = ["def from_dict(d, where):",
             "    if not isinstance(d, dict):",
             f"        raise RecordError(where or {cls.__name__!r}, f'expected an object, got {{type(d).__name__}}')",

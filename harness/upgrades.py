@@ -2,6 +2,7 @@
 
 Bump ``record.SCHEMA_VERSION`` and add an ``upgrade_from_N`` on every format change. Upgrades run
 on the metadata dict before ``RunRecord.from_dict``; ``harness.store`` upgrades the op table alongside.
+A malformed older run is a ``RecordError`` (one line, as for any bad field), never a crash of an upgrade.
 
 - 1: first format.
 - 2: per-context sync calibration (``sync_us``, ``noop_sync_us``, ``stage_ms_calibrated``,
@@ -9,13 +10,26 @@ on the metadata dict before ``RunRecord.from_dict``; ``harness.store`` upgrades 
 - 3: typed record; round-robin measurement: ``round`` replaces ``repeat``/``step`` in the op and
   token tables, tokens carry ``splits``; per-context bootstrap intervals, calibration by split
   regression; per-round noise (``rounds``), the depth-invariance check (``invariants``) and
-  ``flags``. Older runs are upgraded: ``round = repeat * tokens + step``, intervals unknown.
+  ``flags``. Older runs are upgraded: ``round = repeat * tokens + step``, intervals unknown, order
+  ``sequential`` (such a run cannot be resumed).
 """
 
 from __future__ import annotations
 
 from harness.record import SCHEMA_VERSION, RunRecord
 from harness.typed import RecordError
+
+
+def _shape(meta: dict) -> None:
+    """The containers the upgrades walk: params an object, contexts a list of objects, tokens a list (a
+    field's name in the error, as ``RunRecord.from_dict`` would give it)."""
+    for key, tp in (("params", dict), ("contexts", list), ("tokens", list)):
+        if key in meta and not isinstance(meta[key], tp):
+            what = "an object" if tp is dict else "a list"
+            raise RecordError(key, f"expected {what}, got {type(meta[key]).__name__}")
+    for i, c in enumerate(meta.get("contexts", [])):
+        if not isinstance(c, dict):
+            raise RecordError(f"contexts[{i}]", f"expected an object, got {type(c).__name__}")
 
 
 def upgrade_from_1(meta: dict) -> dict:
@@ -37,7 +51,7 @@ def upgrade_from_2(meta: dict) -> dict:
     n_tok = params.get("tokens", 1) if isinstance(params.get("tokens"), int) else 1
     params["rounds"] = n_tok * (params.pop("repeats", 1) if isinstance(params.get("repeats"), int) else 1)
     params.pop("tokens", None)
-    params.setdefault("order", "sequential")
+    params["order"] = "sequential"  # round-robin measurement came with version 3
     params.setdefault("warmup", 0)
     for key in ("threads", "n_gpu_layers", "n_batch", "n_ubatch", "n_ctx"):
         params.setdefault(key, 0)
@@ -72,8 +86,17 @@ def upgrade(meta: dict) -> tuple[dict, int]:
     if v > SCHEMA_VERSION:
         raise RecordError("schema_version", f"{v} is newer than this harness supports ({SCHEMA_VERSION}); "
                           "upgrade the harness")
-    while meta["schema_version"] < SCHEMA_VERSION:
-        meta = UPGRADES[meta["schema_version"]](meta)
+    if v < SCHEMA_VERSION:
+        _shape(meta)
+    try:
+        while meta["schema_version"] < SCHEMA_VERSION:
+            meta = UPGRADES[meta["schema_version"]](meta)
+    except RecordError:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError) as e:  # a malformed field _shape does not check
+        why = (str(e).splitlines() or [""])[0][:120]
+        raise RecordError("(top level)", f"malformed version-{v} run, cannot upgrade it ({type(e).__name__}: "
+                          f"{why})") from None
     return meta, v
 
 

@@ -15,6 +15,12 @@ robust = importlib.import_module("robust")
 across = importlib.import_module("across")
 same_depth = importlib.import_module("same_depth")
 paired_settings = importlib.import_module("paired_settings")
+fleet_bench = importlib.import_module("fleet_bench")
+predict_bench = importlib.import_module("predict_bench")
+compare_bench = importlib.import_module("compare_bench")
+report_screenshot = importlib.import_module("report_screenshot")
+suite = importlib.import_module("suite")
+estimators = importlib.import_module("estimators")
 
 
 def _sweeps(slopes, half_width, sync):
@@ -178,3 +184,78 @@ def test_paired_settings_figures_on_made_up_rounds():
     assert f["rise_ms"] == pytest.approx([drift.mean() * 3e-3 * 4083, drift.mean() * 1e-3 * 4083])
     assert paired_settings.paired(ms[:, ::-1], depths)["crossover_depths"] == f["crossover_depths"]
     assert paired_settings.paired(np.stack([drift * a, drift * a * 2], axis=1), depths)["crossover_depths"] == []
+
+
+def _one_line_error(capsys, rc: int, code: int, needle: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("fleet_bench", ["--sizes", "10,abc"], "--sizes"),
+    ("fleet_bench", ["--sizes", "0"], "--sizes"),
+    ("fleet_bench", ["--engines", "polars"], "--engines"),
+    ("predict_bench", ["--fit", "abc"], "--fit"),
+    ("predict_bench", ["--fit", "13,99"], "--fit depth(s) 99 are not in --contexts"),
+    ("predict_bench", ["--rounds", "0"], "--rounds"),
+    ("compare_bench", ["--runs", "0"], "--runs must be >= 1"),
+    ("robust", ["--sweeps", "0"], "--sweeps"),
+    ("robust", ["--sweeps", "-3"], "--sweeps"),
+    ("robust", ["--threads", "2", "--vary", "flash_attn=on,off"], "not both"),
+    ("same_depth", ["--sweeps", "0"], "--sweeps"),
+    ("same_depth", ["--depths", "13,x"], "--depths"),
+    ("suite", ["--skip", "ops,bogus"], "--skip: unknown part(s) bogus"),
+    ("suite", ["--rounds", "0"], "--rounds"),
+    ("report_screenshot", ["{html}", "-o", "{tmp}/x.png", "--width", "-5"], "--width"),
+    ("report_screenshot", ["{html}", "-o", "{tmp}"], "a folder, not a file"),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line(script, args, needle, tmp_path, capsys):
+    html = tmp_path / "r.html"
+    html.write_text("<html></html>")
+    argv = [a.format(html=html, tmp=tmp_path) for a in args]
+    _one_line_error(capsys, globals()[script].main(argv), 2, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # nothing made
+
+
+@pytest.mark.parametrize("script", ["robust", "same_depth"])
+def test_keep_must_be_a_folder(script, tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("mine")
+    _one_line_error(capsys, globals()[script].main(["--keep", str(f)]), 2, "--keep: not a folder")
+    assert f.read_text() == "mine"
+
+
+def test_bench_scripts_refuse_bad_input_files_in_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text, plain = tmp_path / "notes.parquet", tmp_path / "plain.parquet"
+    text.write_text("not parquet")
+    pq.write_table(pa.table({"a": [1]}), plain)  # Parquet, but no run metadata
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for bad in (text, plain):  # checked before the pool starts (it used to restart failing workers for ever)
+        _one_line_error(capsys, fleet_bench.main(["--sizes", "10", "--source", str(bad)]), 1, str(bad))
+        _one_line_error(capsys, compare_bench.main(["--runs", "3", "--source", str(bad)]), 1, str(bad))
+        _one_line_error(capsys, predict_bench.main(["--run", str(bad)]), 1, str(bad))
+        _one_line_error(capsys, estimators.main([str(bad)]), 1, str(bad))
+    _one_line_error(capsys, predict_bench.main(["--run", str(tmp_path / "none.parquet")]), 1, "not found")
+    assert not list((tmp_path / "tmp").iterdir())  # no temp folder left behind
+    _one_line_error(capsys, report_screenshot.main([str(text), "-o", "/proc/nope/x.png"]), 1, "-o: cannot write")
+    _one_line_error(capsys, report_screenshot.main([str(tmp_path / "no.html"), "-o", "x.png"]), 1, "no such file")
+
+
+def test_runs_without_op_rows_or_fitting_depths_are_refused(tiny_run, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_run)
+    empty = tmp_path / "no-rows.parquet"
+    pq.write_table(t.slice(0, 0), empty)  # the metadata kept, the op table empty
+    for script, argv in (("robust", ["--runs", str(empty)]), ("estimators", [str(empty)]),
+                         ("same_depth", ["--runs", str(empty)])):
+        _one_line_error(capsys, globals()[script].main(argv), 1, "op table has no rows")
+    # the default --fit depths (13, 172, 658, 2048) against a run of 13, 40, 80: the missing ones are named
+    _one_line_error(capsys, predict_bench.main(["--run", str(tiny_run)]), 2, "depth(s) 172, 658, 2048 not measured")

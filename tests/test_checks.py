@@ -139,3 +139,47 @@ def test_invariance_is_paired_by_round():
     x[5, :] = np.nan  # a round with no value is left out, and so is one missing a depth
     x[6, 0] = np.nan
     assert abs(float(checks.spread_pct(checks.depth_values(x))) - paired) < 0.5
+
+
+def test_a_run_without_calibration_tokens_is_not_called_calibrated():
+    st = np.zeros((6, 2, len(stages.STAGES)))
+    st[:, :, stats.S[stages.FFN]] = 60.0
+    plain = st.sum(axis=2)
+    rd = stats.RoundData(("a", "b"), (13, 658), np.arange(6), plain, plain * 1.1, st,
+                         np.ones((2, len(stages.STAGES))), np.full(6, np.nan), np.zeros(6))
+    out, cost_us, _ = stats.summarize(rd, n_boot=20)
+    assert np.isnan(cost_us)
+    c = ContextSummary(**out[0])
+    assert not c.stage_ms_calibrated and c.calibrated_sum_pct is None  # raw figures are not relabelled
+    assert c.stage(stages.FFN) == pytest.approx(60.0)  # readers fall back to the raw stage ms
+    calib = stats.RoundData(*[getattr(rd, f) for f in ("labels", "depths", "rounds", "plain", "profiled", "stage",
+                                                       "segs")], np.full(6, 0.05), np.full(6, 10.0))
+    c = ContextSummary(**stats.summarize(calib, n_boot=20)[0][0])
+    assert c.stage_ms_calibrated[stages.FFN] == pytest.approx(60.0 - 0.005) and c.calibrated_sum_pct is not None
+
+
+def test_zero_threads_is_refused_not_defaulted():
+    from harness.config import SweepConfig, parse_contexts
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match="threads must be >= 1"):
+        SweepConfig(contexts=parse_contexts("13,40"), threads=0).validate()
+    assert SweepConfig(contexts=parse_contexts("13,40")).validate().threads is None
+
+
+def test_a_stage_calibrated_to_zero_in_early_rounds_gives_no_nan_step():
+    """norm is ~0.1 ms: calibration can clip it to 0 ms in a run's first rounds. A relative step from a level of
+    0 is undefined; it must be left out, not stored as inf with a NaN floor (which the record refuses, and a
+    sweep then lost its measurement writing it)."""
+    x = np.full((40, 3), 0.1)
+    x[:12] = 0.0
+    step = checks.state_step(x)
+    assert step is not None and np.isfinite(step[0]) and np.isfinite(step[2])
+    assert checks.state_step(np.zeros((40, 3))) is None
+    rng = np.random.default_rng(3)
+    st = np.zeros((40, 3, len(stages.STAGES)))
+    st[:, :, stats.S[stages.FFN]] = 60 + rng.normal(0, 0.1, (40, 3))
+    st[12:, :, stats.S[stages.NORM]] = 0.1
+    contexts, inv = _invariants(st)
+    assert all(np.isfinite(v) for v in (*inv.step_ratio.values(), *inv.step_floor_pct.values()))
+    Invariants.from_dict(inv.to_dict())  # the record takes it

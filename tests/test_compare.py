@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, write_as_version_2
 
 from analysis import fleet, slope
 from harness.store import META_KEY, read_run
@@ -90,6 +90,41 @@ def test_pooled_runs_are_stratified():
     assert both["n_rounds"] == 60 and both["ci95_low_ms_per_1k"] < 3.0 < both["ci95_high_ms_per_1k"]
 
 
+def _keep(rd, idx):
+    """The same rounds at the depths ``idx`` only (a run made with fewer contexts)."""
+    return rd.__class__(**{**rd.__dict__, "labels": tuple(rd.labels[i] for i in idx),
+                           "depths": tuple(rd.depths[i] for i in idx), "plain": rd.plain[:, idx],
+                           "profiled": rd.profiled[:, idx], "stage": rd.stage[:, idx], "segs": rd.segs[idx]})
+
+
+def test_pooled_runs_at_different_depths_and_levels_make_no_slope_of_their_levels():
+    from harness import stats
+
+    a, b = _rounds(0.003, 0.0, 0.05, seed=1), _rounds(0.003, 0.0, 0.05, seed=2)
+    b.stage[:, :, stats.S["ffn"]] += 6.0  # b's device is 10 % slower in ffn, and b measured only 100 and 900
+    b = _keep(b.__class__(**{**b.__dict__, "plain": b.stage.sum(axis=2)}), [0, 2])
+    sl = _fit([a, b], 300)
+    ffn, kv = sl.loc["ffn"], sl.loc["attn_kv"]
+    # a mean over whichever runs measured a depth would read b's level as +6 ms at 100 and 900 only: a V, no line;
+    # pooled within runs the flat stage stays flat and the line keeps its slope
+    assert ffn["ci95_low_ms_per_1k"] < 0 < ffn["ci95_high_ms_per_1k"] and abs(ffn["slope_ms_per_1k"]) < 0.2
+    assert kv["slope_ms_per_1k"] == pytest.approx(3.0, abs=0.1) and kv["n_depths"] == 3 and kv["n_rounds"] == 60
+    assert ffn["intercept_ms"] == pytest.approx(63.0, abs=0.2)  # at the two runs' mean level
+    same = _fit([a, _rounds(0.003, 0.0, 0.05, seed=2)], 0)  # one set of depths: the line through the pooled means
+    means = np.mean([r.stage[:, :, stats.S["attn_kv"]].mean(axis=0) for r in (a, _rounds(0.003, 0.0, 0.05, seed=2))],
+                    axis=0)
+    assert same.loc["attn_kv", "slope_ms_per_1k"] == pytest.approx(1000 * np.polyfit((100, 400, 900), means, 1)[0])
+
+
+def test_a_depth_few_resamples_draw_is_left_out_not_read_as_zero():
+    rd = _rounds(0.003, 0.0, 0.05, n_rounds=40)
+    rd.stage[2:, 2, :] = np.nan  # the deepest depth has 2 valid rounds of 40: ~13 % of resamples draw neither
+    rd.plain[2:, 2] = np.nan
+    kv = _fit([rd], 500).loc["attn_kv"]
+    assert kv["ci95_low_ms_per_1k"] > 2.5, kv  # a resample without that depth fits the other two, not a 0 there
+    assert kv["slope_ms_per_1k"] == pytest.approx(3.0, abs=0.2)
+
+
 def test_run_slopes_on_a_real_run(tiny_run):
     run = read_run(tiny_run, only=slope.NEEDED_COLUMNS)
     s = slope.run_slopes(run, n_boot=200)
@@ -135,10 +170,11 @@ def test_different_models_and_incomplete_runs_are_not_pooled(tiny_run, tmp_path)
     d = tmp_path / "fleet"
     d.mkdir()
     shutil.copy(tiny_run, d / tiny_run.name)
-    copy_run(tiny_run, d / "repeat.parquet")  # same device, model and settings: pooled
+    copy_run(tiny_run, d / "repeat.parquet", timing={"load_s": 99.0})  # another measurement, same settings: pooled
     copy_run(tiny_run, d / "sub" / "other-model.parquet", model={"content_hash": "sha256s:0000feed"})
     copy_run(tiny_run, d / "sub" / "fa-on.parquet", params={"flash_attn": "on"})
     copy_run(tiny_run, d / "sub" / "partial.parquet", complete=False)
+    shutil.copy(tiny_run, d / "sub" / "copy.parquet")  # the same run found again: read once, not pooled
     df = compare_csv(str(d))
     short = df[df["depth"] == 13]
     assert len(short) == 4 and set(short["device"]) == {"tiny-2t"}
@@ -204,6 +240,43 @@ def test_unknown_baseline_is_a_usage_error(tiny_run):
 
 def test_missing_path_is_a_one_line_error(tmp_path):
     assert_one_line_error(run_cli("analysis.compare", str(tmp_path / "nope")))
+
+
+def test_a_named_run_whose_op_table_is_bad_is_an_error_a_found_one_a_warning(tiny_run, tiny_run_1t, tmp_path):
+    """Footers that read, op tables that do not: damaged data pages, no stage column, times stored as text."""
+    data, t = bytearray(tiny_run.read_bytes()), pq.read_table(tiny_run)
+    data[100:5000] = bytes(b ^ 0x5A for b in data[100:5000])
+    (tmp_path / "pages.parquet").write_bytes(bytes(data))
+    pq.write_table(t.drop_columns(["stage"]), tmp_path / "nostage.parquet")
+    pq.write_table(t.set_column(t.schema.get_field_index("time_us"), "time_us", t["time_us"].cast("string")),
+                   tmp_path / "texttime.parquet")
+    for bad in (tmp_path / f"{n}.parquet" for n in ("pages", "nostage", "texttime")):
+        r = run_cli("analysis.compare", str(bad), str(tiny_run_1t))
+        assert_one_line_error(r)
+        assert str(bad) in r.stderr, r.stderr
+        (d := tmp_path / f"found-{bad.stem}").mkdir()
+        for f in (bad, tiny_run_1t):
+            shutil.copy(f, d / f.name)
+        r = run_cli("analysis.compare", str(d), "--format", "csv")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "no op table for slopes: " in r.stderr and str(d / bad.name) in r.stderr
+        sl = pd.read_csv(io.StringIO(r.stdout)).set_index("device")["ffn_slope_ms_per_1k"]
+        assert sl["tiny-2t"].isna().all() and sl["tiny-1t"].notna().all()  # its table rows stay, without slopes
+
+
+@pytest.mark.parametrize("engine", ["pandas", "duckdb"])
+def test_an_old_format_run_gets_its_slopes(engine, tiny_run, tiny_run_1t, tmp_path):
+    write_as_version_2(tiny_run_1t, tmp_path / "old.parquet")  # repeat/step in its op table, no round column
+    df = compare_csv(str(tmp_path / "old.parquet"), str(tiny_run), "--engine", engine)
+    assert set(df["device"]) == {"tiny-1t", "tiny-2t"} and df["attn_kv_slope_ms_per_1k"].notna().all()
+
+
+def test_plot_that_cannot_be_written_is_a_one_line_error(tiny_run, tmp_path):
+    (tmp_path / "compare_stage_ms.png").mkdir()  # a folder where a figure goes
+    r = run_cli("analysis.compare", str(tiny_run), "--no-slopes", "--plots", str(tmp_path))
+    assert_one_line_error(r)
+    assert "could not write" in r.stderr and "compare_stage_ms.png" in r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
 def test_slope_table_marks_an_invariant_stage_whose_interval_excludes_zero():

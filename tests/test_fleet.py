@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli, write_as_version_2
 
 from analysis import compare, fleet, fleet_db, slope
 from harness import store
-from harness.errors import UsageError
+from harness.errors import InputError, UsageError
 from harness.record import SCHEMA_VERSION
 from harness.store import META_KEY
 
@@ -44,6 +44,11 @@ def _set(**kv):
     return lambda m: m.update(kv)
 
 
+def _remeasured(n: int, **kv):
+    """``_set`` on a copy that stands for another measurement (its timing differs): not a copy of the same run."""
+    return lambda m: m.update(kv, timing={**m["timing"], "load_s": m["timing"]["load_s"] + n})
+
+
 def _rename_stage(t):
     stage = t["stage"].to_pylist()
     return t.set_column(t.schema.get_field_index("stage"), "stage", [["mystery" if s == "norm" else s for s in stage]])
@@ -56,7 +61,7 @@ def small_fleet(tiny_run, tiny_run_1t, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fleet")
     for n, (src, label) in enumerate(((tiny_run, "phone-a"), (tiny_run, "phone-a"), (tiny_run_1t, "phone-b"))):
         p = store.run_path(root, label, "tiny", "hive", WHEN)
-        rewrite(src, p.with_name(f"{p.stem}-{n}.parquet"), _set(label=label))
+        rewrite(src, p.with_name(f"{p.stem}-{n}.parquet"), _remeasured(n, label=label))
     rewrite(tiny_run, store.run_path(root, "phone-b", "tiny", "flat", WHEN), _set(label="phone-b", complete=False))
     write_as_version_2(tiny_run_1t, store.run_path(root, "old-phone", "tiny", "hive", WHEN), _set(label="old-phone"))
     shutil.copy(next((ROOT / "analysis" / "data").glob("*.parquet")), root / "reference.parquet")
@@ -106,6 +111,8 @@ def test_engines_give_the_same_table(small_fleet, caplog):
     assert {"phone-a", "phone-b", "old-phone", "seed-reference"} <= set(pdf["device"])
     assert (pdf[pdf["device"] == "phone-a"]["runs"] == 2).all()  # hive repeats pooled
     assert pdf["group"].str.contains("INCOMPLETE").any()  # the flat incomplete run is found too
+    old = pdf[pdf["device"] == "old-phone"]  # schema 2 (repeat/step for round): upgraded on read, slopes too
+    assert len(old) == 3 and old["ffn_slope_ms_per_1k"].notna().all() and "old-phone" in set(psl["device"])
     pd.testing.assert_frame_equal(pdf, ddf, rtol=1e-9)
     pd.testing.assert_frame_equal(psl, dsl, rtol=1e-9)
     assert "not-a-run.parquet" in caplog.text  # skipped with a warning by both engines
@@ -133,6 +140,85 @@ def test_duckdb_footers_skip_the_bulk_and_defer_odd_files(small_fleet):
                               "model": {k: v for k, v in full["model"].items() if k != "gguf"},
                               "contexts": [context(c) for c in full["contexts"]]}
     assert full["rounds"] and all(c["stage_ms_ci"] and c["graph_bytes"]["kv_reads"] for c in full["contexts"])
+
+
+def test_duckdb_leaves_older_op_tables_to_the_upgrading_reader(small_fleet):
+    files = sorted(map(str, small_fleet.rglob("*.parquet")))
+    runs = [f for f in files if "not-a-run" not in f]
+    fast, rest = fleet_db.round_sums(runs)
+    assert [Path(runs[i]).relative_to(small_fleet).parts[0] for i in rest] == ["device=old-phone"]
+    assert set(fast[slope.RUN]) == set(range(len(runs))) - set(rest)  # indices into runs, not into the query
+    both = fleet.round_sums(runs, "duckdb")
+    assert set(both[slope.RUN]) == set(range(len(runs)))
+    key = [slope.RUN, "context", "round", "stage"]
+    pd.testing.assert_frame_equal(both.sort_values(key, ignore_index=True),
+                                  fleet.round_sums(runs, "pandas").sort_values(key, ignore_index=True),
+                                  rtol=1e-9, check_dtype=False)
+
+
+def _first_time(value):
+    def edit(t):
+        times = t["time_us"].to_pylist()
+        return t.set_column(t.schema.get_field_index("time_us"), "time_us", [[value, *times[1:]]])
+    return edit
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_bad_times_are_left_to_the_checked_reader_by_both_engines(value, tiny_run, tiny_run_1t, tmp_path, caplog):
+    """An op time below 0 or NaN: DuckDB's sums do not vouch for the run; the checked reader says what is wrong
+    (a warning for a run found in a folder, an error for a named one) with either engine."""
+    bad = rewrite(tiny_run, tmp_path / "bad.parquet", ops_edit=_first_time(value))
+    paths = [str(tiny_run_1t), str(bad)]
+    assert fleet_db.round_sums(paths)[1] == [1]
+    for engine in ("pandas", "duckdb"):
+        with caplog.at_level(logging.WARNING):
+            long = fleet.round_sums(paths, engine)
+        assert set(long[slope.RUN]) == {0} and "no op table for slopes" in caplog.text and "bad.parquet" in caplog.text
+        with pytest.raises(InputError, match="time_us.*bad.parquet"):
+            fleet.round_sums(paths, engine, named=[str(bad)])
+
+
+def test_hidden_folders_are_not_searched(tiny_run, tiny_run_1t, tmp_path):
+    d = tmp_path / "runs"
+    rewrite(tiny_run, d / "a.parquet")
+    rewrite(tiny_run_1t, d / ".seed-tmp-abc" / "b.parquet")  # another tool's hidden work folder
+    rewrite(tiny_run_1t, d / "sub" / ".c.parquet")
+    for engine in ("pandas", "duckdb"):
+        assert [Path(r.path).name for r in fleet.load_runs([d], engine=engine)] == ["a.parquet"]
+    assert len(fleet.load_runs([d / ".seed-tmp-abc" / "b.parquet"])) == 1  # named: read
+    assert len(fleet.load_runs([d / ".seed-tmp-abc"])) == 1  # only what lies below the folder given counts
+
+
+def _interrupted(run: store.Run, rounds: int, out: Path, name: str, resumed_from: str | None = None, **kv) -> Path:
+    """A run as --resume leaves them: its first ``rounds`` rounds, incomplete, naming the run it continued."""
+    rec = run.record.replace(complete=False, stop_reason="SIGINT", resumed_from=resumed_from,
+                             rounds=run.record.rounds[:rounds],
+                             tokens=tuple(t for t in run.record.tokens if t[2] < rounds), **kv)
+    return store.write_run(run.ops[run.ops["round"] < rounds], rec, out, name)
+
+
+@pytest.mark.parametrize("engine", ["pandas", "duckdb"])
+def test_copies_and_resumed_runs_are_read_once(engine, tiny_run, tmp_path, monkeypatch, caplog):
+    run = store.read_run(tiny_run)
+    d, other, copies = tmp_path / "runs", tmp_path / "other", tmp_path / "copies"
+    monkeypatch.chdir(tmp_path)  # --resume names the run as it was given: here a relative path
+    a = _interrupted(run, 2, d, "20260101T000000Z_a.parquet")
+    b = _interrupted(run, 4, d, "20260101T001000Z_b.parquet", str(a.relative_to(tmp_path)))
+    c = _interrupted(run, 5, d, "20260101T002000Z_c.parquet", str(b))  # interrupted twice
+    x = _interrupted(run, 3, d / "loop", "x.parquet", "y.parquet")  # two runs naming each other: both kept
+    y = _interrupted(run, 3, d / "loop", "y.parquet", "x.parquet")
+    elsewhere = _interrupted(run, 2, other, a.name, label="another-device")  # a's name, not its device
+    copies.mkdir()
+    shutil.copy(c, copies / "c-copy.parquet")
+    with caplog.at_level(logging.INFO):
+        runs = fleet.load_runs([d, other, copies], engine=engine)
+    assert sorted(Path(r.path).name for r in runs) == sorted([c.name, x.name, y.name, elsewhere.name])
+    assert f"leaving out {a}: {c} continues it" in caplog.text and f"leaving out {b}: {c} continues it" in caplog.text
+    assert f"skipping {copies / 'c-copy.parquet'}: a copy of {c}" in caplog.text
+    group = next(g for g in fleet.group_runs(runs) if g.label == run.record.label and len(g.runs) == 3)
+    assert {Path(r.path).name for r in group.runs} == {c.name, x.name, y.name}
+    named = fleet.load_runs([copies / "c-copy.parquet", d], engine=engine)  # the copy named first is the one kept
+    assert str(copies / "c-copy.parquet") in {r.path for r in named} and str(c) not in {r.path for r in named}
 
 
 def test_duckdb_falls_back_on_a_corrupt_file(small_fleet, tiny_run, tmp_path, caplog):

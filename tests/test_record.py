@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli, write_as_version_2
@@ -155,3 +156,134 @@ def test_metadata_is_validated_on_write(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="stage_ms.ffn"):
         store.write_run(run.ops, bad, tmp_path, "x.parquet")
     assert not list(tmp_path.iterdir())
+
+
+OLD_BAD = {  # a damaged version-1 or -2 footer: a one-line error naming the field, never an upgrade's crash
+    "v1 params text": (1, lambda m: m.__setitem__("params", "oops"), "field params: expected an object"),
+    "v2 params text": (2, lambda m: m.__setitem__("params", "oops"), "field params: expected an object"),
+    "v1 contexts int": (1, lambda m: m.__setitem__("contexts", 5), "field contexts: expected a list"),
+    "v2 context text": (2, lambda m: m.__setitem__("contexts", ["a"]), r"field contexts[0]: expected an object"),
+    "v2 tokens map": (2, lambda m: m.__setitem__("tokens", {"a": 1}), "field tokens: expected a list"),
+    "v1 stage_ms list": (1, lambda m: [c.pop("stage_ms_calibrated") for c in m["contexts"]]
+                         + [m["contexts"][0].__setitem__("stage_ms", [1, 2])], "malformed version-1 run"),
+}
+
+
+@pytest.fixture(scope="module")
+def old_bad_runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("oldbad")
+    out = {}
+    for i, (case, (version, edit, _)) in enumerate(OLD_BAD.items()):
+        def damage(m, version=version, edit=edit):
+            edit(m)
+            m["schema_version"] = version
+        out[case] = d / f"{i}.parquet"
+        write_as_version_2(tiny_run, out[case], damage)
+    return out
+
+
+@pytest.mark.parametrize("case", list(OLD_BAD))
+def test_damaged_old_runs_are_refused_in_one_line(old_bad_runs, case):
+    with pytest.raises(InputError) as e:
+        read_record(old_bad_runs[case])
+    msg = str(e.value)
+    assert OLD_BAD[case][2] in msg and str(old_bad_runs[case]) in msg and "\n" not in msg
+
+
+def test_damaged_old_runs_cli_and_folder_scan(old_bad_runs, tiny_run, tmp_path, caplog):
+    from analysis import fleet
+
+    r = run_cli("analysis.table", str(old_bad_runs["v1 params text"]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"analysis.table: error: bad run metadata, field params: expected an "
+                                             f"object, got str: {old_bad_runs['v1 params text']}"]
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for i, p in enumerate(old_bad_runs.values()):
+        (folder / f"bad{i}.parquet").write_bytes(p.read_bytes())
+    (folder / tiny_run.name).write_bytes(tiny_run.read_bytes())
+    runs = fleet.load_runs([folder], engine="pandas")
+    assert [Path(r.path).name for r in runs] == [tiny_run.name]  # the damaged ones skipped with a warning
+    assert all(f"bad{i}.parquet" in caplog.text for i in range(len(OLD_BAD)))
+
+
+def _edit_table(src: Path, dst: Path, name: str, values) -> Path:
+    t = pq.read_table(src)
+    t = t.set_column(t.schema.get_field_index(name), name, pa.array(values(t.column(name).to_pylist())))
+    pq.write_table(t, dst)  # the footer (harness.run) is kept: only the op table is damaged
+    return dst
+
+
+BAD_TABLES = {  # column, new values (from the old ones), what the error says
+    "time as text": ("time_us", lambda v: [str(x) for x in v], "column time_us holds string, expected number"),
+    "context as int": ("context", lambda v: [7] * len(v), "column context holds int64, expected text"),
+    "depth as text": ("depth", lambda v: [str(x) for x in v], "column depth holds string, expected integer"),
+    "null round": ("round", lambda v: pa.array([None] * len(v), pa.int64()), "column round has empty (null) values"),
+    "null stage": ("stage", lambda v: [None, *v[1:]], "column stage has empty (null) values"),
+    "negative time": ("time_us", lambda v: [-x for x in v], "column time_us has negative, NaN or infinite"),
+    "NaN time": ("time_us", lambda v: [*v[:-1], float("nan")], "column time_us has negative, NaN or infinite"),
+    "inf time": ("time_us", lambda v: [float("inf"), *v[1:]], "column time_us has negative, NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_damaged_op_tables_are_refused(tiny_run, tmp_path, case):
+    from analysis import slope
+
+    name, values, needle = BAD_TABLES[case]
+    bad = _edit_table(tiny_run, tmp_path / "bad.parquet", name, values)
+    read_record(bad)  # the footer is fine
+    for only in (None, slope.NEEDED_COLUMNS):
+        with pytest.raises(InputError) as e:
+            read_run(bad, only=only)
+        assert needle in str(e.value) and str(bad) in str(e.value) and "\n" not in str(e.value)
+    r = run_cli("analysis.table", str(bad))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("analysis.table: error: run table"), r.stderr
+    assert needle in lines[0] and str(bad) in lines[0] and "Traceback" not in r.stderr
+    assert read_run(bad, only=["node", "op"]).ops.shape[1] == 2  # only the columns read are checked
+
+
+def test_old_op_tables_are_checked_too(tiny_run, tmp_path):
+    """A version-2 table stores repeat and step (round is made from them): their types are checked."""
+    write_as_version_2(tiny_run, tmp_path / "v2.parquet")
+    bad = _edit_table(tmp_path / "v2.parquet", tmp_path / "bad.parquet", "step", lambda v: [str(x) for x in v])
+    with pytest.raises(InputError, match="column step holds string, expected integer"):
+        read_run(bad, only=["round", "time_us"])
+
+
+def test_only_the_current_schema_version_is_written(tiny_run, tmp_path):
+    run = read_run(tiny_run)
+    for v in (2, 4):
+        with pytest.raises(ValueError, match=f"schema version {v}: this harness writes version 3"):
+            store.write_run(run.ops, run.record.replace(schema_version=v), tmp_path / "out", "x.parquet")
+    with pytest.raises(ValueError, match="infinite op times"):
+        store.write_run(run.ops.assign(time_us=float("inf")), run.record, tmp_path / "out", "x.parquet")
+    assert not (tmp_path / "out").exists()  # refused before the folder is made
+
+
+def test_infinite_measured_values_are_refused_nan_intervals_kept(tiny_run, tmp_path):
+    c0 = read_record(tiny_run).contexts[0].to_dict()
+    nan = float("nan")
+    kept = ContextSummary.from_dict({**c0, "plain_ms_ci": [nan, nan], "stage_ms_ci": {"ffn": [nan, nan]}})
+    assert kept.plain_ms_ci[0] != kept.plain_ms_ci[0]  # an interval no resample filled stays NaN
+    for where, change in (("plain_ms", {"plain_ms": float("inf")}),
+                          (r"plain_ms_ci\[0\]", {"plain_ms_ci": [float("-inf"), 1.0]}),
+                          (r"stage_ms_ci.ffn\[1\]", {"stage_ms_ci": {"ffn": [0.0, float("inf")]}}),
+                          ("stage_pct.ffn", {"stage_pct": {"ffn": float("inf")}})):
+        with pytest.raises(RecordError, match=f"{where}: a measured value or its interval must be finite"):
+            ContextSummary.from_dict({**c0, **change})
+    bad = _edit(tiny_run, tmp_path / "inf.parquet", lambda m: m["contexts"][0].__setitem__("plain_ms", float("inf")))
+    with pytest.raises(InputError, match=r"contexts\[0\]\.plain_ms: a measured value .* must be finite"):
+        read_record(bad)
+
+
+def test_resuming_a_run_from_before_round_robin_is_refused(tiny_run, tmp_path):
+    old = tmp_path / "old.parquet"
+    write_as_version_2(tiny_run, old, lambda m: m.update(complete=False, stop_reason="SIGINT"))
+    assert read_record(old).params.order == "sequential"
+    r = run_cli("harness.sweep", "--resume", str(old), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"harness.sweep: error: run predates round-robin measurement (order "
+                                             f"'sequential') and cannot be resumed; start a new run: {old}"]
+    assert not (tmp_path / "runs").exists()

@@ -198,7 +198,8 @@ def test_sigint_saves_completed_rounds_and_resume_completes(tiny_gguf, tmp_path)
     for flags, needle in ((["-r", "7"], "cannot resume with --rounds 7"),
                           (["--mode", "ops"], "cannot resume with --mode ops"),
                           (["-c", "13"], "cannot resume with --contexts"),
-                          (["--label", "other"], "cannot resume with --label other")):
+                          (["--label", "other"], "cannot resume with --label other"),
+                          (["-b", "256", "-ub", "256"], "--batch-size 256 (the run used 512)")):  # flags, not fields
         wrong = run_cli("harness.sweep", "--resume", str(part), "--out", str(out), *flags)
         _assert_clean_error(wrong, 2, needle)
     # finish with fewer rounds than asked is not possible by flags, so shorten the stored ask for the test
@@ -231,7 +232,8 @@ def test_killed_writer_leaves_nothing_visible(tiny_run, tmp_path):
     code = (
         "import os, sys\n"
         "from harness import store\n"
-        "os.link = lambda *a, **k: os.kill(os.getpid(), 9)  # die right before the rename\n"
+        "link = os.link  # die right before the run's link (the folder's probe link goes through)\n"
+        "os.link = lambda a, b: os.kill(os.getpid(), 9) if str(a).endswith('.partial') else link(a, b)\n"
         "run = store.read_run(sys.argv[1])\n"
         "store.write_run(run.ops, run.record, sys.argv[2], 'x.parquet')\n"
     )
@@ -239,8 +241,8 @@ def test_killed_writer_leaves_nothing_visible(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tiny_run), str(out)], env=env, cwd=ROOT)
     assert r.returncode == -9
     assert not list(out.glob("*.parquet"))  # nothing half-visible
-    assert len(list(out.glob(".tmp-*"))) == 1
-    assert store.clean_stale_temps(out) == 1
+    (tmp,) = out.glob(".tmp-*")
+    assert tmp.name.endswith("-x.parquet.partial") and store.clean_stale_temps(out) == 1
     assert not list(out.iterdir())
 
 
@@ -260,3 +262,36 @@ def test_half_written_twin_of_a_dead_writer_is_removed(tmp_path):
     write_twin("tiny", "q4_k_m", tmp_path / "t.gguf")
     assert not stale.exists() and (tmp_path / "t.gguf").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["t.gguf"]
+
+
+def test_no_hard_links_is_refused_before_measuring(tiny_gguf, tmp_path):
+    """A folder that takes files but not hard links (some network and FAT mounts): refused before the sweep."""
+    code = ("import errno, os, sys\n"
+            "def no_link(*a, **k): raise OSError(errno.EPERM, 'Operation not permitted')\n"
+            "os.link = no_link\n"
+            "from harness.sweep import main\n"
+            "raise SystemExit(main(sys.argv[1:]))\n")
+    out = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, "--model", str(tiny_gguf), "-c", "13", "--no-probe", "--out",
+                        str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    _assert_clean_error(r, 1, "does not take hard links")
+    assert "measuring" not in r.stderr and list(out.iterdir()) == []  # no probe file left either
+
+
+def test_temp_names_are_unique_within_a_process(tmp_path):
+    """A write started while another is in its temp file (same process, same target): both land."""
+    from harness.fsutil import atomic_write
+
+    inner = []
+
+    def outer_write(tmp: Path) -> None:
+        tmp.write_bytes(b"outer")
+        inner.append(atomic_write(tmp_path / "x.bin", lambda t: t.write_bytes(b"inner"), overwrite=False))
+
+    outer = atomic_write(tmp_path / "x.bin", outer_write, overwrite=False)
+    assert {outer.read_bytes(), inner[0].read_bytes()} == {b"outer", b"inner"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-1.bin", "x.bin"]  # no temp file left
+    store.check_out_dir(tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2  # nor a probe
+

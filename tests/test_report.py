@@ -141,6 +141,24 @@ def test_single_run_cli(tiny_run, tmp_path):
     assert not [f for f in out.parent.iterdir() if f.name.startswith(".tmp-")]
 
 
+def test_write_leaves_the_old_report_and_no_temp_file_when_interrupted(tmp_path, monkeypatch):
+    out = tmp_path / "r.html"
+    out.write_text("old report")
+
+    def interrupted(self, data, *args, **kw):  # Ctrl-C half-way through the write
+        with open(self, "w") as f:
+            f.write(data[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write("<html>new report</html>", out)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"] and out.read_text() == "old report"
+    assert report.write("<html>new</html>", out) == out and out.read_text() == "<html>new</html>"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
 @pytest.mark.parametrize("case", ["missing", "folder as output", "not a run", "no runs", "bad variant"])
 def test_bad_input_is_one_line(case, tiny_run, tmp_path):
     plain = tmp_path / "plain.parquet"

@@ -18,6 +18,7 @@ from conftest import run_cli
 from analysis import baseline, table
 from analysis.readmodel import seed_model
 from harness import store
+from harness.errors import OutputError
 from harness.record import SCHEMA_VERSION
 
 REF = baseline.reference_run_path()
@@ -120,6 +121,51 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
     assert names == sorted(f"{n}.{e}" for n in ("read_per_token", "stage_shares", "stage_ms", "roofline")
                            for e in ("png", "svg"))
     assert all((tmp_path / "figs" / n).stat().st_size > 1000 for n in names)
+
+
+def test_stage_shares_axis_says_what_is_plotted(tiny_run):
+    """The shares are of the calibrated stage sum (about the plain decode time), not of the profiled time, unless the
+    run has no calibrated shares (ContextSummary.share falls back to the profiled ones)."""
+    from analysis import plots
+
+    rec = store.read_record(tiny_run)
+    assert plots.plot_stage_shares(rec).axes[0].get_ylabel().startswith("% of calibrated stage sum")
+    raw = rec.replace(contexts=tuple(c.replace(stage_pct_calibrated={}) for c in rec.contexts))
+    assert plots.plot_stage_shares(raw).axes[0].get_ylabel() == "% of profiled decode wall time"
+
+
+def test_plots_are_written_whole_or_not_at_all(tiny_run, tmp_path, monkeypatch):
+    """A figure that cannot be written is one line; one that fails half-way (full disk, Ctrl-C) leaves the old file
+    and no temp file: analysis.plots and analysis.compare's plots."""
+    from matplotlib.figure import Figure
+
+    from analysis import compare, compare_plots, fleet, plots
+
+    figs = tmp_path / "figs"
+    (figs / "stage_ms.png").mkdir(parents=True)  # a folder where a figure goes
+    r = run_cli("analysis.plots", str(tiny_run), "-o", str(figs))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "could not write" in r.stderr and "stage_ms.png" in r.stderr
+    assert not [p for p in figs.iterdir() if p.name.startswith(".")]
+
+    run, model = table.load(str(tiny_run), "auto", None)
+    groups = fleet.group_runs(fleet.load_runs([tiny_run]))
+    rows = compare.compare(groups, groups[0].label, slopes=False)[0]
+    writers = {"read_per_token.png": lambda d: plots.write_plots(run.record, model, d),
+               "compare_stage_ms.png": lambda d: compare_plots.write_plots(rows, d)}
+    for stop in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def half(self, fname, stop=stop, **kw):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise stop
+
+        monkeypatch.setattr(Figure, "savefig", half)
+        for first, write in writers.items():
+            (out := tmp_path / f"out-{first}").mkdir(exist_ok=True)
+            (out / first).write_bytes(b"old figure")
+            with pytest.raises(OutputError if isinstance(stop, OSError) else KeyboardInterrupt):
+                write(out)
+            assert [p.name for p in out.iterdir()] == [first] and (out / first).read_bytes() == b"old figure"
 
 
 def test_plots_roofline_title_says_when_no_bandwidth():

@@ -203,3 +203,17 @@ def test_a_negative_per_byte_cost_is_flagged():
     assert tm.theta[-1] < 0 and any("per-byte cost is negative" in n for n in tm.notes)
     tm = timemodel.fit(timemodel.depth_means(synth(f, (13, 172), A, B), n_boot=50), f)
     assert not any("negative" in n for n in tm.notes)
+
+
+def test_runs_at_different_depths_and_levels_pool_to_one_level():
+    f = facts()
+    a = synth(f, (13, 172, 658, 4096), A, B, noise=0.01, seed=1)
+    b = synth(f, (13, 4096), A, B, noise=0.01, seed=2)
+    b.stage[:, :, stats.S[stages.FFN]] += 5.0  # b's ffn is 5 ms slower and it measured the ends only
+    dm = timemodel.depth_means([a, b], n_boot=50)
+    ffn = dm.stage[:, stats.S[stages.FFN]]
+    assert np.ptp(ffn) < 0.05, ffn  # a mean over whichever runs measured a depth: +2.5 ms at 13 and 4096 only
+    assert ffn.mean() == pytest.approx(CONST[stages.FFN] + 2.5, abs=0.05)  # at the two runs' mean level
+    assert np.ptp(dm.stage_boot[:, :, stats.S[stages.FFN]], axis=1).max() < 0.1
+    with pytest.raises(InputError, match="share no depth"):
+        timemodel.depth_means([synth(f, (13, 172), A, B), synth(f, (658, 4096), A, B)], n_boot=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -98,3 +99,69 @@ def test_bad_twin_arguments(tmp_path, args, needle):
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bad_seed_is_refused_before_anything_is_created(tmp_path):
+    r = run_cli("harness.twin", "--preset", "tiny", "--seed", "-1", "-o", str(tmp_path / "new" / "neg.gguf"))
+    assert r.returncode == 2 and "seed must be an integer >= 0" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_file_is_replaced_only_when_it_is_a_twin(tmp_path, tiny_gguf):
+    import gguf
+
+    from harness.twin import is_twin
+
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    real = tmp_path / "real.gguf"  # a valid GGUF without harness.synthetic: a real model, as far as we know
+    w = gguf.GGUFWriter(str(real), "llama")
+    w.add_name("not a twin")
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file(), w.close()
+    assert is_twin(tiny_gguf) and not is_twin(real) and not is_twin(notes) and not is_twin(tmp_path / "none")
+    for path in (notes, real):
+        before = path.read_bytes()
+        r = run_cli("harness.twin", "--preset", "tiny", "-o", str(path))
+        assert r.returncode == 2 and "exists and is not a synthetic twin" in r.stderr and "remove it" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and path.read_bytes() == before
+    twin = tmp_path / "twin.gguf"
+    for seed in ("0", "1"):  # the second run replaces the twin the first wrote
+        r = run_cli("harness.twin", "--preset", "tiny", "--seed", seed, "-o", str(twin))
+        assert r.returncode == 0, r.stderr
+    assert is_twin(twin) and sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf", "real.gguf", "twin.gguf"]
+
+
+def test_an_output_that_cannot_be_written_is_an_output_error_and_leaves_nothing(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = run_cli("harness.twin", "--preset", "tiny", "-o", "/proc/nope/y.gguf")
+    assert r.returncode == 1 and "cannot create output folder" in r.stderr and "Traceback" not in r.stderr
+
+    def small_files():  # a write that fails half-way: the file size limit (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "harness.twin", "--preset", "tiny", "-o", str(tmp_path / "a/b/t.gguf")],
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=small_files)
+    assert r.returncode == 1 and "cannot write twin" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())  # no half-written file, no new folder
+
+
+def test_list_goes_to_stdout_and_the_default_output_is_the_sweeps_default_model():
+    from harness.twin import DEFAULT_MODEL, default_out, twin_bytes
+
+    r = run_cli("harness.twin", "--list")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("gemma-3n-e4b") and "tiny" in r.stdout
+    assert default_out("gemma-3n-e4b", "q4_k_m") == DEFAULT_MODEL == Path("models/gemma-3n-e4b-q4.gguf")
+    assert default_out("tiny", "q8_0") == Path("models/tiny-q8_0.gguf")
+    assert round(twin_bytes("gemma-3n-e4b", "q4_k_m") / 1e9, 2) == 4.85  # the size README states
+
+
+def test_tiny_twin_size_estimate_is_close(tiny_gguf):
+    from harness.twin import twin_bytes
+
+    assert abs(twin_bytes("tiny", "q4_k_m") - tiny_gguf.stat().st_size) < 5_000  # the rest: hparams, padding
