@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis import fleet, forecast, roofline, slope, timemodel
 from harness import columns, stages, stats, store
-from harness.cli import ArgParser, format_table, run_cli
+from harness.cli import ArgParser, format_table, paused_gc, run_cli
 from harness.errors import HarnessError, UsageError
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with fleet.paused_gc():  # a short command: see paused_gc
+    with paused_gc():  # a short command: see harness.cli.paused_gc
         return run_cli("analysis.compare", _main, argv)
 
 

@@ -13,9 +13,7 @@ every footer, one over every op table: ``analysis.fleet_db``); ``auto`` picks Du
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import logging
 import os
 import stat
@@ -32,6 +30,7 @@ import pyarrow.parquet as pq
 
 from analysis import slope
 from harness import columns, store
+from harness.cli import paused_gc
 from harness.errors import InputError, UsageError
 from harness.record import ContextSummary, RunRecord
 from harness.store import read_record, record_from_meta
@@ -156,21 +155,6 @@ def resolve_engine(engine: str, n_runs: int) -> str:
     return ("duckdb" if n_runs >= DUCKDB_MIN_RUNS else "pandas") if engine == "auto" else engine
 
 
-@contextlib.contextmanager
-def paused_gc():
-    """Reading thousands of footers allocates millions of small dicts and records, none in a cycle; the
-    cyclic collector, run every few hundred allocations, took ~40 % of that time (10,000 runs: 4.8 ->
-    2.9 s without it). It is switched back on (if it was on) at the end; the first collection after that
-    still scans what was read (~0.5 s for 10,000 runs), so a short command pauses it for its whole run."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
-
-
 @paused_gc()
 def read_records(files: list[Path], engine: str) -> list[RunRecord | InputError]:
     """Each file's validated record, or the InputError that reading it raised. DuckDB leaves out what compare
@@ -211,20 +195,30 @@ def load_runs(paths: Iterable[str | os.PathLike], with_hostname: bool = False, e
 
 def distinct(runs: list[RunInfo]) -> list[RunInfo]:
     """``runs`` less copies of a run (same group and measurement: device, timing, each context's times; the first
-    kept) and runs another run continued (``resumed_from``, a path as given then: matched by file name within the
-    device, model and settings; runs naming each other in a loop are kept), each left out with a log line."""
-    first: dict[tuple, RunInfo] = {}
+    kept) and runs another run continued (``resumed_from``, a path as given then: matched by the file name of any
+    copy, within the device, model and settings; runs continuing each other in a loop are kept), each left out
+    with a log line (a warning for a run named on the command line)."""
+    copies: dict[tuple, list[RunInfo]] = {}
     for r in runs:
-        if (seen := first.setdefault((r.group_key, r.identity), r)) is not r:
-            log.warning("skipping %s: a copy of %s", r.path, seen.path)
-    later = {(Path(r.resumed_from).name, *r.group_key[:3]): r for r in first.values() if r.resumed_from}
+        copies.setdefault((r.group_key, r.identity), []).append(r)
+    by_name = {(Path(r.path).name, *r.group_key[:3]): k for k, rs in copies.items() for r in rs}
+    after: dict[tuple, list[tuple]] = {}  # a measurement -> those that continued it
+    for k, rs in copies.items():
+        for r in rs[:1]:
+            if r.resumed_from and (o := by_name.get((Path(r.resumed_from).name, *r.group_key[:3]))) not in (None, k):
+                after.setdefault(o, []).append(k)
     out = []
-    for r in first.values():
-        chain = [r]  # r, the run that continued r, the run that continued that one, ...
-        while (c := later.get((Path(chain[-1].path).name, *r.group_key[:3]))) is not None and c not in chain:
-            chain.append(c)
-        if len(chain) > 1 and c is None:
-            log.info("leaving out %s: %s continues it (--resume: the same measurement)", r.path, chain[-1].path)
+    for k, (r, *rest) in copies.items():
+        for c in rest:
+            log.warning("skipping %s: a copy of %s", c.path, r.path)
+        seen, todo = set(), list(after.get(k, ()))
+        while todo:  # every run that continued k, directly or not; k among them is a loop: keep it
+            if (c := todo.pop()) not in seen:
+                seen.add(c)
+                todo += after.get(c, ())
+        if seen and k not in seen:
+            (log.warning if r.named else log.info)("leaving out %s: continued by %s (--resume: the same measurement)",
+                                                   r.path, ", ".join(copies[c][0].path for c in after[k]))
         else:
             out.append(r)
     return out

@@ -57,6 +57,7 @@ WITH_ROUND = f"SELECT DISTINCT file_name FROM parquet_schema($files) WHERE name 
 
 
 _DB: duckdb.DuckDBPyConnection | None = None
+_CURRENT: set[str] = set()  # files whose footer read_footers found in this harness's schema: their op table has rounds
 
 
 def _database() -> duckdb.DuckDBPyConnection:
@@ -94,6 +95,8 @@ def read_footers(files: Sequence[str | os.PathLike]) -> list[dict | None]:
         meta = json.loads(text) if isinstance(text, str) else None
         ok = isinstance(meta, dict) and meta.get("schema_version") == SCHEMA_VERSION
         out.append(meta if ok else None)
+        if ok:
+            _CURRENT.add(str(f))
     return out
 
 
@@ -101,8 +104,9 @@ def round_sums(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame | None,
     """(``fleet.round_sums`` of the op tables under ``paths`` that have a round column, in one query; the indices
     of the other paths, and of those with empty keys or bad times, for the caller to read one by one, checked).
     (None, every index) when DuckDB cannot read them."""
-    have = _query(WITH_ROUND, paths, rows=True)
-    have = {name for (name,) in have} if have is not None else set()
+    unknown = [p for p in paths if str(p) not in _CURRENT]  # usually none: their footers were read already
+    have = _query(WITH_ROUND, unknown, rows=True) if unknown else []
+    have = _CURRENT.union(name for (name,) in have or ())
     cur = [i for i, p in enumerate(paths) if str(p) in have]
     long = _query(ROUND_SUMS, [paths[i] for i in cur]) if cur else None
     if long is None:

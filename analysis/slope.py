@@ -17,8 +17,6 @@ means pooled over runs.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
 
@@ -133,6 +131,7 @@ def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarr
         w = _within(sub, int(dirty.sum()), n_boot, seed)
         with np.errstate(all="ignore"):
             boot[dirty] = np.where(w["sxx"] > 0, w["sxy"] / w["sxx"], np.nan)[:, 1:]
+    boot[~(data["sxx"] > 0)[:, None, :].repeat(n_boot, axis=1)] = np.nan  # no spread in depth within runs: no slope
     lo, hi = stats.interval(boot, axis=1) if n_boot else (slope, slope)
     key = np.unique(np.concatenate([((gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64)).ravel()
                                     for _, ds, gs in buckets]))
@@ -144,31 +143,35 @@ def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarr
             "n_depths": np.broadcast_to(np.bincount(key >> 32, minlength=n_groups)[:, None], slope.shape)}
 
 
-def pool_runs(y: np.ndarray, iters: int = 500) -> np.ndarray:
+def pool_runs(y: np.ndarray, strict: bool = True) -> np.ndarray:
     """Per-depth means pooled over runs, (n_runs, D, ...) -> (D, ...), NaN where a run did not measure a depth.
-    With one set of depths, the mean over runs. Otherwise each run's level is fitted first (y = run level +
-    depth curve, least squares by alternating means) and the curve is put at the runs' mean level, so runs at
-    different levels that measured different depths do not make a shape of their levels. Runs that share no
-    depth, directly or through other runs, have no common level: InputError."""
-    have = ~np.isnan(y)
-    if have.all():
+    With one set of depths, the mean over runs. Otherwise y = run level + depth curve is fitted by least squares
+    (for each pattern of measured cells; the levels sum to 0, so the curve sits at the runs' mean level), and
+    runs at different levels that measured different depths do not make a shape of their levels. Runs that share
+    no depth, directly or through other runs, have no common level: InputError (``strict``), else NaN."""
+    if not np.isnan(y).any():
         return y.mean(axis=0)
-    seen = have.reshape(len(y), y.shape[1], -1).any(axis=2)  # (runs, D)
-    linked = seen[:1].any(axis=0)
-    for _ in range(len(y)):
-        linked = linked | seen[(seen & linked).any(axis=1)].any(axis=0)
-    if (seen.any(axis=1) & ~(seen & linked).any(axis=1)).any():
-        raise InputError("these runs share no depth, directly or through other runs: no common level to pool them")
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a depth no run measured stays NaN
-        curve = np.nanmean(y, axis=0)
-        for _ in range(iters):
-            level = np.nanmean(y - curve, axis=1, keepdims=True)
-            level -= level.mean(axis=0)
-            before, curve = curve, np.nanmean(y - level, axis=0)
-            if np.nanmax(np.abs(curve - before), initial=0.0) <= 1e-12 * np.nanmax(np.abs(curve), initial=1.0):
-                break
-        return curve
+    n, d = y.shape[:2]
+    flat = y.reshape(n * d, -1)
+    out = np.full((d, flat.shape[1]), np.nan)
+    patterns, which = np.unique(~np.isnan(flat.T), axis=0, return_inverse=True)
+    for k, seen in enumerate(patterns):
+        cells = np.flatnonzero(seen)
+        runs, deps = np.unique(cells // d), np.unique(cells % d)
+        if not len(cells):
+            continue
+        r, c = np.searchsorted(runs, cells // d), np.searchsorted(deps, cells % d)
+        x = np.zeros((len(cells) + 1, len(runs) + len(deps)))
+        x[np.arange(len(cells)), r], x[np.arange(len(cells)), len(runs) + c], x[-1, :len(runs)] = 1.0, 1.0, 1.0
+        cols = np.flatnonzero(which.ravel() == k)
+        if np.linalg.matrix_rank(x) < x.shape[1]:
+            if strict:
+                raise InputError("these runs share no depth, directly or through other runs: no common level to "
+                                 "pool them")
+            continue
+        rhs = np.vstack([flat[np.ix_(cells, cols)], np.zeros((1, len(cols)))])
+        out[np.ix_(deps, cols)] = np.linalg.lstsq(x, rhs, rcond=None)[0][len(runs):]
+    return out.reshape(d, *y.shape[2:])
 
 
 def pooled_slopes(samples: list[Sample], names: list[str], n_boot: int = stats.N_BOOT, seed: int = 0) -> pd.DataFrame:

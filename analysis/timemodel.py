@@ -135,16 +135,16 @@ def depth_means(rds: stats.RoundData | list[stats.RoundData], n_boot: int = stat
     depths = np.array(sorted({d for rd in rds for d in rd.depths}))
     boots = [stats.boot_indices(len(rd.rounds), n_boot, seed + k) for k, rd in enumerate(rds)]
 
-    def pooled(picks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def pooled(picks: list[np.ndarray], strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
         b = picks[0].shape[0]
         y = np.full((len(rds), len(depths), b, 1 + len(stats.S)), np.nan)  # run, depth, resample, plain + stages
         for i, (rd, rows) in enumerate(zip(rds, picks, strict=True)):
             p, s = _means(rd, rows)
             y[i, np.searchsorted(depths, rd.depths)] = np.concatenate([p[:, :, None], s], axis=2).transpose(1, 0, 2)
-        out = slope.pool_runs(y).transpose(1, 0, 2)  # (B, D, 1 + S)
+        out = slope.pool_runs(y, strict).transpose(1, 0, 2)  # (B, D, 1 + S); a resample may not link the runs
         return out[:, :, 0], out[:, :, 1:]
 
-    plain, stage = pooled([np.arange(len(rd.rounds))[None] for rd in rds])
+    plain, stage = pooled([np.arange(len(rd.rounds))[None] for rd in rds], strict=True)
     parts = [pooled([b[i:i + chunk] for b in boots]) for i in range(0, n_boot, chunk)]
     calibrated = any((~np.isnan(rd.calib_delta) & (rd.calib_extra > 0)).any() for rd in rds)
     return DepthMeans(depths, plain[0], stage[0], np.concatenate([p for p, _ in parts]),

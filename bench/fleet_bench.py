@@ -6,7 +6,7 @@ rewritten and its timings (metadata summaries and the op table's ``time_us``) sc
 factor (lognormal, sigma 5 %), written Hive-style (``device=<label>/model=<stem>/<time>.parquet``)
 with ``harness.store.run_path``. Ten runs per device, five per thread count: 10,000 runs are
 1,000 devices and 2,000 groups. The fleet is written in nested parts (300, +700, +9,000), so the
-smaller fleets are prefixes of the larger; about 135 kB per run (1.3 GB for 10,000) in a temp folder
+smaller fleets are prefixes of the larger; about 200 kB per run (2.0 GB for 10,000) in a temp folder
 that is removed at the end (or kept with --keep DIR, and reused when it is already there).
 
 Prints, per size and engine, the wall time and CPU time (user + system, all threads) of the whole

@@ -156,18 +156,12 @@ def test_duckdb_leaves_older_op_tables_to_the_upgrading_reader(small_fleet):
                                   rtol=1e-9, check_dtype=False)
 
 
-def _first_time(value):
-    def edit(t):
-        times = t["time_us"].to_pylist()
-        return t.set_column(t.schema.get_field_index("time_us"), "time_us", [[value, *times[1:]]])
-    return edit
-
-
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
 def test_bad_times_are_left_to_the_checked_reader_by_both_engines(value, tiny_run, tiny_run_1t, tmp_path, caplog):
     """An op time below 0 or NaN: DuckDB's sums do not vouch for the run; the checked reader says what is wrong
     (a warning for a run found in a folder, an error for a named one) with either engine."""
-    bad = rewrite(tiny_run, tmp_path / "bad.parquet", ops_edit=_first_time(value))
+    bad = rewrite(tiny_run, tmp_path / "bad.parquet", ops_edit=lambda t: t.set_column(  # the first op time
+        t.schema.get_field_index("time_us"), "time_us", [[value, *t["time_us"].to_pylist()[1:]]]))
     paths = [str(tiny_run_1t), str(bad)]
     assert fleet_db.round_sums(paths)[1] == [1]
     for engine in ("pandas", "duckdb"):
@@ -213,12 +207,15 @@ def test_copies_and_resumed_runs_are_read_once(engine, tiny_run, tmp_path, monke
     with caplog.at_level(logging.INFO):
         runs = fleet.load_runs([d, other, copies], engine=engine)
     assert sorted(Path(r.path).name for r in runs) == sorted([c.name, x.name, y.name, elsewhere.name])
-    assert f"leaving out {a}: {c} continues it" in caplog.text and f"leaving out {b}: {c} continues it" in caplog.text
+    assert f"leaving out {a}: continued by {b}" in caplog.text and f"leaving out {b}: continued by {c}" in caplog.text
     assert f"skipping {copies / 'c-copy.parquet'}: a copy of {c}" in caplog.text
     group = next(g for g in fleet.group_runs(runs) if g.label == run.record.label and len(g.runs) == 3)
     assert {Path(r.path).name for r in group.runs} == {c.name, x.name, y.name}
     named = fleet.load_runs([copies / "c-copy.parquet", d], engine=engine)  # the copy named first is the one kept
     assert str(copies / "c-copy.parquet") in {r.path for r in named} and str(c) not in {r.path for r in named}
+    shutil.copy(a, other / "0-a-backup.parquet")  # a renamed copy of a, found before a: still continued by b
+    kept = fleet.load_runs([other, d], engine=engine)
+    assert not {a.name, "0-a-backup.parquet"} & {Path(r.path).name for r in kept if r.label != "another-device"}
 
 
 def test_duckdb_falls_back_on_a_corrupt_file(small_fleet, tiny_run, tmp_path, caplog):
@@ -263,9 +260,9 @@ def test_group_slopes_are_lines_through_each_depths_mean(tiny_run, tiny_run_1t):
 
 
 def test_auto_engine_threshold():
-    assert fleet.resolve_engine("auto", fleet.DUCKDB_MIN_RUNS - 1) == "pandas"
-    assert fleet.resolve_engine("auto", fleet.DUCKDB_MIN_RUNS) == "duckdb"
-    assert fleet.resolve_engine("pandas", 10**6) == "pandas"
+    m = fleet.DUCKDB_MIN_RUNS
+    assert [fleet.resolve_engine(e, n) for e, n in (("auto", m - 1), ("auto", m), ("pandas", 10**6))] == [
+        "pandas", "duckdb", "pandas"]
     with pytest.raises(UsageError):
         fleet.resolve_engine("spark", 1)
 

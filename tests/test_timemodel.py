@@ -217,3 +217,21 @@ def test_runs_at_different_depths_and_levels_pool_to_one_level():
     assert np.ptp(dm.stage_boot[:, :, stats.S[stages.FFN]], axis=1).max() < 0.1
     with pytest.raises(InputError, match="share no depth"):
         timemodel.depth_means([synth(f, (13, 172), A, B), synth(f, (658, 4096), A, B)], n_boot=10)
+
+
+def test_pooling_a_long_chain_of_runs_is_exact():
+    """25 runs, each at two neighbouring depths, levels 10 ms apart: only a chain links the first to the last. An
+    additive y = level + curve is recovered exactly, at the runs' mean level; a run with no cell changes nothing."""
+    from analysis.slope import pool_runs
+
+    n, d = 25, 26
+    curve, level = np.linspace(0, 5, d) ** 2, 10.0 * np.arange(n)
+    y = np.full((n + 1, d, 2), np.nan)
+    for r in range(n):
+        y[r, r:r + 2] = (level[r] + curve[r:r + 2])[:, None]
+    assert np.allclose(pool_runs(y)[:, 0], curve + level.mean(), atol=1e-9)
+    y[3, 4, 1] = np.nan  # one column loses the cell that links run 3 to run 4: that column cannot be pooled
+    out = pool_runs(y, strict=False)
+    assert np.allclose(out[:, 0], curve + level.mean(), atol=1e-9) and np.isnan(out[:, 1]).all()
+    with pytest.raises(InputError, match="share no depth"):
+        pool_runs(y)
