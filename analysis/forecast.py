@@ -33,6 +33,8 @@ def check_record(rec, path: str) -> None:
     if rec.params.order != "round-robin":
         raise InputError(f"the run was measured in {rec.params.order} order, not round-robin: its depths are not "
                          f"paired by round, so drift would enter the fit; measure it again: {path}")
+    if not rec.tokens:
+        raise InputError(f"the run has no per-round measurements: {path}")
 
 
 def fit_run(run: store.Run, fit_depths=None, n_boot: int = stats.N_BOOT, seed: int = 0) -> tuple[TimeModel, DepthMeans]:
@@ -40,7 +42,7 @@ def fit_run(run: store.Run, fit_depths=None, n_boot: int = stats.N_BOOT, seed: i
     InputError (one line) when the run cannot carry one; UsageError for fitting depths it did not measure."""
     rec, path = run.record, run.path
     check_record(rec, path)
-    if run.ops.empty or not rec.tokens:
+    if run.ops.empty:
         raise InputError(f"the run has no per-round measurements: {path}")
     facts = AttnFacts.from_run(rec)
     rd = stats.round_data(run.ops, run.tokens)

@@ -20,7 +20,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis import compare, fleet, plots, run_facts, slope, table
+from analysis import compare, fleet, plots, run_facts, table
 from analysis import report_html as h
 from harness import store
 from harness.cli import ArgParser, run_cli
@@ -114,7 +114,8 @@ def summary(title: str, runs: list[fleet.RunInfo], detailed: list[store.Run], al
 def build(paths: list[str], variant: str = "auto", model_path: str | None = None, baseline: str | None = None,
           engine: str = "auto", detail: int = 8, title: str | None = None) -> str:
     runs = fleet.load_runs(paths, engine=engine)
-    detailed = [store.read_run(r.path, only=slope.NEEDED_COLUMNS) for r in runs[:max(detail, 0)]]
+    detailed = [run for r in runs[:max(detail, 0)]  # a bad op table: an error for a named run, else skipped
+                if (run := fleet.read_ops(r.path, r.named, "no detailed section")) is not None]
     sections, all_flags = [], []
     for i, run in enumerate(detailed, 1):
         html_part, flags = run_section(i, run, variant, model_path)

@@ -196,3 +196,19 @@ def test_every_command_is_a_console_entry_point():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func))
         assert f"`{name}" in readme, f"{name} is not in the README commands table"
+
+
+def test_a_found_run_whose_op_table_is_damaged_loses_its_section_a_named_one_is_an_error(tiny_run, tiny_run_1t,
+                                                                                          tmp_path, caplog):
+    d = tmp_path / "runs"
+    d.mkdir()
+    bad = d / "damaged.parquet"
+    data = bytearray(tiny_run.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # the footer (and the record in it) stays readable
+    data[4:len(data) - footer] = bytes(len(data) - footer - 4)  # every data page zeroed
+    bad.write_bytes(bytes(data))
+    shutil.copy(tiny_run_1t, d / "good.parquet")
+    html = report.build([str(d)])
+    assert "damaged.parquet" in caplog.text and "no detailed section" in caplog.text and "<html" in html
+    with pytest.raises(store.InputError, match="damaged.parquet"):
+        report.build([str(bad), str(d / "good.parquet")])
