@@ -19,25 +19,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.plots import save_figure
 from harness import stages
 from harness.errors import OutputError
-from harness.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 MAX_GROUPS = 16  # more groups than this: the first ones (table order) are plotted, the rest logged
-
-
-def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    paths = []
-    for ext in ("png", "svg"):
-        p = out / f"{stem}.{ext}"
-        try:  # a temp file renamed into place: never half a figure under the final name
-            atomic_write(p, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=110, bbox_inches="tight"),
-                         overwrite=True)
-        except OSError as e:
-            raise OutputError(f"could not write {p}: {e.strerror or e}") from None
-        paths.append(p)
-    return paths
 
 
 def _keys(df: pd.DataFrame) -> list[str]:
@@ -166,4 +153,5 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the plot folder ({e.strerror}): {out}") from None
-    return [p for stem, fig in make_figures(df).items() for p in _save(fig, out, stem)]
+    return [p for stem, fig in make_figures(df).items() for p in save_figure(fig, out, stem, dpi=110,
+                                                                             bbox_inches="tight")]

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_gpu_layers")
 ENGINES = ("auto", "pandas", "duckdb")
 DUCKDB_MIN_RUNS = 200  # auto: from here on DuckDB is faster (bench/fleet_bench.py)
-PLAIN = [[s, "int64", "int64", s, "double"] for s in ("large_string", "string")]  # slope.NEEDED_COLUMNS as written
 
 
 @dataclass(frozen=True)
@@ -279,11 +278,8 @@ def _ops_sums(i: int, path: str, named: bool = False) -> pa.Table | None:
     read refuses (an older format, other types, empty keys, bad times) goes through ``read_ops``."""
     try:
         t = pq.read_table(path, columns=slope.NEEDED_COLUMNS)
-        if [str(f.type) for f in t.schema] not in PLAIN or any(c.null_count for c in t.columns) or not (
-                pa.compute.all(pa.compute.is_finite(x := t.column(columns.TIME_US))).as_py()
-                and (pa.compute.min(x).as_py() or 0) >= 0):
-            raise ValueError("another layout, empty keys or bad times")  # read_ops checks it, or says what is wrong
-    except (pa.ArrowException, OSError, KeyError, ValueError):
+        store.check_op_table(t, path)
+    except (InputError, pa.ArrowException, OSError, KeyError, ValueError):  # read_ops upgrades, or says what is wrong
         run = read_ops(path, named, "no op table for slopes")
         t = None if run is None else pa.Table.from_pandas(run.ops, preserve_index=False)
     if t is None or t.num_rows == 0:

@@ -169,18 +169,23 @@ def make_figures(rec: RunRecord, model: ReadModel, tm: TimeModel | None = None) 
             "stage_ms": plot_stage_ms(rec, tm), "roofline": plot_roofline(rec, model)}
 
 
+def save_figure(fig: Figure, d: Path, name: str, **savefig) -> list[Path]:
+    """``fig`` as d/name.png and d/name.svg, each a temp file renamed into place (never half a figure under the
+    final name); OutputError (one line) when one cannot be written."""
+    written = []
+    for ext in ("png", "svg"):
+        p = d / f"{name}.{ext}"
+        try:
+            atomic_write(p, lambda tmp, ext=ext: fig.savefig(tmp, format=ext, **savefig), overwrite=True)
+        except OSError as e:
+            raise OutputError(f"could not write {p}: {e.strerror or e}") from None
+        written.append(p)
+    return written
+
+
 def write_plots(rec: RunRecord, model: ReadModel, out_dir: str | Path, tm: TimeModel | None = None) -> list[Path]:
     d = store.check_out_dir(out_dir, hard_links=False)  # figures are replaced whole by a rename
-    written = []
-    for name, fig in make_figures(rec, model, tm).items():
-        for ext in ("png", "svg"):
-            p = d / f"{name}.{ext}"
-            try:  # a temp file renamed into place: never half a figure under the final name
-                atomic_write(p, lambda tmp, fig=fig, ext=ext: fig.savefig(tmp, format=ext, dpi=120), overwrite=True)
-            except OSError as e:
-                raise OutputError(f"could not write {p}: {e.strerror or e}") from None
-            written.append(p)
-    return written
+    return [p for name, fig in make_figures(rec, model, tm).items() for p in save_figure(fig, d, name, dpi=120)]
 
 
 def _main(argv: list[str] | None) -> int:

@@ -87,21 +87,17 @@ def _within(buckets: list[Bucket], n_groups: int, n_boot: int, seed: int) -> dic
     return out
 
 
-def _clean_slopes(buckets: list[Bucket], n_groups: int, n_boot: int, seed: int, k: int) -> np.ndarray:
-    """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell. The within-run slope is
-    linear in each run's per-depth means, so each run's rounds are first folded over its depths with its
-    weights (its centred depths over the group's sum of squares) and only (rounds x stages) per run are
-    resampled: a depth-fold less work than ``_within``."""
-    sxx = np.zeros(n_groups)
-    centred = [ds - ds.mean(axis=1, keepdims=True) for _, ds, _ in buckets]
-    for (_, _, gs), xc in zip(buckets, centred, strict=True):
-        np.add.at(sxx, gs, (xc * xc).sum(axis=1))
-    slopes = np.zeros((n_groups, n_boot + 1, k))
+def _clean_slopes(buckets: list[Bucket], sxx: np.ndarray, n_boot: int, seed: int, k: int) -> np.ndarray:
+    """Bootstrap slopes (G, n_boot + 1, K) of groups whose runs have no missing cell (``sxx``: each group's
+    within-run sum of squares of depth, ``_within``'s). The within-run slope is linear in each run's per-depth
+    means, so each run's rounds are first folded over its depths with its weights (its centred depths over
+    ``sxx``) and only (rounds x stages) per run are resampled: a depth-fold less work than ``_within``."""
+    slopes = np.zeros((len(sxx), n_boot + 1, k))
     rng = np.random.default_rng(seed)
-    for (ys, _, gs), xc in zip(buckets, centred, strict=True):
+    for ys, ds, gs in buckets:
         n_all, r = ys.shape[:2]
         with np.errstate(all="ignore"):  # a group with one depth has no slope
-            weight = np.nan_to_num(xc / sxx[gs][:, None]) / r
+            weight = np.nan_to_num((ds - ds.mean(axis=1, keepdims=True)) / sxx[gs][:, None]) / r
         z = np.einsum("nrdk,nd->nrk", ys, weight)  # each round folded over depths
         for a in range(0, n_all, CHUNK):
             zc = z[a:a + CHUNK]
@@ -124,14 +120,14 @@ def _slopes(buckets: list[Bucket], n_boot: int, seed: int) -> dict[str, np.ndarr
         intercept = (data["sy"] - slope * data["sx"]) / data["n"]
     boot = np.full((n_groups, n_boot, k), np.nan)
     if n_boot and not dirty.all():
-        boot[~dirty] = _clean_slopes(buckets, n_groups, n_boot, seed, k)[~dirty, 1:]
+        boot[~dirty] = _clean_slopes(buckets, data["sxx"][:, 0], n_boot, seed, k)[~dirty, 1:]  # every column alike
     if n_boot and dirty.any():  # every resample's per-run means, for those groups only (renumbered 0..)
         renum = np.cumsum(dirty) - 1
         sub = [(ys[m], ds[m], renum[gs[m]]) for ys, ds, gs in buckets if (m := dirty[gs]).any()]
         w = _within(sub, int(dirty.sum()), n_boot, seed)
         with np.errstate(all="ignore"):
             boot[dirty] = np.where(w["sxx"] > 0, w["sxy"] / w["sxx"], np.nan)[:, 1:]
-    boot[~(data["sxx"] > 0)[:, None, :].repeat(n_boot, axis=1)] = np.nan  # no spread in depth within runs: no slope
+    boot = np.where((data["sxx"] > 0)[:, None, :], boot, np.nan)  # no spread in depth within runs: no slope
     lo, hi = stats.interval(boot, axis=1) if n_boot else (slope, slope)
     key = np.unique(np.concatenate([((gs[:, None].astype(np.int64) << 32) + ds.astype(np.int64)).ravel()
                                     for _, ds, gs in buckets]))
@@ -157,9 +153,9 @@ def pool_runs(y: np.ndarray, strict: bool = True) -> np.ndarray:
     patterns, which = np.unique(~np.isnan(flat.T), axis=0, return_inverse=True)
     for k, seen in enumerate(patterns):
         cells = np.flatnonzero(seen)
-        runs, deps = np.unique(cells // d), np.unique(cells % d)
         if not len(cells):
             continue
+        runs, deps = np.unique(cells // d), np.unique(cells % d)
         r, c = np.searchsorted(runs, cells // d), np.searchsorted(deps, cells % d)
         x = np.zeros((len(cells) + 1, len(runs) + len(deps)))
         x[np.arange(len(cells)), r], x[np.arange(len(cells)), len(runs) + c], x[-1, :len(runs)] = 1.0, 1.0, 1.0

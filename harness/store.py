@@ -9,8 +9,8 @@
 - Writes are atomic and never overwrite a run (``harness.fsutil.atomic_write``): a hidden temp
   file, fsynced, hard-linked to the final name (a taken name gets a ``-N`` suffix). ``check_out_dir``
   proves before the measurement that the folder takes files and hard links.
-- The op table is checked on read: each column's type as written (``_KINDS``), no empty key values,
-  times finite and >= 0 (an InputError naming the column and the file).
+- The op table is checked on read (``check_op_table``): each column's type as written (``_KINDS``), no
+  empty key values, times finite and >= 0 (an InputError naming the column and the file).
 
 Older formats are upgraded on read (``harness.upgrades``), the op table alongside.
 """
@@ -114,7 +114,7 @@ def write_run(ops: pd.DataFrame, record: RunRecord, out_dir: str | os.PathLike, 
     missing = [c for c in columns.OP_COLUMNS if c not in ops.columns]
     if missing:
         raise ValueError(f"op table lacks columns {missing}")
-    if not _good_times(ops[columns.TIME_US]):
+    if not _good_times(ops[columns.TIME_US].to_numpy(dtype=np.float64, na_value=np.nan)):
         raise ValueError("negative, NaN or infinite op times")
     meta = record.to_dict()
     RunRecord.from_dict(meta)  # what is written must read back: same validation as on read
@@ -173,19 +173,19 @@ def read_run(path: str | os.PathLike, only: list[str] | None = None) -> Run:
     p = Path(path)
     record, version, n_tok, schema = _read_record(p)
     stored = _stored_columns(only, version)
-    _check_types(schema, stored or schema.names, p)
+    _check_types(schema, stored or schema.names, p)  # from the footer, before any data is read
     try:
-        ops = pd.read_parquet(path, columns=stored)
+        table = pq.read_table(path, columns=stored)
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"unreadable run table ({str(e).splitlines()[0][:120]}): {path}") from None
+    check_op_table(table, p)
+    ops = table.to_pandas()
     if version < 3 and {"repeat", "step"} <= set(ops.columns):
         ops = ops.assign(**{columns.ROUND: ops["repeat"] * n_tok + ops["step"]}).drop(columns=["repeat", "step"])
     missing = [c for c in (only or columns.OP_COLUMNS) if c not in ops.columns]
     if missing:
         raise InputError(f"run lacks columns {', '.join(missing)}: {path}")
-    ops = ops[list(only or columns.OP_COLUMNS)]
-    _check_values(ops, p)
-    return Run(path=str(path), record=record, ops=ops)
+    return Run(path=str(path), record=record, ops=ops[list(only or columns.OP_COLUMNS)])
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -200,11 +200,11 @@ _TEXT, _INT, _NUM = ("text", _is_text), ("integer", pa.types.is_integer), ("numb
 _KINDS = {columns.CONTEXT: _TEXT, columns.DEPTH: _INT, columns.ROUND: _INT, columns.NODE_FIRST: _INT,
           columns.NODE: _INT, columns.NAME: _TEXT, columns.LAYER: _INT, columns.OP: _TEXT, columns.STAGE: _TEXT,
           columns.TIME_US: _NUM, "repeat": _INT, "step": _INT}  # (repeat, step: version < 3 tables)
-KEY_COLUMNS = (columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE)
+KEY_COLUMNS = (columns.CONTEXT, columns.DEPTH, columns.ROUND, columns.STAGE, "repeat", "step")  # round's, < 3
 
 
-def _check_types(schema: pa.Schema, names: list[str], p: Path) -> None:
-    """Each op-table column that will be read has the type the writer gives it (from the footer: no data read)."""
+def _check_types(schema: pa.Schema, names: list[str], p: str | os.PathLike) -> None:
+    """Each op-table column among ``names`` has the type the writer gives it."""
     for name in names:
         if name in _KINDS and name in schema.names:
             kind, ok = _KINDS[name]
@@ -213,17 +213,20 @@ def _check_types(schema: pa.Schema, names: list[str], p: Path) -> None:
                 raise InputError(f"run table column {name} holds {t}, expected {kind}: {p}")
 
 
-def _good_times(times: pd.Series) -> bool:
-    t = times.to_numpy(dtype=np.float64, na_value=np.nan)
+def _good_times(t: np.ndarray) -> bool:
+    t = t.astype(np.float64, copy=False)
     return bool((np.isfinite(t) & (t >= 0)).all())
 
 
-def _check_values(ops: pd.DataFrame, p: Path) -> None:
-    """No empty key (context, depth, round, stage); op times finite and >= 0 (vectorised)."""
+def check_op_table(table: pa.Table, p: str | os.PathLike) -> None:
+    """An op table (or the columns of one that were read) as the writer writes it: each column's type
+    (``_KINDS``), no empty key value (context, depth, round, stage), op times finite and >= 0. InputError naming
+    the column and the file."""
+    _check_types(table.schema, table.column_names, p)
     for name in KEY_COLUMNS:
-        if name in ops.columns and ops[name].isna().any():
+        if name in table.column_names and table.column(name).null_count:
             raise InputError(f"run table column {name} has empty (null) values: {p}")
-    if columns.TIME_US in ops.columns and not _good_times(ops[columns.TIME_US]):
+    if columns.TIME_US in table.column_names and not _good_times(table.column(columns.TIME_US).to_numpy()):
         raise InputError(f"run table column {columns.TIME_US} has negative, NaN or infinite times: {p}")
 
 

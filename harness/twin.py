@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -26,9 +24,9 @@ import gguf
 import numpy as np
 
 from harness.cli import ArgParser, run_cli
-from harness.errors import OutputError, UsageError
+from harness.errors import InputError, OutputError, UsageError
 from harness.fsutil import atomic_write, clean_stale_temps
-from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
+from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY, read_model
 from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, byte_shape, layout, type_nbytes
 
 log = logging.getLogger(__name__)
@@ -41,8 +39,6 @@ _POOL_BYTES = 16 << 20
 _CHUNK = 64 << 20
 # byte offset of each block's fp16 scale(s) inside a block, per quant type
 _SCALE_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,)}
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_BOOL = 8, 9, 7
-_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by GGUF value type
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
@@ -139,40 +135,12 @@ class _Filler:
 
 
 def is_twin(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a GGUF with ``harness.synthetic = true`` (a twin). Walks the metadata only (gguf-py's
-    full parse takes seconds on a 5 GB file); False for anything unreadable or malformed."""
+    """Whether ``path`` is a GGUF with ``harness.synthetic = true`` (a twin), as ``gguf_model.read_model`` reads
+    it; False for anything unreadable or malformed."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _synthetic_flag(m)
-    except (OSError, ValueError, KeyError, IndexError, struct.error):  # empty, truncated, not a GGUF
+        return read_model(path).synthetic
+    except InputError:
         return False
-
-
-def _synthetic_flag(m: mmap.mmap) -> bool:
-    if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] not in (2, 3):
-        return False
-    n_kv, pos, key = struct.unpack_from("<Q", m, 16)[0], 24, SYNTHETIC_KEY.encode()
-    for _ in range(n_kv):
-        n = struct.unpack_from("<Q", m, pos)[0]
-        name, (vtype,) = m[pos + 8:pos + 8 + n], struct.unpack_from("<I", m, pos + 8 + n)
-        pos += 12 + n
-        if name == key:
-            return vtype == _GGUF_BOOL and m[pos] == 1
-        if vtype == _GGUF_STRING:
-            pos += 8 + struct.unpack_from("<Q", m, pos)[0]
-        elif vtype == _GGUF_ARRAY:
-            etype, count = struct.unpack_from("<IQ", m, pos)
-            pos += 12
-            if etype == _GGUF_STRING:
-                for _ in range(count):
-                    pos += 8 + struct.unpack_from("<Q", m, pos)[0]
-            else:
-                pos += count * _GGUF_SCALAR_BYTES[etype]
-        else:
-            pos += _GGUF_SCALAR_BYTES[vtype]
-        if pos > len(m):
-            return False
-    return False
 
 
 def twin_bytes(preset: str, quant: str) -> int:
