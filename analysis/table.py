@@ -260,7 +260,7 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
             for stage, r in sl.iterrows():
                 df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
         return df.to_csv(index=False)
-    raw = "" if any(c.stage_ms_calibrated for c in rec.contexts) else " This run has no calibration: stage ms are raw."
+    raw = "" if rec.calibrated else " This run has no calibration: stage ms are raw."
     parts = [*describe(rec, model), "", format_markdown(df), "", NOTES + raw]
     if sl is not None:
         off = invariant_off_zero(sl, rec.contexts)

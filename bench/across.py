@@ -1,12 +1,15 @@
 """Across-sweep figures of ``robust.py``: the attn_kv slope's spread over sweeps and how much of it is the device
 changing between them (I2, correlation with the split cost and with each stage), sweeps grouped by the VM's
-state and by the settings they ran with (``--vary``), and the ratios between two settings' paired sweeps.
-Pure arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved results)."""
+state and by the settings they ran with (``--vary``), and the ratios between two settings' paired sweeps:
+arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved results). Also what every bench
+script shares: the folder for kept runs (``runs_folder``) and saving figures (``save_results``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +17,12 @@ import numpy as np
 from harness import checks
 from harness.config import LIST_CASTS, LIST_SETTINGS, SweepConfig, expand, split_list
 from harness.errors import OutputError, UsageError
+from harness.fsutil import atomic_write
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 STATES = ("quick-sync", "slow-sync", "switched", "unknown")
 SLOPE_SPREAD_TARGET_PCT = 10.0
+RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored
 
 
 def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> list[tuple[str, object] | None]:
@@ -185,3 +190,16 @@ def runs_folder(d: Path, make: bool):
     finally:
         if made and d.is_dir() and not any(d.iterdir()):
             d.rmdir()
+
+
+def save_results(kind: str, payload: dict, folder: Path = RESULTS) -> Path:
+    """Save a bench script's figures as ``FOLDER/KIND-STAMP.json`` (written whole or not at all; a taken name
+    gets a ``-N`` suffix), say where, and return the path."""
+    out = folder / f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = atomic_write(out, lambda p: p.write_text(json.dumps(payload, indent=1, default=str)), overwrite=False)
+    except OSError as e:
+        raise OutputError(f"cannot save the results ({e.strerror or e}): {out}") from None
+    print(f"saved {out}")
+    return out

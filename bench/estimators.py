@@ -13,14 +13,14 @@ bench/results/. Nothing is asserted.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from across import save_results  # noqa: E402
+
 from harness import checks, stats  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import InputError  # noqa: E402
@@ -73,10 +73,7 @@ def _main(argv: list[str] | None) -> int:
     for n, w in worst.items():
         print(f"  largest spread per run, {n}: {', '.join(f'{v:.2f}' for v in w)} %; "
               f"within 2 % in {sum(v <= 2 for v in w)} of {len(w)}")
-    out = Path(__file__).parent / "results" / f"estimators-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"runs": res}, indent=1))
-    print(f"saved {out}")
+    save_results("estimators", {"runs": res})
     return 0
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import parse_vary  # noqa: E402
+from across import parse_vary, save_results  # noqa: E402
 
 from harness import device, stats  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
@@ -147,11 +145,8 @@ def main() -> None:
     names = [f"{k}={v}" for k, v in arms]
     f = paired(ms, [d for _, d in cfg.contexts])
     report(f, names)
-    out = ROOT / "bench" / "results" / f"paired-settings-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "settings": names, "threads": cfg.threads, "model": str(path),
-                               "synthetic": info.synthetic, **f, "ms": ms.tolist()}, indent=1))
-    print(f"saved {out.relative_to(ROOT)}")
+    save_results("paired-settings", {"args": vars(a), "settings": names, "threads": cfg.threads, "model": str(path),
+                                     "synthetic": info.synthetic, **f, "ms": ms.tolist()})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ asserted; the figures are printed and saved as JSON in bench/results/.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from across import save_results  # noqa: E402
 
 from analysis import forecast  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
@@ -110,10 +111,8 @@ def _main(argv: list[str] | None) -> int:
                 model = str(write_twin("tiny", "q4_k_m", tmp / "tiny.gguf"))
             path = sweep(a, model, a.out or tmp)
         result = report(path, fit_depths)
-    out = ROOT / "bench" / "results" / f"predict-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nsaved {out}")
+    print()
+    save_results("predict", result)
     return 0
 
 

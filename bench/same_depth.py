@@ -21,11 +21,9 @@ Nothing is asserted: the figures are printed and saved as JSON in bench/results/
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import runs_folder  # noqa: E402
+from across import runs_folder, save_results  # noqa: E402
 
 from harness import checks, columns, gguf_model, stats  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
@@ -164,10 +162,7 @@ def _main(argv: list[str] | None) -> int:
         for i in range(len(a.runs) if a.runs else a.sweeps):
             res.append(analyse(a.runs[i] if a.runs else sweep(a, d, i)))
             report(i, res[-1])
-    out = ROOT / "bench" / "results" / f"same-depth-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "sweeps": res}, indent=1, default=str))
-    print(f"saved {out.relative_to(ROOT)}")
+    save_results("same-depth", {"args": vars(a), "sweeps": res})
     return 0
 
 

@@ -17,7 +17,6 @@ Nothing here is asserted: targets are compared in the printed table and in bench
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from across import save_results  # noqa: E402
 
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
@@ -132,10 +133,8 @@ def _main(argv: list[str] | None) -> int:
     if "twin" not in skip:
         res["twin"] = twin_generation()
     report(res)
-    out = ROOT / "bench" / "results" / f"suite-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=str))
-    print(f"\nsaved {out.relative_to(ROOT)}")
+    print()
+    save_results("suite", res)
     return 0
 
 

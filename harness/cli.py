@@ -1,6 +1,7 @@
 """The command-line runner every command shares: argparse errors and HarnessErrors become one line
-on stderr and an exit code, never a traceback (unless ``--debug``); the one table renderer; ``paused_gc``
-for short commands that read thousands of records."""
+on stderr and an exit code, never a traceback (unless ``--debug``); Ctrl-C and SIGTERM unwind (exit 130,
+143) so nothing half-written or temporary stays behind; the one table renderer; ``paused_gc`` for short
+commands that read thousands of records."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import argparse
 import contextlib
 import gc
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from harness.errors import HarnessError, UsageError
@@ -32,6 +35,10 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s",
     )
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C, so temp folders and half-written files are cleaned up
+    # (Python's default would end the process on the spot); the sweep's own StopFlag takes over while it measures
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return main([a for a in args if a != "--debug"])
     except HarnessError as e:
@@ -39,9 +46,21 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
             raise
         sys.stderr.write(f"{prog}: error: {e}\n")
         return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        sys.stderr.write(f"{prog}: {'terminated' if term else 'interrupted'}\n")
+        return 143 if term else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so ``finally`` blocks run (exit 143)."""
+
+
+def _terminated(_signum, _frame):
+    raise Terminated
 
 
 def format_table(head: list[str], rows: list[list[str]], style: str = "md", numeric_from: int = 1) -> str:

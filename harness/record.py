@@ -143,13 +143,20 @@ class ContextSummary(Record):
     graph_bytes: dict | None = None  # harness.graph_bytes record of this depth's decode graph
     recorded: dict | None = None  # the reference run's recorded figures
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether this context has calibrated stage figures (the run had calibration tokens): the one rule
+        every reader uses; ``stage``/``share`` fall back to the raw profiled figures otherwise."""
+        return bool(self.stage_ms_calibrated)
+
     def stage(self, name: str, calibrated: bool = True) -> float:
         """Stage ms/token; calibrated when the run has calibrated figures."""
-        src = self.stage_ms_calibrated if calibrated and self.stage_ms_calibrated else self.stage_ms
+        src = self.stage_ms_calibrated if calibrated and self.calibrated else self.stage_ms
         return float(src.get(name, 0.0))
 
     def share(self, name: str, calibrated: bool = True) -> float:
-        src = self.stage_pct_calibrated if calibrated and self.stage_pct_calibrated else self.stage_pct
+        """Stage % (of the calibrated stage sum, or raw: of the profiled wall time); as ``stage``."""
+        src = self.stage_pct_calibrated if calibrated and self.calibrated else self.stage_pct
         return float(src.get(name, 0.0))
 
 
@@ -232,6 +239,11 @@ class RunRecord(Record):
 
     def sorted_contexts(self) -> list[ContextSummary]:
         return sorted(self.contexts, key=lambda c: c.depth)
+
+    @property
+    def calibrated(self) -> bool:
+        """Every context has calibrated stage figures (``ContextSummary.calibrated``)."""
+        return bool(self.contexts) and all(c.calibrated for c in self.contexts)
 
     @property
     def bandwidth_gbps(self) -> float | None:

@@ -135,8 +135,9 @@ def format_summary(rec: RunRecord) -> str:
                      *(f"{c.stage(s):.2f}" for s in shown),
                      f"{c.calibrated_sum_pct:.1f} %" if c.calibrated_sum_pct is not None else ""])
     inv = rec.invariants
-    how = (f"stage ms are calibrated (split cost {ctxs[0].sync_us:.2f} us) and should add up to the plain ms/token"
-           if ctxs[0].sync_us is not None else "stage ms are raw (no calibration tokens: --calib-splits 0)")
+    cost = f" (split cost {ctxs[0].sync_us:.2f} us)" if ctxs[0].sync_us is not None else ""
+    how = (f"stage ms are calibrated{cost} and should add up to the plain ms/token" if rec.calibrated
+           else "stage ms are raw (no calibration tokens: --calib-splits 0)")
     lines = [f"mode={rec.params.mode}, {len(rec.rounds)} rounds; {how}",
              format_table(head, rows, style="text")]
     if inv is not None and inv.across_depths:

@@ -36,8 +36,8 @@ def upgrade_from_1(meta: dict) -> dict:
     for c in meta.get("contexts", []):
         c.setdefault("sync_us", None)
         c.setdefault("noop_sync_us", None)
-        c.setdefault("stage_ms_calibrated", dict(c.get("stage_ms", {})))
-        c.setdefault("stage_pct_calibrated", dict(c.get("stage_pct", {})))
+        c.setdefault("stage_ms_calibrated", {})  # none measured: readers show the raw figures and say so
+        c.setdefault("stage_pct_calibrated", {})
     params = meta.setdefault("params", {})
     params.setdefault("callback", "python")
     params.setdefault("threads_source", "unknown")

@@ -4,11 +4,17 @@ across-sweep heterogeneity figures (pure arithmetic, checked on made-up sweeps).
 from __future__ import annotations
 
 import importlib
+import json
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, run_cli
+
+from harness.errors import OutputError
 
 sys.path.insert(0, str(ROOT / "bench"))
 robust = importlib.import_module("robust")
@@ -147,6 +153,16 @@ def test_robust_figures_of_a_kept_run(tiny_run):
     assert set(r["invariant_slopes_off_zero_pct"]) <= set(robust.checks.INVARIANT_STAGES)
 
 
+def test_robust_splits_a_missed_rise_into_context_offsets_and_other_stages(tiny_run, capsys):
+    r = robust.figures(tiny_run)
+    assert np.isfinite(r["profiled_rise_ms"])
+    robust.report_one(0, {**r, "plain_rise_ms": 10.0, "attn_kv_rise_ms": 10.5, "profiled_rise_ms": 11.0})
+    assert "attn_kv rise - plain rise" not in capsys.readouterr().out  # +5 %: within the target, nothing to split
+    robust.report_one(0, {**r, "plain_rise_ms": 10.0, "attn_kv_rise_ms": 12.0, "profiled_rise_ms": 11.5})
+    assert ("attn_kv rise - plain rise = +2.00 ms: the profiled contexts rose +1.50 ms more than the plain ones "
+            "(their own offsets), the other stages -0.50 ms") in capsys.readouterr().out
+
+
 def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys):
     """Three sweeps with the count, one of them unflagged and off zero, and one saved before the count."""
     robust.report_off_zero([{"invariant_slopes_off_zero_pct": {"ffn": -1.0}, "flags": []},
@@ -259,3 +275,26 @@ def test_runs_without_op_rows_or_fitting_depths_are_refused(tiny_run, tmp_path, 
         _one_line_error(capsys, globals()[script].main(argv), 1, "op table has no rows")
     # the default --fit depths (13, 172, 658, 2048) against a run of 13, 40, 80: the missing ones are named
     _one_line_error(capsys, predict_bench.main(["--run", str(tiny_run)]), 2, "depth(s) 172, 658, 2048 not measured")
+
+
+def test_results_are_saved_whole_and_never_replace_earlier_ones(tmp_path, capsys):
+    a = across.save_results("x", {"v": 1, "p": tmp_path}, tmp_path / "res")
+    b = across.save_results("x", {"v": 2}, tmp_path / "res")  # the same second: a -1 suffix
+    assert a != b and json.loads(a.read_text()) == {"v": 1, "p": str(tmp_path)} and json.loads(b.read_text())["v"] == 2
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == sorted([a.name, b.name])  # no temp file left
+    assert capsys.readouterr().out.splitlines() == [f"saved {a}", f"saved {b}"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="cannot save the results"):
+        across.save_results("x", {}, tmp_path / "file" / "res")
+
+
+def test_sigterm_unwinds_a_command_so_its_temp_folder_goes(tmp_path):
+    """fleet_bench's temp folder outlived a SIGTERM: Python's default ends the process without unwinding."""
+    code = ("import sys, tempfile, time\nfrom harness.cli import run_cli\ndef main(argv):\n"
+            "    with tempfile.TemporaryDirectory(dir=sys.argv[1]) as d: print(d, flush=True); time.sleep(60)\n"
+            "raise SystemExit(run_cli('x.py', main, []))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, text=True, stdout=-1, stderr=-1)
+    assert (made := Path(p.stdout.readline().strip())).is_dir()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert (p.returncode, err.strip()) == (143, "x.py: terminated") and not made.exists()

@@ -125,12 +125,13 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
 
 def test_stage_shares_axis_says_what_is_plotted(tiny_run):
     """The shares are of the calibrated stage sum (about the plain decode time), not of the profiled time, unless the
-    run has no calibrated shares (ContextSummary.share falls back to the profiled ones)."""
+    run is not calibrated (``--calib-splits 0``: ContextSummary.share falls back to the profiled ones)."""
     from analysis import plots
 
     rec = store.read_record(tiny_run)
     assert plots.plot_stage_shares(rec).axes[0].get_ylabel().startswith("% of calibrated stage sum")
-    raw = rec.replace(contexts=tuple(c.replace(stage_pct_calibrated={}) for c in rec.contexts))
+    raw = rec.replace(contexts=tuple(c.replace(stage_ms_calibrated={}, stage_pct_calibrated={}) for c in rec.contexts))
+    assert rec.calibrated and not raw.calibrated
     assert plots.plot_stage_shares(raw).axes[0].get_ylabel() == "% of profiled decode wall time"
 
 
