@@ -71,7 +71,8 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
         row = {"context": ctx, "depth": depth, "device": g.label, "group": name, "group_index": gi, "runs": len(items),
                "complete": g.complete, "reference": g.reference, "model_key": g.model_key,
                "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
-               "flags": ", ".join(sorted({f for r, _ in items for f in r.flags})),
+               "flags": ", ".join(sorted({f for r, _ in items for f in r.flags}  # raw stage figures pooled in: said
+                                         | {"uncalibrated" for _, c in items if not c.calibrated})),
                "tokens_per_s": 1000.0 / plain if plain > 0 else NAN}
         for s in stages.STAGES:
             row[f"{s}_ms"] = _wmean([c.stage(s) if s in c.stage_ms else NAN for _, c in items], w)
@@ -213,8 +214,8 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
     shown = [s for s in stages.STAGES if (df[f"{s}_ms"].fillna(0) > 0).any()]
     out = [f"# Decode compare: {n_runs} runs, {df['device'].nunique()} devices, "
            f"{df[['device', 'group']].drop_duplicates().shape[0]} groups; baseline: {baseline}", "",
-           "ms/token: plain pass (no profiler); stage ms (% of decode), calibrated: they add up to the plain ms/token; "
-           "GB/s: read-model bytes / stage time; "
+           "ms/token: plain pass (no profiler); stage ms (% of decode), calibrated: they add up to the plain ms/token "
+           "(raw in rows flagged uncalibrated); GB/s: read-model bytes / stage time; "
            "x roofline: plain ms / (bytes per token / measured bandwidth); speedup: baseline ms / row ms."]
     for (depth, ctx), sub in df.groupby(["depth", "context"], sort=True):
         head = ["device", "group", "runs", "ms/tok", "±", "tok/s", *(f"{s} ms (%)" for s in shown),

@@ -87,6 +87,7 @@ def plot_stage_share(df: pd.DataFrame) -> Figure:
     keys = _keys(df)
     shown = [s for s in stages.STAGES if (df[f"{s}_pct"].fillna(0) >= 1.0).any()]
     fig, axes = _panels(len(shown), 4.2)
+    raw = df["flags"].str.contains("uncalibrated").any()  # a run without calibration pooled in: its shares are raw
     for ax, s in zip(axes, shown, strict=True):
         for i, k in enumerate(keys):
             r = df[df["device"] + " | " + df["group"] == k].sort_values("depth")
@@ -96,7 +97,7 @@ def plot_stage_share(df: pd.DataFrame) -> Figure:
         ax.set_xticks(depths, [str(d) for d in depths], fontsize=7, rotation=45)
         ax.minorticks_off()
         ax.set_xlabel("KV depth (tokens)")
-        ax.set_ylabel("% of calibrated stage sum")
+        ax.set_ylabel("% of stage sum (raw where uncalibrated)" if raw else "% of calibrated stage sum")
         ax.set_title(s, fontsize=10)
         ax.grid(alpha=0.3)
     _legend(fig, *axes[0].get_legend_handles_labels())

@@ -31,11 +31,13 @@ from harness.record import RunRecord
 log = logging.getLogger(__name__)
 FIGURE_CAPTIONS = {
     "read_per_token": "Modelled FFN and KV-cache MiB read per token against depth (read model).",
-    "stage_shares": "Measured stage shares of the calibrated stage sum (about the plain decode time) against depth.",
+    "stage_shares": "Measured stage shares of the calibrated stage sum (about the plain decode time; of the profiled "
+                    "wall time for a run without calibration, as the axis says) against depth.",
     "stage_ms": "Measured ms per token by stage; the bar is the plain (unprofiled) decode time.",
     "roofline": "Stage time against modelled bytes per stage; the dashed line is the device's measured bandwidth.",
     "compare_stage_ms": "Stage ms per token, one bar per device group, per context.",
-    "compare_stage_share": "Stage share of the calibrated stage sum against depth, one line per device group.",
+    "compare_stage_share": "Stage share of the calibrated stage sum against depth, one line per device group (raw "
+                           "for groups that pool a run without calibration, as the axis says).",
     "compare_roofline": "Achieved bandwidth as a fraction of each device's measured read bandwidth.",
 }
 

@@ -2,19 +2,23 @@
 changing between them (I2, correlation with the split cost and with each stage), sweeps grouped by the VM's
 state and by the settings they ran with (``--vary``), and the ratios between two settings' paired sweeps:
 arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved results). Also what every bench
-script shares: the folder for kept runs (``runs_folder``) and saving figures (``save_results``)."""
+script shares: the folder for kept runs (``runs_folder``), saving figures (``save_results``) and running a sweep as a
+child process (``run_child``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
 from harness import checks
+from harness.cli import Terminated
 from harness.config import LIST_CASTS, LIST_SETTINGS, SweepConfig, expand, split_list
 from harness.errors import OutputError, UsageError
 from harness.fsutil import atomic_write
@@ -25,9 +29,9 @@ SLOPE_SPREAD_TARGET_PCT = 10.0
 RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored
 
 
-def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> list[tuple[str, object] | None]:
+def parse_vary(spec: str | None, least: int = 2) -> list[tuple[str, object] | None]:
     """'flash_attn=on,off' -> [('flash_attn', 'on'), ('flash_attn', 'off')], each value checked as the sweep
-    checks it (at least ``least`` distinct values); None -> [None] (the sweep's own settings)."""
+    checks it (at least ``least`` distinct values; else a UsageError); None -> [None] (the sweep's own settings)."""
     if not spec:
         return [None]
     key, _, values = spec.partition("=")
@@ -39,8 +43,7 @@ def parse_vary(spec: str | None, prog: str = "robust.py", least: int = 2) -> lis
             raise UsageError(f"{least} or more distinct values needed, got {values!r}")
         expand(SweepConfig(), {key: vals})
     except UsageError as e:
-        raise SystemExit(f"{prog}: --vary takes SETTING=A,B with SETTING one of {', '.join(LIST_SETTINGS)}: {e}") \
-            from None
+        raise UsageError(f"--vary takes SETTING=A,B with SETTING one of {', '.join(LIST_SETTINGS)}: {e}") from None
     return [(key, v) for v in vals]
 
 
@@ -203,3 +206,21 @@ def save_results(kind: str, payload: dict, folder: Path = RESULTS) -> Path:
         raise OutputError(f"cannot save the results ({e.strerror or e}): {out}") from None
     print(f"saved {out}")
     return out
+
+
+def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, **kw)``, except that Ctrl-C or SIGTERM reaching this
+    script is passed on to the child, which is given ``grace_s`` to stop (a sweep then writes its completed rounds as
+    an incomplete run) before it is killed and the interrupt goes on."""
+    grace_s = kw.pop("grace_s", 120)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as p:
+        try:
+            out, err = p.communicate()
+        except KeyboardInterrupt as e:
+            p.send_signal(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+            try:
+                p.communicate(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)

@@ -16,7 +16,6 @@ Saves the figures as JSON in bench/results/. Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from contextlib import ExitStack
@@ -30,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 from across import parse_vary, save_results  # noqa: E402
 
 from harness import device, stats  # noqa: E402
+from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.errors import UsageError  # noqa: E402
 from harness.gguf_model import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import round_order  # noqa: E402
@@ -115,8 +115,8 @@ def report(f: dict, names: list[str]) -> None:
           + f" (linear between neighbours{where}; {share:.0f} % of resamples of the rounds cross exactly once)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="paired_settings.py", description=__doc__.split("\n")[0])
     ap.add_argument("--vary", required=True, metavar="SETTING=A,B",
                     help=f"two values of one setting ({', '.join(CONTEXT_SETTINGS)})")
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
@@ -124,30 +124,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="threads where not varied (default: physical cores)")
-    a = ap.parse_args()
-    arms = parse_vary(a.vary, "paired_settings.py")
+    a = ap.parse_args(argv)
+    arms = parse_vary(a.vary)
     if len(arms) != 2 or arms[0][0] not in CONTEXT_SETTINGS:
-        raise SystemExit(f"paired_settings.py: --vary takes one of {', '.join(CONTEXT_SETTINGS)} with two values, "
-                         f"not {a.vary!r}")
-    try:
-        cfg = SweepConfig(contexts=parse_contexts(a.contexts), rounds=a.rounds, warmup=a.warmup,
-                          threads=device.physical_cores() if a.threads is None else a.threads).validate()
-        arm_cfgs = [cfg.replace(**{key: value}).validate() for key, value in arms]
-        path = ensure_default_model() if a.model is None else Path(a.model)
-        info = read_model(path)
-        for c in arm_cfgs:  # each as if all 2 x depths contexts were its own: an upper bound of the need
-            check_model(c, path, info)
-        with Model(path) as model:
-            prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
-            ms = measure(model, cfg, arms, prompt, a.rounds, a.warmup)
-    except HarnessError as e:
-        raise SystemExit(f"paired_settings.py: {e}") from None
+        raise UsageError(f"--vary takes one of {', '.join(CONTEXT_SETTINGS)} with two values, not {a.vary!r}")
+    cfg = SweepConfig(contexts=parse_contexts(a.contexts), rounds=a.rounds, warmup=a.warmup,
+                      threads=device.physical_cores() if a.threads is None else a.threads).validate()
+    arm_cfgs = [cfg.replace(**{key: value}).validate() for key, value in arms]
+    path = ensure_default_model() if a.model is None else Path(a.model)
+    info = read_model(path)
+    for c in arm_cfgs:  # each as if all 2 x depths contexts were its own: an upper bound of the need
+        check_model(c, path, info)
+    with Model(path) as model:
+        prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
+        ms = measure(model, cfg, arms, prompt, a.rounds, a.warmup)
     names = [f"{k}={v}" for k, v in arms]
     f = paired(ms, [d for _, d in cfg.contexts])
     report(f, names)
     save_results("paired-settings", {"args": vars(a), "settings": names, "threads": cfg.threads, "model": str(path),
                                      "synthetic": info.synthetic, **f, "ms": ms.tolist()})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("paired_settings.py", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

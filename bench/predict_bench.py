@@ -13,7 +13,6 @@ asserted; the figures are printed and saved as JSON in bench/results/.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import save_results  # noqa: E402
+from across import run_child, save_results  # noqa: E402
 
 from analysis import forecast  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
@@ -40,7 +39,7 @@ def sweep(a, model: str, out: Path) -> Path:
     if a.threads:
         cmd += ["-t", str(a.threads)]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = run_child(cmd, cwd=ROOT)
     if r.returncode != 0:
         raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     print(f"sweep of {a.contexts} x {a.rounds} rounds took {time.perf_counter() - t0:.1f} s", flush=True)

@@ -34,7 +34,6 @@ Nothing is asserted: the figures are printed and saved as JSON in bench/results/
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import SLOPE_SPREAD_TARGET_PCT, across_by_arm, parse_vary, runs_folder, save_results  # noqa: E402
+from across import (  # noqa: E402
+    SLOPE_SPREAD_TARGET_PCT,
+    across_by_arm,
+    parse_vary,
+    run_child,
+    runs_folder,
+    save_results,
+)
 
 from analysis.slope import invariant_off_zero, run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
@@ -63,7 +69,7 @@ def one_sweep(a, out: Path, label: str, arm: tuple[str, str] | None = None) -> d
            "--label", label, *(["--model", a.model] if a.model else []),
            *([LIST_SETTINGS[arm[0]], str(arm[1])] if arm else []), *a.extra]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = run_child(cmd, cwd=ROOT)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -204,8 +210,8 @@ def report_one(i: int, r: dict) -> None:
           f"ms/1k; split {r['sync_us']:.2f} us", flush=True)
     if abs(dis) > TARGETS["rise_agreement_pct"] and "profiled_rise_ms" in r:  # saved before it: not known
         gap, ctx = r["attn_kv_rise_ms"] - r["plain_rise_ms"], r["profiled_rise_ms"] - r["plain_rise_ms"]
-        print(f"   attn_kv rise - plain rise = {gap:+.2f} ms: the profiled contexts rose {ctx:+.2f} ms more than the "
-              f"plain ones (their own offsets), the other stages {ctx - gap:+.2f} ms")
+        print(f"   attn_kv rise - plain rise = {gap:+.2f} ms = {ctx:+.2f} (the profiled contexts rose more than the "
+              f"plain ones: their own offsets) {gap - ctx:+.2f} (the other stages rose {ctx - gap:+.2f} ms)")
     st = r.get("state_change")
     if st:
         print(f"   the device changed state in this sweep: {st['stage']} stepped by {st['step_pct']:+.1f} % after "

@@ -21,7 +21,6 @@ Nothing is asserted: the figures are printed and saved as JSON in bench/results/
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import runs_folder, save_results  # noqa: E402
+from across import run_child, runs_folder, save_results  # noqa: E402
 
 from harness import checks, columns, gguf_model, stats  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
@@ -46,7 +45,7 @@ def sweep(a, out: Path, i: int) -> Path:
     ctx = ",".join(f"{d},{d + 1}" for d in a.depths)
     cmd = [sys.executable, "-m", "harness.sweep", "-c", ctx, "-r", str(a.rounds), "--no-probe", "--out", str(out),
            "--label", f"same-depth-{i}", *(["--model", a.model] if a.model else [])]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = run_child(cmd, cwd=ROOT)
     if r.returncode != 0:
         raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[-1]}")
     return max(out.glob(f"*same-depth-{i}_*.parquet"))
@@ -54,8 +53,10 @@ def sweep(a, out: Path, i: int) -> Path:
 
 def _paired_pct(deep: np.ndarray, shallow: np.ndarray) -> list[float]:
     """100 * (the 20 % trimmed mean over rounds of deep / shallow - 1), each round's ratio first (paired as
-    the run's check pairs), and its 95 % interval (bootstrap over rounds)."""
-    ratio = deep / shallow
+    the run's check pairs), and its 95 % interval (bootstrap over rounds). A round whose shallow value is not
+    positive (a tiny stage calibrated to 0) has no ratio and is left out, as in ``checks.round_ratios``."""
+    with np.errstate(all="ignore"):
+        ratio = np.where(shallow > 0, deep / shallow, np.nan)
     rows = stats.boot_indices(len(ratio))
     point = 100 * (stats.trimmed_mean(ratio, checks.TRIM) - 1)
     boot = 100 * (stats.trimmed_mean(ratio[rows].T, checks.TRIM) - 1)

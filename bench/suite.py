@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import save_results  # noqa: E402
+from across import run_child, save_results  # noqa: E402
 
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
@@ -47,7 +47,7 @@ def sweep(a, out: Path, tag: str, *extra: str):
     if a.model:
         cmd += ["--model", a.model]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = run_child(cmd, cwd=ROOT)
     if r.returncode != 0:
         raise InputError(f"the {tag} sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     wall = time.perf_counter() - t0

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,8 +39,9 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
     )
     # SIGTERM (kill, timeout) unwinds like Ctrl-C, so temp folders and half-written files are cleaned up
     # (Python's default would end the process on the spot); the sweep's own StopFlag takes over while it measures
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)  # an ignored SIGTERM stays ignored
+    previous = signal.signal(signal.SIGTERM, functools.partial(_terminated, os.getpid())) if install else None
     try:
         return main([a for a in args if a != "--debug"])
     except HarnessError as e:
@@ -51,15 +54,20 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
         sys.stderr.write(f"{prog}: {'terminated' if term else 'interrupted'}\n")
         return 143 if term else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if install:  # None: the previous handler was not set from Python (the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, so ``finally`` blocks run (exit 143)."""
 
 
-def _terminated(_signum, _frame):
+def _terminated(owner: int, signum: int, _frame) -> None:
+    if os.getpid() != owner:  # a forked child (a multiprocessing worker) inherited the handler: end as by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not break off the clean-up of the first
     raise Terminated
 
 

@@ -155,8 +155,9 @@ class ContextSummary(Record):
         return float(src.get(name, 0.0))
 
     def share(self, name: str, calibrated: bool = True) -> float:
-        """Stage % (of the calibrated stage sum, or raw: of the profiled wall time); as ``stage``."""
-        src = self.stage_pct_calibrated if calibrated and self.calibrated else self.stage_pct
+        """Stage % (of the calibrated stage sum, or raw: of the profiled wall time); as ``stage``, and raw too when the
+        calibrated stage sum was 0 (no calibrated shares exist then)."""
+        src = self.stage_pct_calibrated if calibrated and self.stage_pct_calibrated else self.stage_pct
         return float(src.get(name, 0.0))
 
 

@@ -123,16 +123,27 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
     assert all((tmp_path / "figs" / n).stat().st_size > 1000 for n in names)
 
 
-def test_stage_shares_axis_says_what_is_plotted(tiny_run):
-    """The shares are of the calibrated stage sum (about the plain decode time), not of the profiled time, unless the
-    run is not calibrated (``--calib-splits 0``: ContextSummary.share falls back to the profiled ones)."""
-    from analysis import plots
+def test_an_uncalibrated_run_says_so_in_every_reader(tiny_run):
+    """One rule (``RunRecord.calibrated``): the shares are of the calibrated stage sum (about the plain decode time),
+    not of the profiled time, unless the run is not calibrated (``--calib-splits 0``, version-1 runs: ``share`` falls
+    back to the profiled figures); the sweep's summary, the table's header and compare's rows say which."""
+    import dataclasses
+
+    from analysis import compare, fleet, plots, table
+    from harness.sweep import format_summary
 
     rec = store.read_record(tiny_run)
-    assert plots.plot_stage_shares(rec).axes[0].get_ylabel().startswith("% of calibrated stage sum")
     raw = rec.replace(contexts=tuple(c.replace(stage_ms_calibrated={}, stage_pct_calibrated={}) for c in rec.contexts))
-    assert rec.calibrated and not raw.calibrated
+    assert rec.calibrated and not raw.calibrated and raw.contexts[0].sync_us is not None
+    assert plots.plot_stage_shares(rec).axes[0].get_ylabel().startswith("% of calibrated stage sum")
     assert plots.plot_stage_shares(raw).axes[0].get_ylabel() == "% of profiled decode wall time"
+    assert "stage ms are calibrated" in format_summary(rec) and "stage ms are raw" in format_summary(raw)
+    assert "no calibration" not in table.render(rec, table.load_read_model(rec))
+    assert "This run has no calibration: stage ms are raw." in table.render(raw, table.load_read_model(raw))
+    g = fleet.group_runs(fleet.load_runs([tiny_run]))[0]
+    assert not any("uncalibrated" in r["flags"] for r in compare.pooled_rows(g, "g", 0))
+    g = dataclasses.replace(g, runs=tuple(dataclasses.replace(r, contexts=raw.contexts) for r in g.runs))
+    assert all("uncalibrated" in r["flags"] for r in compare.pooled_rows(g, "g", 0))
 
 
 def test_plots_are_written_whole_or_not_at_all(tiny_run, tmp_path, monkeypatch):

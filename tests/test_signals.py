@@ -1,0 +1,55 @@
+"""SIGTERM unwinds every command (harness.cli.run_cli), is not inherited by forked workers, and reaches a bench
+script's child sweep (bench/across.run_child). Real processes and real signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def _start(code: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True, stdout=-1, stderr=-1)
+
+
+def test_sigterm_unwinds_a_command_so_its_temp_folder_goes(tmp_path):
+    """fleet_bench's temp folder outlived a SIGTERM: Python's default ends the process without unwinding."""
+    p = _start("import sys, tempfile, time\nfrom harness.cli import run_cli\ndef main(argv):\n"
+               "    with tempfile.TemporaryDirectory(dir=sys.argv[1]) as d: print(d, flush=True); time.sleep(60)\n"
+               "raise SystemExit(run_cli('x.py', main, []))\n", str(tmp_path))
+    assert (made := Path(p.stdout.readline().strip())).is_dir()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert (p.returncode, err.strip()) == (143, "x.py: terminated") and not made.exists()
+
+
+def test_a_forked_worker_ends_on_sigterm_as_by_default():
+    """multiprocessing's Pool.terminate sends SIGTERM to its workers: they must die of it, not unwind a copy of
+    the parent's command (a traceback per worker, exit code 1)."""
+    p = _start("import multiprocessing as mp, time\nfrom harness.cli import run_cli\ndef main(argv):\n"
+               "    w = mp.get_context('fork').Process(target=time.sleep, args=(60,)); w.start(); time.sleep(0.5)\n"
+               "    w.terminate(); w.join(); print(w.exitcode); return 0\n"
+               "raise SystemExit(run_cli('x.py', main, []))\n")
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out.strip(), err) == (0, str(-signal.SIGTERM), "")
+
+
+def test_a_bench_script_passes_sigterm_on_to_its_child_sweep(tmp_path):
+    """A sweep run by robust.py saves its completed rounds on SIGTERM; killed outright it saves nothing."""
+    child = ("import pathlib, signal, sys, time\nd = pathlib.Path(sys.argv[1])\n"
+             "signal.signal(signal.SIGTERM, lambda *a: ((d / 'got').write_text('x'), sys.exit(0)))\n"
+             "(d / 'ready').write_text('x'); time.sleep(60)\n")
+    p = _start("import sys\nsys.path.insert(0, 'bench')\nfrom across import run_child\n"
+               "from harness.cli import run_cli\n"
+               "raise SystemExit(run_cli('x.py', lambda argv: run_child([sys.executable, '-c', sys.argv[1], "
+               "sys.argv[2]]).returncode, []))\n", child, str(tmp_path))
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err.strip()) == (143, "x.py: terminated") and (tmp_path / "got").exists()
