@@ -28,6 +28,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
+
 NOOMP_VENV = ROOT / "bench" / ".venv-noomp"
 
 
@@ -48,7 +53,9 @@ def build_noomp(version: str, venv: Path, source: str | None, rebuild: bool) -> 
         print(f"using the existing no-OpenMP build in {venv}", flush=True)
         return py
     if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise InputError(f"cannot make the venv: {(r.stderr.strip().splitlines() or ['?'])[-1]}: {venv}")
     spec = source or f"llama-cpp-python=={version}"
     env = {**os.environ, "CMAKE_ARGS": "-DGGML_OPENMP=OFF"}
     log = venv / "build.log"
@@ -60,7 +67,7 @@ def build_noomp(version: str, venv: Path, source: str | None, rebuild: bool) -> 
                "--no-binary", "llama-cpp-python", spec, "gguf"]
         r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
-        raise SystemExit(f"no-OpenMP build failed (exit {r.returncode}); see {log}")
+        raise InputError(f"the no-OpenMP build failed (exit {r.returncode}); its log: {log}")
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     return py
 
@@ -107,12 +114,12 @@ def run_child(python: Path, a: argparse.Namespace) -> dict:
     args += ["--no-threadpool"] if a.no_threadpool else []
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
-        raise SystemExit(f"measurement in {python} failed:\n{r.stderr[-2000:]}")
+        raise InputError(f"the measurement in {python} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="openmp_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "gemma-3n-e4b-q4.gguf"))
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--depth", type=int, default=128)
@@ -123,12 +130,14 @@ def main() -> None:
     ap.add_argument("--source", help="build from this sdist or source tree instead of the registry")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the no-OpenMP venv even if present")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(measure(a.model, a.tokens, a.depth, a.threads, a.extra_splits, not a.no_threadpool)))
-        return
-    if not Path(a.model).exists():
-        raise SystemExit(f"no model at {a.model} (make a twin: python -m harness.twin --preset tiny -o PATH)")
+        return 0
+    if a.tokens < 1 or a.threads < 1 or a.depth < 1 or a.extra_splits < 0:
+        raise UsageError("--tokens, --depth and --threads must be >= 1, --extra-splits >= 0")
+    if not Path(a.model).is_file():
+        raise InputError(f"no model at {a.model} (make a twin: python -m harness.twin --preset tiny -o PATH)")
     import llama_cpp
 
     noomp = build_noomp(llama_cpp.__version__, a.venv.resolve(), a.source, a.rebuild)
@@ -144,7 +153,12 @@ def main() -> None:
         print(f"{label:10} {r['version']:8} {'on' if r['openmp'] else 'off':6} {'yes' if r['threadpool'] else 'no':4} "
               f"{r['callback']:6} {r['syncs']:5d} {r['plain_ms']:9.2f} {r['prof_ms']:8.2f} x{r['overhead']:<7.3f} "
               f"{r['ratio_p10']:6.3f}-{r['ratio_p90']:6.3f} {split}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("openmp_bench.py", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

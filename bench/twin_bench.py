@@ -1,6 +1,6 @@
 """Time and peak RSS of twin generation, one subprocess per (preset, quant).
 
-    python bench/twin_bench.py [--presets gemma-3n-e4b,gemma-3n-e2b] [--quants q4_k_m,q4_0] [--keep]
+    python bench/twin_bench.py [--presets gemma-3n-e4b,gemma-3n-e2b] [--quants q4_k_m,q4_0] [--dir DIR]
 
 Targets (issue 2): E4B Q4_K_M in <= 60 s and <= 4 GiB peak RSS on the 2-core dev machine, file
 4.2-4.9 GB, loaded by llama.cpp as "gemma3n E4B" with ~6.87 B parameters, and it decodes.
@@ -8,9 +8,9 @@ Targets (issue 2): E4B Q4_K_M in <= 60 s and <= 4 GiB peak RSS on the 2-core dev
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,16 +18,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 
 
 def measure(preset: str, quant: str, out: Path) -> dict:
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "harness.twin", "--preset", preset, "--quant", quant, "-o", str(out)],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS
+    try:
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (run_cli): the twin writer removes its partial file, then we go
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+        raise
     wall = time.perf_counter() - t0
     if status != 0:
-        raise SystemExit(p.stderr.read().decode())
+        err = p.stderr.read().decode().strip().splitlines() or [f"exit status {status}"]
+        raise InputError(f"twin generation failed ({preset}, {quant}): {err[-1]}")
     # load and decode in a fresh process so the twin's RSS is not mixed in
     check = subprocess.run([sys.executable, "-c", (
         "import sys,time\nfrom harness.engine import Model, Context, EngineConfig\n"
@@ -40,12 +50,14 @@ def measure(preset: str, quant: str, out: Path) -> dict:
             "file_gb": round(out.stat().st_size / 1e9, 3), "llama_cpp": desc or check.stderr.strip()[-200:]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="twin_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="gemma-3n-e4b")
     ap.add_argument("--quants", default="q4_k_m")
     ap.add_argument("--dir", default=None, help="where to write the twins (default: a temp dir)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.dir is not None and not Path(a.dir).is_dir():
+        raise UsageError(f"--dir: not a folder: {a.dir}")
     rows = []
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
         for preset in a.presets.split(","):
@@ -59,7 +71,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['preset']:14} {r['quant']:7} {r['wall_s']:7} {r['peak_rss_gib']!s:>12} {r['file_gb']:8}"
               f"  {r['llama_cpp']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("twin_bench.py", _main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -24,6 +24,8 @@ compare_bench = importlib.import_module("compare_bench")
 report_screenshot = importlib.import_module("report_screenshot")
 suite = importlib.import_module("suite")
 estimators = importlib.import_module("estimators")
+twin_bench = importlib.import_module("twin_bench")
+openmp_bench = importlib.import_module("openmp_bench")
 
 
 def _sweeps(slopes, half_width, sync):
@@ -221,6 +223,8 @@ def _one_line_error(capsys, rc: int, code: int, needle: str) -> None:
     ("robust", ["--threads", "2", "--vary", "flash_attn=on,off"], "not both"),
     ("same_depth", ["--sweeps", "0"], "--sweeps"),
     ("paired_settings", ["--vary", "fa=on,off"], "--vary takes SETTING=A,B"),
+    ("twin_bench", ["--dir", "{tmp}/missing"], "--dir: not a folder"),
+    ("openmp_bench", ["--tokens", "0"], "--tokens"),
     ("same_depth", ["--depths", "13,x"], "--depths"),
     ("suite", ["--skip", "ops,bogus"], "--skip: unknown part(s) bogus"),
     ("suite", ["--rounds", "0"], "--rounds"),
