@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 GGML_MAX_SRC = 10
 GGML_MAX_N_THREADS = 512
 GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _p, _sz, _i64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
 
 
@@ -64,10 +65,9 @@ ggml = _Lib(lambda: _llama_ggml.libggml, {
     "ggml_op_desc": (ctypes.c_char_p, [_p]), "ggml_op_name": (ctypes.c_char_p, [ctypes.c_int]),
     "ggml_type_name": (ctypes.c_char_p, [ctypes.c_int]), "ggml_get_name": (ctypes.c_char_p, [_p]),
     "ggml_set_name": (_p, [_p, ctypes.c_char_p]), "ggml_nbytes": (_sz, [_p]), "ggml_nelements": (_i64, [_p]),
-    "ggml_type_size": (_sz, [ctypes.c_int]),
-    "ggml_tensor_overhead": (_sz, []), "ggml_init": (_p, [InitParams]), "ggml_free": (None, [_p]),
-    "ggml_new_tensor_2d": (_p, [_p, ctypes.c_int, _i64, _i64]), "ggml_mul_mat": (_p, [_p, _p, _p]),
-    "ggml_transpose": (_p, [_p, _p]),
+    "ggml_type_size": (_sz, [ctypes.c_int]), "ggml_tensor_overhead": (_sz, []), "ggml_init": (_p, [InitParams]),
+    "ggml_free": (None, [_p]), "ggml_new_tensor_2d": (_p, [_p, ctypes.c_int, _i64, _i64]),
+    "ggml_mul_mat": (_p, [_p, _p, _p]), "ggml_transpose": (_p, [_p, _p]),
     "ggml_threadpool_params_init": (None, [ctypes.POINTER(ThreadpoolParams), ctypes.c_int]),
     "ggml_threadpool_pause": (None, [_p]),
     "ggml_backend_reg_by_name": (_p, [ctypes.c_char_p]),
@@ -76,9 +76,7 @@ ggml = _Lib(lambda: _llama_ggml.libggml, {
     "ggml_backend_dev_name": (ctypes.c_char_p, [_p]), "ggml_backend_dev_description": (ctypes.c_char_p, [_p]),
     "ggml_backend_buffer_is_host": (ctypes.c_bool, [_p]),
 })
-llama = _Lib(lambda: _llama_raw._lib, {
-    "llama_attach_threadpool": (None, [_p, _p, _p]),
-})
+llama = _Lib(lambda: _llama_raw._lib, {"llama_attach_threadpool": (None, [_p, _p, _p])})
 
 
 # ---------------------------------------------------------------- tensors
@@ -159,15 +157,16 @@ _recent_errors: deque[str] = deque(maxlen=8)
 @llama_cpp.llama_log_callback
 def log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     msg = text.decode("utf-8", "replace").rstrip()
-    if not msg:
-        return
-    if level in (2, 3):  # WARN, ERROR
-        _recent_errors.append(msg)
-    _llama_log.debug("%s", msg)
+    if msg:
+        _llama_log.debug("%s", msg)
+        if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR):  # shown in EngineError's message (last_error)
+            _recent_errors.append(msg)
 
 
 def last_error() -> str:
-    return _recent_errors[-1] if _recent_errors else "no message from llama.cpp"
+    """The last warning or error llama.cpp logged, preferring one that names the error (not "failed to load")."""
+    named = [m for m in _recent_errors if "error" in m.lower()]
+    return (named or list(_recent_errors) or ["no message from llama.cpp"])[-1]
 
 
 def _cpu_proc(name: str, proto):

@@ -194,3 +194,21 @@ def test_graph_nodes_carry_source_shapes(model):
     assert views and all(v.view_src == "cache_k_l0" for v in views)
     assert all(len(n.srcs) <= 10 for n in cap.nodes)
     assert all(n.src0 == (n.srcs[0].name if n.srcs and n.srcs[0] else "") for n in cap.nodes)
+
+
+def test_llama_cpp_says_why_a_load_failed(tmp_path):
+    """ggml's log levels are WARN 3 and ERROR 4 (INFO is 2): the line that names the error reaches the message,
+    not llama.cpp's closing "failed to load model" nor an INFO line."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "bad-arch.gguf"
+    w = gguf.GGUFWriter(str(path), "nonesuch")  # an architecture llama.cpp does not know
+    w.add_tensor("x", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(EngineError, match=r"\(llama_model_load: error loading model: unknown model architecture: "
+                                          r"'nonesuch'\)"):
+        engine.Model(path)
