@@ -3,8 +3,10 @@
 Definitions (the same as ``harness.graph_bytes``, which measures them on the real graph):
 - A weight is read whole, once per op that reads it, in that op's stage (``harness.stages.tensor_stage``),
   except a lookup table (``token_embd``, ``per_layer_token_embd``): one row; tied embeddings are also read
-  whole as the LM head. Activation sparsity skips nothing. Gemma 3n layers from ``n_layer_kv_from_start``
-  (20) on own no cache: they skip attn_k, attn_v and attn_k_norm.
+  whole as the LM head. Activation sparsity skips nothing. A MoE expert tensor: the share
+  expert_used_count / expert_count that ``MUL_MAT_ID`` selects for one token. Gemma 3n layers from
+  ``n_layer_kv_from_start`` (20; Gemma 4: n_layer - shared_kv_layers) on own no cache: they skip attn_k, attn_v
+  and attn_k_norm. Sliding layers' head sizes: ``key_length_swa``/``value_length_swa`` where given.
 - KV: every attention layer reads K and V of ``harness.gguf_model.kv_cells`` cells; each KV head's cells
   once (``kv_gqa_reread_bytes``: the other query heads' re-reads). A Gemma 3n layer >= 20 reads layer 18's
   (sliding) or 19's (global) cache as its own read (``kv_shared_read_bytes``: that share).
@@ -151,8 +153,9 @@ def _per_layer(hp: dict, key: str, il: int, default: int = 0) -> int:
 
 _SHARED_SKIPS = (stages.T.ATTN_K, stages.T.ATTN_V, stages.T.ATTN_K_NORM)
 # read by two ops per token: gemma3n.cpp computes the AltUp router (its norm included) in altup_predict
-# and again in altup_correct (altup_compute_router_modalities)
+# and again in altup_correct (altup_compute_router_modalities); MoE experts: MUL_MAT_ID reads the selected ones
 _READS = {stages.T.ALTUP_ROUTER: 2, stages.T.ALTUP_ROUTER_NORM: 2}
+_EXPERTS = (stages.T.FFN_GATE_EXP, stages.T.FFN_UP_EXP, stages.T.FFN_DOWN_EXP, stages.T.FFN_GATE_UP_EXP)
 
 
 def _skipped(t: TensorRecord, owners: list[bool]) -> bool:
@@ -168,6 +171,8 @@ def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
     owners = kv_owners(info)
     weights = {s: 0.0 for s in READ_STAGES}
     tied = info.tensor("output.weight") is None
+    n_exp = info.hparams.get("expert_count") or 0  # one token reads expert_used_count of them
+    used = min(1.0, (info.hparams.get("expert_used_count") or n_exp) / n_exp) if n_exp else 1.0
     for t in info.tensors:
         if _skipped(t, owners):
             continue
@@ -176,7 +181,8 @@ def weight_bytes_by_stage(info: ModelInfo) -> dict[str, float]:
             if stages.gguf_tensor(t.name) is stages.T.TOKEN_EMBD and tied:
                 weights[stages.LM_HEAD] += t.n_bytes  # tied: the whole table is the output matrix
         else:
-            weights[weight_stage(t.name)] += t.n_bytes * _READS.get(stages.gguf_tensor(t.name), 1)
+            tt = stages.gguf_tensor(t.name)
+            weights[weight_stage(t.name)] += t.n_bytes * _READS.get(tt, 1) * (used if tt in _EXPERTS else 1)
     return weights
 
 
@@ -202,6 +208,9 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
         n_head = max(1, _per_layer(hp, "attention.head_count", il, 1))
         dk = _per_layer(hp, "attention.key_length", il, info.hparams.get("embedding_length", 0) // n_head)
         dv = _per_layer(hp, "attention.value_length", il, dk)
+        if sliding[il]:  # llama_model::load_hparams: n_embd_head_{k,v}_swa, the full-layer sizes unless given
+            dk = _per_layer(hp, "attention.key_length_swa", il, dk)
+            dv = _per_layer(hp, "attention.value_length_swa", il, dv)
         if n_kv == 0:  # recurrent / attention-free layer
             continue
         layers.append(KVLayer(layer=il, sliding=sliding[il], owns_kv=owners[il], cell_bytes=n_kv * (dk * bk + dv * bv),
@@ -271,27 +280,6 @@ def from_run(rec: RunRecord, variant: str = "auto") -> ReadModel:
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"run metadata has a malformed model tensor table ({e})") from None
     return from_model_info(info, variant, rec.params.cache_type_k, rec.params.cache_type_v, **context_params(rec))
-
-
-def preset_model_info(preset: str, quant: str = "q4_k_m") -> ModelInfo:
-    """The ModelInfo a ``harness.twin`` file of this preset would have, without writing the file."""
-    from harness.presets import PRESETS, layout, type_nbytes
-
-    p = PRESETS[preset]
-    tensors = tuple(TensorRecord(name=n, shape=s, ggml_type=ty, n_elements=math.prod(s), n_bytes=type_nbytes(ty, s))
-                    for n, s, ty in layout(p, quant))
-    hp = {"context_length": p.n_ctx_train, "embedding_length": p.n_embd, "block_count": p.n_layer,
-          "attention.head_count": p.n_head, "attention.head_count_kv": p.n_head_kv,
-          "attention.key_length": p.head_dim, "attention.value_length": p.head_dim, "vocab_size": p.n_vocab}
-    if p.arch == "gemma3n":
-        hp.update({"feed_forward_length": [p.n_ff] * p.n_layer, "attention.sliding_window": p.n_swa,
-                   "embedding_length_per_layer_input": p.n_embd_altup, "altup.num_inputs": p.n_altup,
-                   "attention.shared_kv_layers": p.n_layer - p.n_layer_kv_from_start,
-                   "attention.sliding_window_pattern": [p.is_swa(i) for i in range(p.n_layer)]})
-    else:
-        hp["feed_forward_length"] = p.n_ff
-    return ModelInfo(path=f"<preset {preset} {quant}>", file_bytes=0, arch=p.arch, name=f"{preset} ({quant})",
-                     hparams=hp, tensors=tensors, synthetic=True, twin_preset=preset)
 
 
 def seed_model() -> ReadModel:

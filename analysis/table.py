@@ -14,8 +14,9 @@ has them, else the model's (``analysis.roofline``). ``auto`` picks the read-mode
 run's resolved flash attention (``readmodel.run_variant``).
 
 Measured numbers: decode ms/token is the plain pass (no callback); stage ms/token and shares come
-from the profiled pass (``stage_pct`` = share of the profiled wall time, host gaps included), so
-all shares add to 100 %. MB in the headers is MiB (2^20 bytes), as in the seed; GB/s is 10^9 B/s.
+from the profiled pass, calibrated by default (each split's measured cost removed: they add up to the
+plain ms/token, shares of their sum); ``--raw``: shares of the profiled wall time, host gaps included.
+MB in the headers is MiB (2^20 bytes), as in the seed; GB/s is 10^9 B/s.
 """
 
 from __future__ import annotations

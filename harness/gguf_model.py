@@ -109,8 +109,13 @@ def cache_type_bytes(cache_type: str) -> float:
 
 
 def kv_owners(info: ModelInfo) -> list[bool]:
-    """Per layer: does it own a KV cache? (Gemma 3n: only layers below 20; the rest reuse 18/19's.)"""
-    n_from = min(GEMMA3N_KV_FROM_START, info.n_layer) if info.arch == "gemma3n" else info.n_layer
+    """Per layer: does it own a KV cache? (Gemma 3n: only layers below 20, which llama.cpp hard-codes; Gemma 4:
+    below n_layer - ``attention.shared_kv_layers``; the rest reuse the last two owners' caches.)"""
+    n_from = info.n_layer
+    if info.arch == "gemma3n":
+        n_from = min(GEMMA3N_KV_FROM_START, info.n_layer)
+    elif info.arch == "gemma4":
+        n_from = info.n_layer - int(info.hparams.get("attention.shared_kv_layers") or 0)
     return [il < n_from for il in range(info.n_layer)]
 
 
@@ -149,7 +154,7 @@ def kv_cache_cells(sliding: bool, *, n_ctx: int, n_swa: int, n_ubatch: int, n_ba
     """Cells of a layer's KV cache for one sequence (``swa_full`` off, as the harness sets it).
     ``llama_context``: n_ctx is padded to 256 and the effective n_ubatch is min(n_ctx, n_batch, n_ubatch);
     the base cache holds n_ctx cells. ``llama_kv_cache_iswa`` constructor: the sliding cache holds
-    GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256) (Gemma 3n: 768 at n_ctx 659, 1,024 once n_ctx >= 1,024)."""
+    GGML_PAD(min(n_ctx, n_swa + n_ubatch), 256) (Gemma 3n: 768 at n_ctx 659, 1,024 once n_ctx > 768)."""
     ctx = _pad(max(1, n_ctx))
     if not (sliding and n_swa):
         return ctx

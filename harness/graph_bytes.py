@@ -192,7 +192,7 @@ def _weight_bytes(node: Node, i: int, t: Tensor) -> int | None:
     full = _bytes(t) if t.view_src else t.nbytes
     if i == 0 and node.op == "GET_ROWS" and len(node.srcs) > 1:
         idx = node.srcs[1].ne
-        n_idx = idx[0] * idx[1] * idx[2] if len(idx) >= 3 else idx[0]
+        n_idx = math.prod(idx[:3])
         return type_bytes(t.type, (t.ne[0], n_idx)) if t.ne else full
     if i == 0 and node.op == "MUL_MAT_ID" and len(node.srcs) > 2 and len(t.ne) > 2 and t.ne[2] > 0:
         ids = node.srcs[2].ne
@@ -260,11 +260,10 @@ def from_nodes(nodes: list[Node], stage_of: list[str], layer_of: list[int]) -> G
         if node.op in stages.NOOP_OPS or node.name in cast:
             continue
         srcs = list(enumerate(node.srcs))
-        if node.op in ("SET_ROWS", "CPY"):  # SET_ROWS(values, idx, dst) / CPY(values, dst)
+        if node.op in ("SET_ROWS", "CPY") and node.srcs:  # SET_ROWS(values, idx, dst) / CPY(values, dst)
             dst = node.srcs[2] if node.op == "SET_ROWS" and len(node.srcs) > 2 else node.srcs[-1]
-            if _cache_layer(dst) is not None and node.srcs:
-                vals = node.srcs[0]
-                rows = vals.ne[1] * vals.ne[2] * vals.ne[3] if len(vals.ne) >= 4 else 1
+            if _cache_layer(dst) is not None:
+                rows = math.prod(node.srcs[0].ne[1:])  # every row of the values, whatever their rank
                 written[stage] += type_bytes(node.type, (node.ne[0], rows)) if node.op == "SET_ROWS" else _bytes(dst)
             srcs = [(i, t) for i, t in srcs if t is not dst]
         kv_srcs = [(i, c, t) for i, t in srcs if (c := _cache_layer(t)) is not None] if node.op in _ATTN_OPS else []

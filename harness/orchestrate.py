@@ -18,7 +18,7 @@ from tqdm import tqdm
 from harness import __version__, checks, columns, device, engine, stats, store
 from harness.config import SweepConfig
 from harness.errors import HarnessError, InputError, UsageError
-from harness.gguf_model import cache_type_bytes, content_hash, kv_owners, read_model
+from harness.gguf_model import cache_type_bytes, content_hash, kv_cache_cells, kv_owners, read_model, swa_layers
 from harness.record import (
     UNITS,
     Bandwidth,
@@ -50,8 +50,9 @@ class Interrupted(HarnessError):
 
 
 def estimate_memory_bytes(info, cfg: SweepConfig) -> int:
-    """Weights + two contexts (plain, profiled) per resident depth, each with a KV cache of n_ctx cells and a
-    compute buffer dominated by ubatch x vocab f32 logits (E4B at ub 512: 526 MiB, measured)."""
+    """Weights + two contexts (plain, profiled) per resident depth, each with a KV cache (every KV-owning layer's
+    cells, ``kv_cache_cells``: a sliding layer's cache is the window's) and a compute buffer dominated by ubatch x
+    vocab f32 logits (E4B at ub 512: 526 MiB, measured)."""
     hp = info.hparams
 
     def scalar(v, default):
@@ -62,7 +63,10 @@ def estimate_memory_bytes(info, cfg: SweepConfig) -> int:
     v_len = int(scalar(hp.get("attention.value_length"), k_len))
     cell = n_kv * (k_len * cache_type_bytes(cfg.cache_type_k) + v_len * cache_type_bytes(cfg.cache_type_v))
     logits = cfg.n_ubatch * int(hp.get("vocab_size") or 32000) * 4
-    per_context = sum(kv_owners(info)) * cfg.n_ctx * cell + logits + CONTEXT_OVERHEAD_BYTES
+    swa, n_swa = swa_layers(info), int(hp.get("attention.sliding_window") or 0)
+    cells = sum(kv_cache_cells(s, n_ctx=cfg.n_ctx, n_swa=n_swa, n_ubatch=cfg.n_ubatch, n_batch=cfg.n_batch)
+                for s, own in zip(swa, kv_owners(info), strict=True) if own)
+    per_context = cells * cell + logits + CONTEXT_OVERHEAD_BYTES
     return int(info.tensor_bytes + 2 * len(cfg.contexts) * per_context)
 
 

@@ -7,11 +7,12 @@ recipe would give it (``src/llama-quant.cpp`` in the vendored llama.cpp).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gguf
 
-from harness.gguf_model import GEMMA3N_KV_FROM_START
+from harness.gguf_model import GEMMA3N_KV_FROM_START, ModelInfo, TensorRecord
 from harness.stages import gguf_tensor
 
 T = gguf.MODEL_TENSOR
@@ -195,3 +196,22 @@ def type_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
     for d in byte_shape(ggml_type, shape):
         n *= d
     return n
+
+
+def model_info(preset: str, quant: str = "q4_k_m") -> ModelInfo:
+    """The ModelInfo a ``harness.twin`` file of this preset would have, without writing the file."""
+    p = PRESETS[preset]
+    tensors = tuple(TensorRecord(name=n, shape=s, ggml_type=ty, n_elements=math.prod(s), n_bytes=type_nbytes(ty, s))
+                    for n, s, ty in layout(p, quant))
+    hp = {"context_length": p.n_ctx_train, "embedding_length": p.n_embd, "block_count": p.n_layer,
+          "attention.head_count": p.n_head, "attention.head_count_kv": p.n_head_kv,
+          "attention.key_length": p.head_dim, "attention.value_length": p.head_dim, "vocab_size": p.n_vocab}
+    if p.arch == "gemma3n":
+        hp.update({"feed_forward_length": [p.n_ff] * p.n_layer, "attention.sliding_window": p.n_swa,
+                   "embedding_length_per_layer_input": p.n_embd_altup, "altup.num_inputs": p.n_altup,
+                   "attention.shared_kv_layers": p.n_layer - p.n_layer_kv_from_start,
+                   "attention.sliding_window_pattern": [p.is_swa(i) for i in range(p.n_layer)]})
+    else:
+        hp["feed_forward_length"] = p.n_ff
+    return ModelInfo(path=f"<preset {preset} {quant}>", file_bytes=0, arch=p.arch, name=f"{preset} ({quant})",
+                     hparams=hp, tensors=tensors, synthetic=True, twin_preset=preset)

@@ -9,7 +9,7 @@ import pytest
 
 from analysis import baseline
 from analysis import readmodel as rm
-from harness import stages
+from harness import presets, stages
 from harness.errors import InputError, UsageError
 from harness.gguf_model import read_model
 
@@ -29,14 +29,14 @@ CELL = 2 * 256 * 2 * 2  # n_head_kv x head_dim x (K and V) x f16 bytes, per laye
 
 
 def e4b_exact(variant: str = "exact", **kw) -> rm.ReadModel:
-    return rm.from_model_info(rm.preset_model_info("gemma-3n-e4b", "q4_k_m"), variant, **kw)
+    return rm.from_model_info(presets.model_info("gemma-3n-e4b", "q4_k_m"), variant, **kw)
 
 
 @pytest.mark.skipif(not (E4B_FILE.exists() and os.environ.get("HARNESS_E4B_TESTS")),
                     reason="set HARNESS_E4B_TESTS=1 with models/gemma-3n-e4b-q4.gguf present (parsing it takes ~10 s)")
 def test_preset_model_info_matches_the_twin_file():
     info = read_model(E4B_FILE)
-    assert info.tensors == rm.preset_model_info("gemma-3n-e4b").tensors
+    assert info.tensors == presets.model_info("gemma-3n-e4b").tensors
     a, b = rm.from_model_info(info), e4b_exact()
     assert a.weight_bytes == b.weight_bytes and a.kv_layers == b.kv_layers
 
@@ -117,7 +117,7 @@ def test_e4b_kv_variants_and_cache_types():
 
 
 def test_weight_bytes_sum_to_the_tensors_read_each_token():
-    info = rm.preset_model_info("gemma-3n-e4b", "q4_k_m")
+    info = presets.model_info("gemma-3n-e4b", "q4_k_m")
     m = rm.from_model_info(info)
     b = m.bytes_per_token(0)
     weights = sum(v for k, v in b.items() if k not in (stages.ATTN_KV, stages.KV_STORE))
@@ -132,7 +132,7 @@ def test_weight_bytes_sum_to_the_tensors_read_each_token():
 
 
 def test_plain_architecture_reduces_to_the_plain_formula():
-    info = rm.preset_model_info("tiny-llama", "q8_0")
+    info = presets.model_info("tiny-llama", "q8_0")
     m = rm.from_model_info(info)
     assert m.window_cells == 0 and m.n_kv_owners == 2 and not any(lay.sliding for lay in m.kv_layers)
     cell = 1 * 128 * 2 * 2
@@ -171,3 +171,40 @@ def test_seed_reproduces_the_seed_notebook():
         assert m.total_bytes_per_token(depth) == b[stages.FFN] + b[stages.ATTN_KV]
     assert round(m.footprint_bytes / MIB) == 1855
     assert baseline.FFN_BYTES == 35 * 2048 * 16384 * 3 * 0.5
+
+
+def test_memory_estimate_sizes_sliding_caches_by_the_window():
+    """E4B at n_ctx 4,097: 4 global KV owners of 4,352 cells and 16 sliding ones of 1,024 (not 20 x n_ctx), 2 KiB
+    a cell, for each of the depth's two contexts."""
+    from harness import orchestrate
+    from harness.config import SweepConfig, parse_contexts
+
+    info = presets.model_info("gemma-3n-e4b")
+    cfg = SweepConfig(contexts=parse_contexts("4096"))
+    logits = cfg.n_ubatch * info.hparams["vocab_size"] * 4
+    kv = (4 * 4352 + 16 * 1024) * 2048
+    assert orchestrate.estimate_memory_bytes(info, cfg) == info.tensor_bytes + 2 * (
+        kv + logits + orchestrate.CONTEXT_OVERHEAD_BYTES)
+
+
+def test_read_model_counts_selected_experts_and_gemma4_sharing():
+    """A MoE expert tensor is read at expert_used_count / expert_count per token (MUL_MAT_ID, as the graph
+    counts it); Gemma 4's KV owners stop at n_layer - shared_kv_layers, and its sliding layers' caches use
+    key_length_swa / value_length_swa. Made-up records, no file."""
+    from harness.gguf_model import ModelInfo, TensorRecord
+
+    exps = TensorRecord(name="blk.0.ffn_up_exps.weight", shape=(64, 32, 8), ggml_type="F16", n_elements=16384,
+                        n_bytes=32768)
+    hp = {"block_count": 1, "embedding_length": 64, "attention.head_count": 1, "expert_count": 8,
+          "expert_used_count": 2}
+    moe = ModelInfo(path="<moe>", file_bytes=0, arch="qwen3moe", name="moe", hparams=hp, tensors=(exps,))
+    assert rm.weight_bytes_by_stage(moe)["ffn"] == 32768 * 2 / 8
+    hp = {"block_count": 6, "embedding_length": 64, "attention.head_count": 2, "attention.head_count_kv": 1,
+          "attention.key_length": 128, "attention.value_length": 128, "attention.key_length_swa": 64,
+          "attention.value_length_swa": 64, "attention.sliding_window": 32, "attention.shared_kv_layers": 2,
+          "attention.sliding_window_pattern": [True, True, True, False, True, False]}
+    g4 = ModelInfo(path="<g4>", file_bytes=0, arch="gemma4", name="g4", hparams=hp, tensors=())
+    m = rm.from_model_info(g4)
+    assert [lay.owns_kv for lay in m.kv_layers] == [True] * 4 + [False] * 2
+    assert [lay.cell_bytes for lay in m.kv_layers] == [256, 256, 256, 512, 256, 512]  # f16: 2 B x (dk + dv)
+    assert [lay.cache_layer for lay in m.kv_layers][4:] == [2, 3]  # shared: the last sliding / global owner

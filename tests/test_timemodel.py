@@ -10,7 +10,7 @@ import pytest
 
 from analysis import forecast, readmodel, timemodel
 from analysis.timemodel import CHUNKED, MATMUL, OFFLOADED, SPLIT, AttnFacts
-from harness import stages, stats
+from harness import presets, stages, stats
 from harness.errors import InputError
 
 CONST = {stages.FFN: 34.0, stages.LM_HEAD: 16.0, stages.ATTN_PROJ: 7.0, stages.GEMMA3N_EXTRA: 9.0,
@@ -19,7 +19,7 @@ E4B_DEPTHS = (13, 172, 658, 2048, 4096, 8192)
 
 
 def facts(preset: str = "gemma-3n-e4b", ctype: str = "f16", n_ctx: int = 8193, fa: bool = True, ngl: int = 0):
-    info = readmodel.preset_model_info(preset)
+    info = presets.model_info(preset)
     rm = readmodel.from_model_info(info, "exact" if fa else "exact_padded", ctype, ctype, n_ctx=n_ctx,
                                    n_batch=512, n_ubatch=512, restored=True)
     return AttnFacts(rm, info.n_ctx_train, ngl == 0)
