@@ -152,6 +152,7 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 _UNQUANTIZED = frozenset({T.ALTUP_PROJ, T.ALTUP_UNEMBD_PROJ, T.ALTUP_CORRECT_COEF, T.ALTUP_CORRECT_SCALE,
                           T.ALTUP_PREDICT_COEF, T.ALTUP_ROUTER, T.ALTUP_ROUTER_NORM, T.LAUREL_L, T.LAUREL_R,
                           T.LAUREL_POST_NORM, T.PER_LAYER_MODEL_PROJ})
+_F32 = frozenset({T.ALTUP_CORRECT_COEF, T.ALTUP_PREDICT_COEF})  # convert_hf_to_gguf writes these F32 (base.py)
 _MORE_BITS = frozenset({T.ATTN_V, T.FFN_DOWN})  # Q6_K in use_more_bits layers
 _TIED_OUTPUT = frozenset({T.TOKEN_EMBD, T.PER_LAYER_TOKEN_EMBD})  # Q6_K as the output when tied
 
@@ -163,7 +164,7 @@ def quant_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, tied
     matrix gets the base type, the token embedding included.
     """
     kind = gguf_tensor(name)
-    if len(shape) < 2 or name.endswith("_norm.weight"):
+    if len(shape) < 2 or name.endswith("_norm.weight") or kind in _F32:
         return "F32"
     if kind in _UNQUANTIZED:
         return "F16"

@@ -55,7 +55,7 @@ def test_e4b_weight_stages_by_hand():
     assert b[stages.LM_HEAD] == E * VOCAB * Q6K == 440832000  # tied token_embd, Q6_K
     assert b[stages.OTHER] == E * Q6K  # one token_embd row: the embd GET_ROWS is in other
     per_layer_extra = (2 * E * ALT * Q4K  # inp_gate, proj
-                       + (4 * 4 + 4 * 16 + 2 * E * 4) * 2  # altup correct/predict coefs, router twice (F16)
+                       + (4 * 4 + 4 * 16) * 4 + 2 * E * 4 * 2  # altup correct/predict coefs (F32), router twice (F16)
                        + 2 * E * 64 * 2  # laurel_l, laurel_r (F16, rank 64)
                        + 5 * E * 4)  # router norm twice, laurel post-norm, per-layer post-norm, altup_correct_scale
     extra = (E * ALT * N_LAYER * 2 + 2 * E * E * 3 * 2  # per_layer_model_proj, altup projs

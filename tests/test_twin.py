@@ -35,9 +35,10 @@ def test_e4b_q4_k_m_layout():
     for i in range(35):
         for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "inp_gate", "proj"):
             assert types[f"blk.{i}.{t}.weight"] == "Q4_K", (i, t)
-        for t in ("laurel_l", "laurel_r", "altup_router", "altup_predict_coef", "altup_correct_coef"):
+        for t in ("laurel_l", "laurel_r", "altup_router"):
             assert types[f"blk.{i}.{t}.weight"] == "F16"
-        for t in ("attn_norm", "ffn_norm", "post_ffw_norm", "altup_correct_scale"):
+        for t in ("attn_norm", "ffn_norm", "post_ffw_norm", "altup_correct_scale",
+                  "altup_predict_coef", "altup_correct_coef"):  # the coefs: F32, as convert_hf_to_gguf writes them
             assert types[f"blk.{i}.{t}.weight"] == "F32"
     assert types["per_layer_model_proj.weight"] == "F16"
     assert types["altup_proj.weight"] == "F16"
