@@ -66,3 +66,16 @@ def context_bytes(context: ContextSummary, model=None) -> tuple[dict[str, float]
     if model is not None and context.depth >= 0:
         return model.bytes_per_token(context.depth), MODEL
     return {}, ""
+
+
+def faster_than_probe(contexts, bw_gbps: float | None, model=None,
+                      min_share_pct: float = 5.0) -> tuple[str, str, float] | None:
+    """(context, stage, GB/s) of the fastest stage holding >= ``min_share_pct`` of decode (calibrated ms, the bytes
+    of ``context_bytes``) when it read faster than the device's measured bandwidth: the probe is then no roofline,
+    since a memory-bound probe cannot be slower than the engine. None otherwise, or without a probe."""
+    if not _ok(bw_gbps):
+        return None
+    rates = [(c.context, s, gbps(b, c.stage(s))) for c in contexts for s, b in context_bytes(c, model)[0].items()
+             if c.share(s) >= min_share_pct]
+    best = max((r for r in rates if _ok(r[2])), key=lambda r: r[2], default=None)
+    return best if best is not None and best[2] > bw_gbps else None

@@ -178,9 +178,11 @@ def describe(rec: RunRecord, model: ReadModel) -> list[str]:
     if rec.reference:
         lines.append("Reference run: the seed's recorded figures from the original device, not measured here.")
     lines += flag_lines(rec)
-    bw = rec.bandwidth_gbps
-    lines.append(f"Device read bandwidth: {bw:.1f} GB/s" if bw else "Device read bandwidth: not measured "
-                 "(no roofline)")
+    bw, fast = rec.bandwidth_gbps, roofline.faster_than_probe(rec.contexts, rec.bandwidth_gbps, model)
+    lines.append(f"Device read bandwidth: {bw:.1f} GB/s" if bw else "Device read bandwidth: not measured (no roofline)")
+    if fast:  # the engine outran the probe: the probe was starved (a shared machine) or is not memory-bound
+        lines.append(f"**The probe is no roofline here**: {fast[1]} read {fast[2]:.1f} GB/s at {fast[0]}, faster than "
+                     f"the probe's {bw:.1f} GB/s; x roofline below 1 follows from that, not from the engine")
     return lines
 
 

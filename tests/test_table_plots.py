@@ -124,9 +124,8 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
 
 
 def test_an_uncalibrated_run_says_so_in_every_reader(tiny_run):
-    """One rule (``RunRecord.calibrated``): the shares are of the calibrated stage sum (about the plain decode time),
-    not of the profiled time, unless the run is not calibrated (``--calib-splits 0``, version-1 runs: ``share`` falls
-    back to the profiled figures); the sweep's summary, the table's header and compare's rows say which."""
+    """One rule (``RunRecord.calibrated``): shares are of the calibrated stage sum unless the run is not calibrated
+    (``--calib-splits 0``, v1 runs); the sweep's summary, the table's header, the plot and compare's rows say which."""
     import dataclasses
 
     from analysis import compare, fleet, plots, table
@@ -287,3 +286,15 @@ def test_table_says_which_invariant_slope_excludes_zero(tiny_run, monkeypatch):
     out = table.render(store.read_record(tiny_run), seed_model(), run=store.read_run(tiny_run))
     line = next(x for x in out.splitlines() if x.startswith("- ffn: its bytes do not depend on depth"))
     assert "-0.56 ms, -1.0 % over the depths" in line and "interval over rounds does not hold" in line
+
+
+def test_a_probe_slower_than_the_engine_is_said_to_be_no_roofline(tiny_run):
+    """A memory-bound probe cannot be slower than the best stage the engine achieves; when it is, the table says so."""
+    from analysis import roofline, table
+    from harness.record import Bandwidth
+    rec = store.read_record(tiny_run)
+    model = table.load_read_model(rec)
+    best = roofline.faster_than_probe(rec.contexts, 1e-9, model)[2]  # the fastest stage's GB/s
+    for bw, said in ((0.9 * best, True), (1.1 * best, False), (None, False)):
+        r = rec.replace(device=rec.device.replace(bandwidth=Bandwidth(read_gbps=bw) if bw else None))
+        assert ("**The probe is no roofline here**" in table.render(r, model)) is said, bw
