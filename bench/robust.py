@@ -95,7 +95,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     if not inv.judged or inv.estimator != checks.ESTIMATOR:
         inv = checks.invariants(list(rec.contexts), rd)
     step = checks.state_change(inv)
-    noise_wall = sum(x.wall_s for x in rec.rounds) * rec.params.threads
+    noise_wall = sum(x.wall_s for x in rec.rounds) * (rec.device.logical_cores or rec.params.threads)  # all CPUs
     return {
         "label": rec.label, "threads": rec.params.threads,
         "settings": {k: getattr(rec.params, k) for k in LIST_SETTINGS},

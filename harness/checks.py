@@ -163,7 +163,8 @@ def state_change(inv: Invariants | None) -> str | None:
 
 def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[RoundNoise], *, cores: int,
           synthetic: bool, complete: bool, stop_reason: str | None) -> list[Flag]:
-    """Every flag the run raises, in a stable order."""
+    """Every flag the run raises, in a stable order. ``cores``: the machine's logical CPUs, over which the OS sums the
+    steal and busy time the noise flags divide (not the run's threads)."""
     out: list[Flag] = []
     if synthetic:
         out.append(Flag("synthetic", "synthetic twin (random weights): timings are real, outputs are noise"))

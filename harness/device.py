@@ -11,13 +11,18 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
 
 log = logging.getLogger(__name__)
+# psutil.cpu_freq() reads the live clock only from Linux cpufreq (or Windows); elsewhere (a VM without cpufreq,
+# macOS) it returns a static nominal figure, which must not be recorded as a measured clock
+LIVE_CLOCK = sys.platform == "win32" or Path("/sys/devices/system/cpu/cpu0/cpufreq").is_dir()
 
 
 def cpu_model() -> str:
@@ -44,7 +49,10 @@ def thread_env() -> dict[str, str]:
 
 
 def device_info() -> dict:
-    freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
+    try:
+        freq = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
+    except (OSError, AttributeError, NotImplementedError):  # cpufreq folders without a current-frequency file
+        freq = None
     return {
         "os": platform.platform(),
         "machine": platform.machine(),
@@ -62,7 +70,7 @@ def sample_sensors() -> dict:
     """CPU frequency and temperature now, where psutil can read them (None otherwise)."""
     out: dict = {"cpu_mhz": None, "temp_c": None, "t_unix": time.time()}
     try:
-        f = psutil.cpu_freq()
+        f = psutil.cpu_freq() if LIVE_CLOCK else None
         out["cpu_mhz"] = float(f.current) if f else None
     except (OSError, AttributeError, NotImplementedError):
         pass
@@ -76,23 +84,46 @@ def sample_sensors() -> dict:
 
 
 def cpu_counters() -> dict:
-    """Cumulative CPU seconds now: steal (hypervisor), busy (all processes) and this process's own."""
+    """Cumulative CPU seconds now, summed over every logical CPU: steal (hypervisor; None where the OS does not
+    report it), busy (all processes) and this process's own (all its threads)."""
     t = psutil.cpu_times()
-    busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq"))
+    busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "interrupt", "dpc"))
     own = psutil.Process().cpu_times()
-    return {"steal_s": float(getattr(t, "steal", 0.0)), "busy_s": float(busy),
+    steal = getattr(t, "steal", None)
+    return {"steal_s": None if steal is None else float(steal), "busy_s": float(busy),
             "own_s": float(own.user + own.system), "t": time.perf_counter()}
 
 
 def noise_between(before: dict, after: dict) -> dict:
     """Steal and other processes' CPU seconds between two ``cpu_counters`` samples, and the wall time."""
     others = (after["busy_s"] - before["busy_s"]) - (after["own_s"] - before["own_s"])
-    return {"wall_s": after["t"] - before["t"], "steal_s": max(0.0, after["steal_s"] - before["steal_s"]),
+    steal = None if after["steal_s"] is None or before["steal_s"] is None else after["steal_s"] - before["steal_s"]
+    return {"wall_s": after["t"] - before["t"], "steal_s": None if steal is None else max(0.0, steal),
             "others_cpu_s": max(0.0, others)}
 
 
 def _or_reduce(a: np.ndarray) -> int:
     return int(np.bitwise_or.reduce(a))
+
+
+def _timed_pass(buf: np.ndarray, parts: list[np.ndarray]) -> float:
+    """GB/s of one pass over ``buf``, one thread per part. Fresh threads each pass (a pool may leave one worker
+    doing every part); they start first and wait at a barrier, and the clock starts when it opens, so thread
+    start-up (handed over one thread at a time) is not timed as reading."""
+    gate = threading.Barrier(len(parts) + 1)
+
+    def read(p: np.ndarray) -> None:
+        gate.wait()
+        _or_reduce(p)
+
+    ths = [threading.Thread(target=read, args=(p,)) for p in parts]
+    for th in ths:
+        th.start()
+    gate.wait()
+    t0 = time.perf_counter()
+    for th in ths:
+        th.join()
+    return buf.nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def measure_bandwidth(threads: int | None = None, buffer_bytes: int | None = None, budget_s: float = 1.2) -> dict:
@@ -106,21 +137,11 @@ def measure_bandwidth(threads: int | None = None, buffer_bytes: int | None = Non
     buf = np.ones(buffer_bytes // 8, dtype=np.uint64)
     parts = np.array_split(buf, threads)
 
-    def one_pass() -> float:
-        # fresh threads each pass: a pool may leave one worker doing every part
-        ths = [threading.Thread(target=_or_reduce, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        return buf.nbytes / (time.perf_counter() - t0) / 1e9
-
-    one_pass()  # warm-up
+    _timed_pass(buf, parts)  # warm-up
     passes: list[float] = []
     t_end = time.perf_counter() + budget_s
     while len(passes) < 3 or (time.perf_counter() < t_end and len(passes) < 200):
-        passes.append(one_pass())
+        passes.append(_timed_pass(buf, parts))
     best, reps = max(passes), len(passes)
     log.debug("bandwidth probe: %.1f GB/s (%d threads, %d reps)", best, threads, reps)
     return {"read_gbps": best, "median_gbps": float(np.median(passes)), "threads": threads,
@@ -131,6 +152,7 @@ def peak_rss_bytes() -> int:
     try:
         import resource
 
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
     except (ImportError, OSError):
         return int(psutil.Process().memory_info().rss)

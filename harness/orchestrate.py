@@ -229,7 +229,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
     inv = checks.invariants(contexts, rd)
     complete = not stop
     label = cfg.label or DeviceMeta(cpu_model=dev["cpu_model"], physical_cores=dev["physical_cores"]).auto_label
-    flags = checks.flags(contexts, inv, noise, cores=threads, synthetic=info.synthetic, complete=complete,
+    flags = checks.flags(contexts, inv, noise, cores=dev["logical_cores"], synthetic=info.synthetic, complete=complete,
                          stop_reason=stop.reason)
     params = SweepParams(
         contexts=cfg.context_specs(), rounds=cfg.rounds, warmup=cfg.warmup, threads=threads,

@@ -183,3 +183,18 @@ def test_a_stage_calibrated_to_zero_in_early_rounds_gives_no_nan_step():
     contexts, inv = _invariants(st)
     assert all(np.isfinite(v) for v in (*inv.step_ratio.values(), *inv.step_floor_pct.values()))
     Invariants.from_dict(inv.to_dict())  # the record takes it
+
+
+def test_noise_is_shared_over_every_cpu_and_missing_counters_stay_unknown(monkeypatch):
+    """The OS sums steal and busy time over every logical CPU, so the flags divide by those, not by the run's
+    threads; a counter the OS lacks (steal on macOS) and a clock it only guesses (no cpufreq) are None, not 0."""
+    from harness import device
+    from harness.record import RoundNoise
+
+    rounds = [RoundNoise(round=0, order=(), wall_s=1.0, steal_s=0.0, others_cpu_s=0.15)]
+    noisy = [checks.flags([], None, rounds, cores=c, synthetic=False, complete=True, stop_reason=None) for c in (1, 2)]
+    assert [[f.kind for f in fl] for fl in noisy] == [["noise"], []]  # 15 % of one CPU, 7.5 % of two
+    before = {"steal_s": None, "busy_s": 1.0, "own_s": 0.5, "t": 0.0}
+    assert device.noise_between(before, {**before, "busy_s": 2.0, "t": 1.0})["steal_s"] is None
+    monkeypatch.setattr(device, "LIVE_CLOCK", False)
+    assert device.sample_sensors()["cpu_mhz"] is None
