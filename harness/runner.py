@@ -118,9 +118,21 @@ def prepare(stack: ExitStack, model: Model, cfg: EngineConfig, contexts: list[tu
 
 
 def round_order(n: int, r: int) -> list[int]:
-    """Indices of the n depths in round r's order: rotated by r, reversed on odd rounds."""
-    order = [(r + i) % n for i in range(n)]
-    return order[::-1] if r % 2 else order
+    """Indices of the n depths in round r's order: a row of a balanced Latin square (Williams), so that over a cycle
+    (n rows for even n; 2n, the square and its mirror, for odd n) every depth takes every slot equally often and
+    follows every other depth equally often. Each row serves two rounds in a row (plain first in one, profiled first
+    in the other). A rotation reversed on odd rounds, used before, kept each depth in slots of one parity when n was
+    even (n = 2: one order for every round; bench/NOTES.md §20)."""
+    base, lo, hi = [0], 1, n - 1
+    while len(base) < n:  # 0, 1, n-1, 2, n-2, ...
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    k = (r // 2) % (n if n % 2 == 0 else 2 * n)
+    row = [(b + (k if n % 2 == 0 else k // 2)) % n for b in base]
+    return row[::-1] if n % 2 and k % 2 else row
 
 
 def _profiled(res: Resident, r: int, tok: int, ops: list, toks: list) -> None:
@@ -151,11 +163,12 @@ def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: in
             if plain_first:
                 toks.append((res.label, res.depth, r, columns.PLAIN, 0, res.plain.step(tok) / 1000.0))
             _profiled(res, r, tok, ops, toks)
-            if calib_splits and j == r % n:
-                p = res.cap.step(res.prof, tok, extra_splits=calib_splits)
-                toks.append((res.label, res.depth, r, columns.CALIBRATION, p.n_splits, p.wall_ns / 1000.0))
             if not plain_first:
                 toks.append((res.label, res.depth, r, columns.PLAIN, 0, res.plain.step(tok) / 1000.0))
+        if calib_splits and not stop:  # after every timed token of the round: none of them follows it (§20)
+            res = residents[r % n]
+            p = res.cap.step(res.prof, tok, extra_splits=calib_splits)
+            toks.append((res.label, res.depth, r, columns.CALIBRATION, p.n_splits, p.wall_ns / 1000.0))
         noise = device.noise_between(before, device.cpu_counters())
         sensors = device.sample_sensors()
         m.op_rows += ops

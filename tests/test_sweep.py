@@ -71,6 +71,20 @@ def test_rounds_rotate_the_order(tiny_run):
     assert {o[0] for o in orders} == {13, 40, 80}
 
 
+@pytest.mark.parametrize("n", range(1, 8))
+def test_round_order_is_balanced_for_any_number_of_depths(n):
+    """Over a cycle every depth takes every slot equally often and follows every other depth equally often. The
+    rotation used before kept each depth in slots of its index's parity when n was even (n = 2: one order)."""
+    from collections import Counter
+
+    rows = [round_order(n, r) for r in range(2 * (n if n % 2 == 0 else 2 * n))]
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    assert len(set(Counter((d, s) for row in rows for s, d in enumerate(row)).values())) == 1
+    pairs = Counter((row[i], row[i + 1]) for row in rows for i in range(n - 1))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
+    assert all(rows[2 * k] == rows[2 * k + 1] for k in range(len(rows) // 2))  # plain first, then profiled first
+
+
 def test_segments_never_overlap_and_fit_in_the_wall_time(tiny_run):
     """Structural checks that catch capture bugs: within one profiled token the segments are contiguous, in node
     order, never overlap, and the span they cover plus host equals the profiled wall time of that token."""
