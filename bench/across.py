@@ -3,7 +3,7 @@ changing between them (I2, correlation with the split cost and with each stage),
 state and by the settings they ran with (``--vary``), and the ratios between two settings' paired sweeps:
 arithmetic on the per-sweep dicts that ``robust.figures`` returns (or saved results). Also what every bench
 script shares: the folder for kept runs (``runs_folder``), saving figures (``save_results``) and running a sweep as a
-child process (``run_child``)."""
+child process (``run_child``, ``run_sweep``, ``tiny_run``; ``last_line`` of a failed child)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ import numpy as np
 from harness import checks
 from harness.cli import Terminated
 from harness.config import LIST_CASTS, LIST_SETTINGS, SweepConfig, expand, split_list
-from harness.errors import OutputError, UsageError
+from harness.errors import InputError, OutputError, UsageError
 from harness.fsutil import atomic_write
 
 SLOW_SYNC_US = 1.0  # split cost from here up: the VM's slow-sync state (quick 0.45-0.7 us, slow 1.3-2.0; NOTES §12)
 STATES = ("quick-sync", "slow-sync", "switched", "unknown")
 SLOPE_SPREAD_TARGET_PCT = 10.0
-RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"  # git-ignored
 
 
 def parse_vary(spec: str | None, least: int = 2) -> list[tuple[str, object] | None]:
@@ -224,3 +226,25 @@ def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
                 p.kill()
             raise
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def last_line(r: subprocess.CompletedProcess) -> str:
+    """What a failed child said last on stderr (the harness's commands end with their one-line error), else its
+    exit status."""
+    return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+
+
+def run_sweep(args: list[str], what: str = "the sweep") -> None:
+    """``python -m harness.sweep ARGS`` from the project root through ``run_child``; an InputError with the
+    sweep's last line when it fails."""
+    r = run_child([sys.executable, "-m", "harness.sweep", *args], cwd=ROOT)
+    if r.returncode != 0:
+        raise InputError(f"{what} failed: {last_line(r)}")
+
+
+def tiny_run(model: Path, out: Path, threads: int = 2) -> Path:
+    """A real sweep of the tiny twin ``model`` (depths 13, 40, 80, six rounds) into ``out``: the run that
+    compare_bench and fleet_bench copy into synthetic fleets."""
+    run_sweep(["--model", str(model), "--contexts", "13,40,80", "--rounds", "6", "--warmup", "1", "--no-probe",
+               "--threads", str(threads), "--label", "bench", "--out", str(out)], "the source sweep")
+    return next(out.glob("*.parquet"))

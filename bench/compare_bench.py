@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from across import last_line, tiny_run  # noqa: E402
+
 from analysis import compare  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
@@ -34,13 +36,7 @@ def make_source(tmp: Path) -> Path:
     from harness.twin import write_twin
 
     model = write_twin("tiny", "q4_k_m", tmp / "tiny.gguf")
-    out = tmp / "source"
-    r = subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                        "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", "2",
-                        "--label", "bench", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise InputError(f"the source sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    return next(out.glob("*.parquet"))
+    return tiny_run(model, tmp / "source")
 
 
 def write_fleet(source: Path, out: Path, n_runs: int, per_label: int = 3) -> None:
@@ -81,7 +77,7 @@ def _main(argv: list[str] | None) -> int:
                            cwd=ROOT, capture_output=True, text=True)
         cli = time.perf_counter() - t0
         if rc != 0 or r.returncode != 0:
-            raise InputError(f"analysis.compare failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise InputError(f"analysis.compare failed: {last_line(r)}")
         n_rows = len(r.stdout.splitlines()) - 1
         print(f"compare over {a.runs} runs ({a.runs // 3} labels, {n_rows} table rows, "
               f"{len(buf.getvalue()):,} chars of markdown{', plots' if a.plots else ''}): "

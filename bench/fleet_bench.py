@@ -42,6 +42,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from across import last_line, tiny_run  # noqa: E402
+
 from analysis.fleet import ENGINES  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import InputError, OutputError, UsageError  # noqa: E402
@@ -56,16 +58,7 @@ def make_sources(tmp: Path) -> list[Path]:
     from harness.twin import write_twin
 
     model = write_twin("tiny", "q4_k_m", tmp / "tiny.gguf")
-    out = []
-    for threads in (1, 2):
-        d = tmp / f"source-{threads}t"
-        r = subprocess.run([sys.executable, "-m", "harness.sweep", "--model", str(model), "--contexts", "13,40,80",
-                            "--rounds", "6", "--warmup", "1", "--no-probe", "--threads", str(threads),
-                            "--label", "bench", "--out", str(d)], cwd=ROOT, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise InputError(f"the source sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-        out.append(next(d.glob("*.parquet")))
-    return out
+    return [tiny_run(model, tmp / f"source-{threads}t", threads) for threads in (1, 2)]
 
 
 def _load_sources(paths: list[Path]) -> None:
@@ -144,7 +137,7 @@ def run_compare(roots: list[Path], engine: str) -> tuple[float, float, str]:
                         "--format", "csv"], cwd=ROOT, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t0, _child_cpu() - c0
     if r.returncode != 0:
-        raise SystemExit(f"compare --engine {engine} failed: {r.stderr.strip()}")
+        raise InputError(f"compare --engine {engine} failed: {last_line(r)}")
     return wall, cpu, r.stdout
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# only stdlib-light imports here: this file also runs as the measuring child in the no-OpenMP venv, which holds
+# llama-cpp-python and gguf but not pandas or pyarrow (so not bench/across.py)
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
 

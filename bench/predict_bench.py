@@ -21,12 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import run_child, save_results  # noqa: E402
+from across import run_sweep, save_results  # noqa: E402
 
 from analysis import forecast  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import parse_contexts  # noqa: E402
-from harness.errors import InputError, UsageError  # noqa: E402
+from harness.errors import UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"plain": 5.0, "attn_kv": 15.0}  # |error| in %, at the held-out depths
@@ -34,14 +34,9 @@ DEFAULT_MODEL = ROOT / "models" / "gemma-3n-e4b-q4.gguf"
 
 
 def sweep(a, model: str, out: Path) -> Path:
-    cmd = [sys.executable, "-m", "harness.sweep", "--model", model, "-c", a.contexts, "-r", str(a.rounds),
-           "--label", "predict-bench", "--out", str(out)]
-    if a.threads:
-        cmd += ["-t", str(a.threads)]
     t0 = time.perf_counter()
-    r = run_child(cmd, cwd=ROOT)
-    if r.returncode != 0:
-        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    run_sweep(["--model", model, "-c", a.contexts, "-r", str(a.rounds), "--label", "predict-bench", "--out", str(out),
+               *(["-t", str(a.threads)] if a.threads else [])])
     print(f"sweep of {a.contexts} x {a.rounds} rounds took {time.perf_counter() - t0:.1f} s", flush=True)
     return max(out.glob("*predict-bench_*.parquet"))
 

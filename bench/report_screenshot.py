@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from across import last_line  # noqa: E402
+
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import HarnessError, InputError, OutputError, UsageError  # noqa: E402
 
@@ -44,7 +46,7 @@ def chromium(exe: str, url: str, *args: str) -> None:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise HarnessError(f"cannot run chromium ({e}): {exe}") from None
     if r.returncode != 0:
-        raise HarnessError(f"chromium failed ({r.returncode}): {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise HarnessError(f"chromium failed ({r.returncode}): {last_line(r)}")
 
 
 def check_output(path: Path, flag: str) -> None:

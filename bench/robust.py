@@ -48,7 +48,7 @@ from across import (  # noqa: E402
     SLOPE_SPREAD_TARGET_PCT,
     across_by_arm,
     parse_vary,
-    run_child,
+    run_sweep,
     runs_folder,
     save_results,
 )
@@ -65,14 +65,11 @@ TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct":
 
 
 def one_sweep(a, out: Path, label: str, arm: tuple[str, str] | None = None) -> dict:
-    cmd = [sys.executable, "-m", "harness.sweep", "-c", a.contexts, "-r", str(a.rounds), "--out", str(out),
-           "--label", label, *(["--model", a.model] if a.model else []),
-           *([LIST_SETTINGS[arm[0]], str(arm[1])] if arm else []), *a.extra]
     t0 = time.perf_counter()
-    r = run_child(cmd, cwd=ROOT)
+    run_sweep(["-c", a.contexts, "-r", str(a.rounds), "--out", str(out), "--label", label,
+               *(["--model", a.model] if a.model else []), *([LIST_SETTINGS[arm[0]], str(arm[1])] if arm else []),
+               *a.extra])
     wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return figures(max(out.glob(f"*{label}_*.parquet")), wall)
 
 

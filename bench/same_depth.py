@@ -31,7 +31,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import run_child, runs_folder, save_results  # noqa: E402
+from across import run_sweep, runs_folder, save_results  # noqa: E402
 
 from harness import checks, columns, gguf_model, stats  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
@@ -43,11 +43,8 @@ C = columns
 
 def sweep(a, out: Path, i: int) -> Path:
     ctx = ",".join(f"{d},{d + 1}" for d in a.depths)
-    cmd = [sys.executable, "-m", "harness.sweep", "-c", ctx, "-r", str(a.rounds), "--no-probe", "--out", str(out),
-           "--label", f"same-depth-{i}", *(["--model", a.model] if a.model else [])]
-    r = run_child(cmd, cwd=ROOT)
-    if r.returncode != 0:
-        raise InputError(f"the sweep failed: {(r.stderr.strip().splitlines() or [f'exit {r.returncode}'])[-1]}")
+    run_sweep(["-c", ctx, "-r", str(a.rounds), "--no-probe", "--out", str(out), "--label", f"same-depth-{i}",
+               *(["--model", a.model] if a.model else [])])
     return max(out.glob(f"*same-depth-{i}_*.parquet"))
 
 

@@ -27,12 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from across import run_child, save_results  # noqa: E402
+from across import run_sweep, save_results  # noqa: E402
 
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
-from harness.errors import InputError, UsageError  # noqa: E402
+from harness.errors import UsageError  # noqa: E402
 from harness.stages import STAGES  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
@@ -42,14 +42,9 @@ TARGETS = {"stages_overhead": 1.03, "ops_overhead": 1.10, "attributed_pct": 99.5
 
 
 def sweep(a, out: Path, tag: str, *extra: str):
-    cmd = [sys.executable, "-m", "harness.sweep", "-r", str(a.rounds), "--out", str(out),
-           "--label", f"bench-{tag}", *extra]
-    if a.model:
-        cmd += ["--model", a.model]
     t0 = time.perf_counter()
-    r = run_child(cmd, cwd=ROOT)
-    if r.returncode != 0:
-        raise InputError(f"the {tag} sweep failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    run_sweep(["-r", str(a.rounds), "--out", str(out), "--label", f"bench-{tag}", *extra,
+               *(["--model", a.model] if a.model else [])], f"the {tag} sweep")
     wall = time.perf_counter() - t0
     print(f"[{tag}] sweep took {wall:.1f} s", flush=True)
     return read_run(max(out.glob(f"*bench-{tag}_*.parquet"))), wall

@@ -1,5 +1,6 @@
 """SIGTERM unwinds every command (harness.cli.run_cli), is not inherited by forked workers, and reaches a bench
-script's child sweep (bench/across.run_child). Real processes and real signals."""
+script's child sweep (bench/across.run_child), which the scripts run through one helper (across.run_sweep). Real
+processes and real signals."""
 
 from __future__ import annotations
 
@@ -53,3 +54,19 @@ def test_a_bench_script_passes_sigterm_on_to_its_child_sweep(tmp_path):
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert (p.returncode, err.strip()) == (143, "x.py: terminated") and (tmp_path / "got").exists()
+
+
+def test_bench_scripts_run_their_sweeps_through_one_helper(tiny_gguf, tmp_path):
+    """A real tiny sweep lands its run where asked; a failing one is an InputError carrying the sweep's own
+    one-line error."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import across
+
+    from harness.errors import InputError
+
+    run = across.tiny_run(tiny_gguf, tmp_path / "out", threads=1)
+    assert run.parent == tmp_path / "out" and run.suffix == ".parquet"
+    with pytest.raises(InputError, match=r"^the source sweep failed: harness.sweep: error: .*missing\.gguf"):
+        across.tiny_run(tmp_path / "missing.gguf", tmp_path / "out2")
