@@ -94,8 +94,8 @@ def plot_stage_shares(rec: RunRecord, tm: TimeModel | None = None) -> Figure:
     ax.set_xticks(depths, [f"{c.depth}\n{c.context}" for c in ctxs], fontsize=8)
     ax.set_title(f"Measured decode stage shares{_title_suffix(rec)}", fontsize=10)
     ax.set_xlabel("Context depth (tokens)")
-    calibrated = all(c.calibrated for c in ctxs)  # share() falls back to the profiled shares
-    ax.set_ylabel("% of calibrated stage sum (≈ plain decode)" if calibrated else "% of profiled decode wall time")
+    ax.set_ylabel("% of calibrated stage sum (≈ plain decode)" if rec.calibrated  # else share() gives the profiled
+                  else "% of profiled decode wall time")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

@@ -218,7 +218,7 @@ def from_model_info(info: ModelInfo, variant: str = "exact", cache_type_k: str =
                               gqa=max(1, n_head // n_kv)))
     return ReadModel(
         variant=variant, footprint_bytes=info.tensor_bytes, weight_bytes=weight_bytes_by_stage(info),
-        kv_layers=tuple(layers), window_cells=int(hp.get("attention.sliding_window") or 0) if any(sliding) else 0,
+        kv_layers=tuple(layers), window_cells=info.n_swa if any(sliding) else 0,
         current_cell=1, arch=info.arch, model_name=info.name, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
         n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, restored=restored,
     )

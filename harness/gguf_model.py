@@ -69,6 +69,11 @@ class ModelInfo:
     def n_ctx_train(self) -> int:
         return int(self.hparams.get("context_length", 0))
 
+    @property
+    def n_swa(self) -> int:
+        """The sliding window in cells (``attention.sliding_window``); 0: none."""
+        return int(self.hparams.get("attention.sliding_window") or 0)
+
     def tensor(self, name: str) -> TensorRecord | None:
         return next((t for t in self.tensors if t.name == name), None)
 
@@ -131,7 +136,7 @@ DEFAULT_SWA_PERIOD = {"gemma3n": 5, "gemma3": 6, "gemma2": 2}  # every Nth layer
 def swa_layers(info: ModelInfo) -> list[bool]:
     """Per layer: does it use sliding-window attention (``attention.sliding_window_pattern``)?"""
     hp, n_layer = info.hparams, info.n_layer
-    if not hp.get("attention.sliding_window"):
+    if not info.n_swa:
         return [False] * n_layer
     pat = hp.get("attention.sliding_window_pattern")
     if isinstance(pat, list) and len(pat) == n_layer:

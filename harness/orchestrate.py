@@ -63,9 +63,8 @@ def estimate_memory_bytes(info, cfg: SweepConfig) -> int:
     v_len = int(scalar(hp.get("attention.value_length"), k_len))
     cell = n_kv * (k_len * cache_type_bytes(cfg.cache_type_k) + v_len * cache_type_bytes(cfg.cache_type_v))
     logits = cfg.n_ubatch * int(hp.get("vocab_size") or 32000) * 4
-    swa, n_swa = swa_layers(info), int(hp.get("attention.sliding_window") or 0)
-    cells = sum(kv_cache_cells(s, n_ctx=cfg.n_ctx, n_swa=n_swa, n_ubatch=cfg.n_ubatch, n_batch=cfg.n_batch)
-                for s, own in zip(swa, kv_owners(info), strict=True) if own)
+    cells = sum(kv_cache_cells(s, n_ctx=cfg.n_ctx, n_swa=info.n_swa, n_ubatch=cfg.n_ubatch, n_batch=cfg.n_batch)
+                for s, own in zip(swa_layers(info), kv_owners(info), strict=True) if own)
     per_context = cells * cell + logits + CONTEXT_OVERHEAD_BYTES
     return int(info.tensor_bytes + 2 * len(cfg.contexts) * per_context)
 
