@@ -4,8 +4,8 @@
 
 - Groups: runs with the same device label, model (content hash, else name + quant) and
   work-changing settings (threads, flash_attn, cache_type_k/v, n_gpu_layers) are pooled; the row
-  label shows the model and every setting that differs between groups. Incomplete runs form
-  their own groups, marked INCOMPLETE.
+  label shows the model and every setting that differs between groups. Incomplete runs, and runs on a
+  synthetic twin, form their own groups, marked INCOMPLETE and SYNTHETIC.
 - Main table from each run's context summaries (no op table read): plain ms/token (pooled over
   runs; +/- is the std across runs, else across tokens), tokens/s, calibrated stage ms/token and
   share, achieved GB/s of ffn and attn_kv, the device's read bandwidth, x roofline (``analysis.roofline``),
@@ -73,7 +73,7 @@ def pooled_rows(g: fleet.Group, name: str, gi: int) -> list[dict]:
                "plain_ms": plain, "plain_sd_ms": sd, "sd_over": sd_over,
                "flags": ", ".join(sorted({f for r, _ in items for f in r.flags}  # raw stage figures pooled in: said
                                          | {"uncalibrated" for _, c in items if not c.calibrated})),
-               "tokens_per_s": 1000.0 / plain if plain > 0 else NAN}
+               "tokens_per_s": 1000.0 / plain if plain > 0 else NAN, "calibrated": all(c.calibrated for _, c in items)}
         for s in stages.STAGES:
             row[f"{s}_ms"] = _wmean([c.stage(s) if s in c.stage_ms else NAN for _, c in items], w)
             row[f"{s}_pct"] = _wmean([c.share(s) if s in c.stage_ms else NAN for _, c in items], w)

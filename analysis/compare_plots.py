@@ -87,7 +87,7 @@ def plot_stage_share(df: pd.DataFrame) -> Figure:
     keys = _keys(df)
     shown = [s for s in stages.STAGES if (df[f"{s}_pct"].fillna(0) >= 1.0).any()]
     fig, axes = _panels(len(shown), 4.2)
-    raw = df["flags"].str.contains("uncalibrated").any()  # a run without calibration pooled in: its shares are raw
+    raw = not df["calibrated"].all()  # a run without calibration pooled in: its shares are raw
     for ax, s in zip(axes, shown, strict=True):
         for i, k in enumerate(keys):
             r = df[df["device"] + " | " + df["group"] == k].sort_values("depth")

@@ -1,9 +1,10 @@
 """A fleet of runs: find run files, read their metadata (footer only) and group them by device, model and settings.
 
 A *group* is the unit that ``analysis.compare`` reports: runs with the same device label, the same model (content
-hash, else name + dominant quant type), the same work-changing settings (``SETTINGS``), the same completeness and
-the same reference flag. Runs within a group are pooled; runs in different groups are never pooled. A copy of a
-run is read once; a run that another run continued (``--resume``: that one holds its rounds) is left out.
+hash, else name + dominant quant type), the same work-changing settings (``SETTINGS``), the same completeness, the
+same reference flag and the same synthetic (twin) flag. Runs within a group are pooled; runs in different groups
+are never pooled. A copy of a run is read once; a run that another run continued (``--resume``: that one holds its
+rounds) is left out.
 
 Runs are found recursively, hidden folders left out, so the flat layout (``runs/<time>_<label>_<model>.parquet``)
 and the Hive layout (``runs/device=<label>/model=<stem>/<time>.parquet``) read alike. Two engines read them and
@@ -52,6 +53,7 @@ class RunInfo:
     reference: bool
     bandwidth_gbps: float | None
     contexts: tuple[ContextSummary, ...]
+    synthetic: bool = False  # made on a synthetic twin: its rows say so (SYNTHETIC), and it is never pooled with real
     flags: tuple[str, ...] = ()  # kinds of the measurement flags the run raised (drift, noise, ...)
     resumed_from: str | None = None  # the run file this run continued, as it was named then
     named: bool = False  # named on the command line, not found in a folder: a defect is an error
@@ -60,7 +62,7 @@ class RunInfo:
 
     @property
     def group_key(self) -> tuple:
-        return (self.label, self.model_key, self.settings, self.complete, self.reference)
+        return (self.label, self.model_key, self.settings, self.complete, self.reference, self.synthetic)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Group:
     complete: bool
     reference: bool
     runs: tuple[RunInfo, ...]
+    synthetic: bool = False
 
     @property
     def setting(self) -> dict[str, object]:
@@ -134,7 +137,7 @@ def run_info(path: Path, rec: RunRecord, with_hostname: bool, rm_cache: dict,
     if (key, settings) not in rm_cache:
         rm_cache[key, settings] = _read_model(full_record() if full_record and not rec.model.gguf else rec)
     return RunInfo(path=str(path), label=device_label(rec, with_hostname), model_key=key, model_name=name,
-                   settings=settings, complete=rec.complete, reference=rec.reference,
+                   settings=settings, complete=rec.complete, reference=rec.reference, synthetic=rec.synthetic,
                    bandwidth_gbps=rec.bandwidth_gbps, contexts=rec.contexts, read_model=rm_cache[key, settings],
                    flags=tuple(sorted({f.kind for f in rec.flags if f.kind != "synthetic"})),
                    resumed_from=rec.resumed_from, named=named, identity=(rec.resumed_from, rec.device, rec.timing, *(
@@ -229,7 +232,7 @@ def group_runs(runs: Iterable[RunInfo]) -> list[Group]:
     for r in runs:
         by_key.setdefault(r.group_key, []).append(r)
     groups = [Group(label=k[0], model_key=k[1], model_name=v[0].model_name, settings=k[2], complete=k[3],
-                    reference=k[4], runs=tuple(v)) for k, v in by_key.items()]
+                    reference=k[4], synthetic=k[5], runs=tuple(v)) for k, v in by_key.items()]
     return sorted(groups, key=lambda g: (g.label, g.model_name, g.model_key, str(g.settings), not g.complete))
 
 
@@ -242,8 +245,8 @@ def group_names(groups: list[Group]) -> list[str]:
         model = g.model_name
         if model in clash:  # same display name, different models: show the key
             model += f" [{g.model_key.split(':')[-1][:8]}]"
-        out.append(" ".join([model, *(f"{k}={g.setting[k]}" for k in varying if g.setting.get(k) is not None)]
-                            + ["REFERENCE"] * g.reference + ["INCOMPLETE"] * (not g.complete)))
+        marks = ["SYNTHETIC"] * g.synthetic + ["REFERENCE"] * g.reference + ["INCOMPLETE"] * (not g.complete)
+        out.append(" ".join([model, *(f"{k}={g.setting[k]}" for k in varying if g.setting.get(k) is not None), *marks]))
     return out
 
 

@@ -4,9 +4,9 @@ depths, and predicted vs measured on the run's own depths (the validation), all 
     tm, dm = fit_run(store.read_run(path), fit_depths=[13, 172, 658, 2048])
     p = predict(tm, [4096, 8192]); xs = crossovers(tm); val = validate(tm, dm)
 
-Shares are of the calibrated stage sum (as ``ContextSummary.stage_pct_calibrated``); a crossover is the
-smallest depth below the model's context length at which attention over the KV cache reaches 25 % or
-50 % of it, or the FFN's time.
+Shares are of the calibrated stage sum (as ``ContextSummary.stage_pct_calibrated``: it adds up to the plain
+ms/token; of the raw stage sum for a run without calibration); a crossover is the smallest depth below the
+model's context length at which attention over the KV cache reaches 25 % or 50 % of it, or the FFN's time.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from analysis.timemodel import ATTN, FFN, AttnFacts, DepthMeans, TimeModel, dept
 from harness import stages, stats, store
 from harness.errors import InputError, UsageError
 
-CRITERIA = (("attn_25pct", "attn_kv reaches 25 % of decode"), ("attn_50pct", "attn_kv reaches 50 % of decode"),
-            ("attn_eq_ffn", "attn_kv reaches ffn"))
+CRITERIA = (("attn_25pct", "attn_kv reaches 25 % of the stage sum"),  # calibrated: adds up to decode's ms/token
+            ("attn_50pct", "attn_kv reaches 50 % of the stage sum"), ("attn_eq_ffn", "attn_kv reaches ffn"))
 NO_CONTEXT_LENGTH_LIMIT = 1 << 17  # search limit when the model does not say its context length
 
 
@@ -117,9 +117,14 @@ class Crossover:
     ci: tuple[int | None, int | None]  # 95 % bootstrap interval; None: beyond the limit
     crossed_pct: float  # % of bootstrap resamples that cross below the limit
     limit: int
+    limit_known: bool = True  # the model's context length; else NO_CONTEXT_LENGTH_LIMIT
+
+    @property
+    def limit_text(self) -> str:
+        return "the model's context length" if self.limit_known else "the search limit (no context length known)"
 
     def text(self) -> str:
-        return f"{self.depth:,}" if self.depth is not None else f"beyond the model's context length ({self.limit:,})"
+        return f"{self.depth:,}" if self.depth is not None else f"beyond {self.limit_text} ({self.limit:,})"
 
     def ci_text(self) -> str:
         lo, hi = (f"{v:,}" if v is not None else "beyond" for v in self.ci)
@@ -159,7 +164,8 @@ def crossovers(tm: TimeModel, chunk: int = 2048) -> list[Crossover]:
         b = first[1:, k][valid[1:]]
         ci = np.quantile(b, [0.025, 0.975], method="inverted_cdf") if len(b) else [np.inf, np.inf]
         out.append(Crossover(key, label, _depth(first[0, k]), (_depth(ci[0]), _depth(ci[1])),
-                             float(100 * np.isfinite(b).mean()) if len(b) else math.nan, limit))
+                             float(100 * np.isfinite(b).mean()) if len(b) else math.nan, limit,
+                             bool(tm.facts.context_length)))
     return out
 
 

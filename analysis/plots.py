@@ -44,7 +44,7 @@ def _subplots(figsize: tuple[float, float], ncols: int = 1):
 
 
 def _title_suffix(rec: RunRecord) -> str:
-    """The run's label and every flag it raised (synthetic, drift, noise, ...), for figure titles."""
+    """The run's label, every flag it raised (synthetic, drift, noise, ...) and raw stage figures, for figure titles."""
     tags = [rec.display_label]
     if rec.reference:
         tags.append("recorded reference")
@@ -52,6 +52,8 @@ def _title_suffix(rec: RunRecord) -> str:
         tags.append("synthetic twin")
     if not rec.complete:
         tags.append("INCOMPLETE")
+    if not rec.calibrated:
+        tags.append("stage ms raw (no calibration)")
     tags += sorted({f"FLAG: {f.kind}" for f in rec.flags if f.kind not in ("synthetic", "incomplete")})
     return "\n" + ", ".join(t for t in tags if t)
 

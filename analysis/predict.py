@@ -34,7 +34,7 @@ def parse_depths(text: str, flag: str) -> list[int]:
     out = []
     for tok in text.split(","):
         tok = tok.strip().replace("_", "")
-        if not tok.isdigit():
+        if not (tok.isascii() and tok.isdigit()):  # int() refuses other scripts' digits
             raise UsageError(f"{flag}: {tok!r} is not a depth (a whole number of tokens >= 0)")
         out.append(int(tok))
     return sorted(set(out))
@@ -69,7 +69,8 @@ def kv_source(run: store.Run, ctk: str | None, ctv: str | None, others: list[sto
     for what, x, y in (("model", a.model.content_hash or a.model.name, b.model.content_hash or b.model.name),
                        ("threads", a.params.threads, b.params.threads),
                        ("GPU layers", a.params.n_gpu_layers, b.params.n_gpu_layers),
-                       ("flash attention", a.params.flash_attn_resolved, b.params.flash_attn_resolved)):
+                       ("flash attention", a.params.flash_attn_resolved, b.params.flash_attn_resolved),
+                       ("calibration", *("calibrated" if r.calibrated else "raw" for r in (a, b)))):
         if x != y:
             raise InputError(f"--with {src.path}: another {what} than the run's ({y} vs {x}): "
                              "its costs do not carry over")
@@ -129,7 +130,7 @@ def prediction_md(p: forecast.Prediction) -> list[str]:
 
 def crossover_md(xs: list[forecast.Crossover]) -> list[str]:
     rows = [[x.label, x.text(), x.ci_text(), f"{x.crossed_pct:.1f} %"] for x in xs]
-    return [f"## Crossovers (smallest depth, searched below the model's context length {xs[0].limit:,})", "",
+    return [f"## Crossovers (smallest depth, searched below {xs[0].limit_text}: {xs[0].limit:,})", "",
             format_table(["criterion", "depth", "95 % interval", "resamples that cross"], rows)]
 
 
@@ -234,14 +235,15 @@ def _main(argv: list[str] | None) -> int:
     if src is not None:
         kv, _ = forecast.fit_run(src, None, a.boot, seed=1)
         tm = timemodel.with_kv(tm, kv, f"attention over the KV cache and kv_store from {src.path} "
-                                       f"({_tname(_types(src.record))})")
+                                       f"({_tname(_types(src.record))}), fitted on its depths "
+                                       f"{', '.join(map(str, kv.fit_depths))} ({kv.n_rounds} rounds)")
         val = None
     limit = forecast.search_limit(tm.facts)
     depths = depths if depths is not None else default_depths(dm, limit)
     beyond = [d for d in depths if d >= limit]
     if beyond:
-        raise UsageError(f"--depth {beyond[0]} is beyond the model's context length ({limit:,} tokens: depths up to "
-                         f"{limit - 1:,})")
+        known = "the model's context length" if tm.facts.context_length else "the search limit (no context length)"
+        raise UsageError(f"--depth {beyond[0]} is beyond {known} ({limit:,} tokens: depths up to {limit - 1:,})")
     sys.stdout.write(render(run, tm, forecast.predict(tm, depths), forecast.crossovers(tm), val, a.format))
     return 0
 

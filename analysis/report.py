@@ -6,8 +6,9 @@ engine, every flag the runs raised and, with several runs, the device comparison
 
 The page has no scripts and no external references (inline CSS, figures as inline SVG); it reads
 in a browser and prints on A4 landscape (a page per section). Sections: a summary with every flag
-(warnings in amber: synthetic model, incomplete run, drift/noise flags the run lists; notes in
-blue), the comparison (two or more runs: ``analysis.compare``'s tables and plots), then per run
+(warnings in amber: incomplete run, the drift, state, noise, overhead and calibration flags the run
+lists; notes in blue: synthetic twin, reference figures, resumed run, no bandwidth probe; runs beyond
+``--detail`` by flag kind), the comparison (two or more runs: ``analysis.compare``'s tables and plots), then per run
 (the first ``--detail`` runs, default 8): flags, device / model / engine facts, the measurement
 table against the read model (``analysis.table``: one column per context), the stage slopes and
 the four figures (``analysis.plots``).
@@ -126,7 +127,13 @@ def build(paths: list[str], variant: str = "auto", model_path: str | None = None
     runs_by_flag: dict[run_facts.Flag, list[str]] = {}  # the same flag on several runs: one box naming them all
     for who, f in all_flags:
         runs_by_flag.setdefault(f, []).append(who)
-    all_flags = sorted(((", ".join(who), f) for f, who in runs_by_flag.items()),
+    shown, rest = {run.path for run in detailed}, {}  # runs beyond --detail: their flag kinds, from the footer
+    for r in runs:
+        if r.path not in shown:
+            for kind in {*r.flags, *["synthetic"] * r.synthetic, *["incomplete"] * (not r.complete)}:
+                rest.setdefault(kind, []).append(f"{r.label} ({Path(r.path).name})")
+    all_flags = sorted([*((", ".join(who), f) for f, who in runs_by_flag.items()),
+                        *(run_facts.brief(k, v) for k, v in sorted(rest.items()))],
                        key=lambda wf: wf[1].level != run_facts.WARNING)
     compared = len(runs) > 1
     if compared:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.fleet import device_label
-from harness.record import RunRecord
+from harness.record import Invariants, RunRecord
 
 WARNING, INFO = "warning", "info"
 GIB = 1024**3
@@ -46,6 +46,27 @@ def flags(rec: RunRecord) -> list[Flag]:
     if not rec.bandwidth_gbps and not rec.reference:
         out.append(Flag("no-roofline", "No bandwidth probe (--no-probe): roofline columns are blank.", INFO))
     return sorted(out, key=lambda f: f.level != WARNING)
+
+
+BRIEF = {"synthetic": "Synthetic twin: random weights; timings carry over, the text it produced is noise.",
+         "incomplete": "Incomplete run: fewer rounds than asked.",
+         "drift": "A depth-invariant stage disagrees across depths beyond the run's threshold.",
+         "state": "The device changed state during the run.", "noise": "CPU steal or other processes' CPU was high.",
+         "overhead": "An implausible profiled/plain ratio in some context.",
+         "calibration": "Calibrated stage ms do not add up to the plain ms/token in some context."}
+
+
+def brief(kind: str, runs: list[str]) -> tuple[str, Flag]:
+    """A flag kind raised by runs the report does not detail (``--detail``): who, and what the kind means."""
+    who = f"{len(runs)} run{'s' * (len(runs) != 1)} not detailed: {', '.join(runs[:5])}{' …' * (len(runs) > 5)}"
+    return who, Flag(kind, BRIEF.get(kind, f"Flagged {kind}.") + " The comparison's rows show it.",
+                     INFO if kind in INFO_KINDS else WARNING)
+
+
+def agreement(inv: Invariants) -> str:
+    """The invariance figure in words: within the threshold, or beyond it."""
+    word = "agree within" if inv.max_disagreement_pct <= inv.threshold_pct else "disagree by up to"
+    return f"{word} {inv.max_disagreement_pct:.2f} % (threshold {inv.threshold_pct:g} %)"
 
 
 def label(rec: RunRecord) -> str:
@@ -112,8 +133,8 @@ def engine_rows(rec: RunRecord) -> list[tuple[str, str]]:
                   ("thread environment", " ".join(f"{k}={v}" for k, v in p.thread_env.items()) or None),
                   ("split cost (calibration)", f"{rec.contexts[0].sync_us:.2f} us per split"
                    if rec.contexts and rec.contexts[0].sync_us is not None else None),
-                  ("depth-invariant stages", f"agree within {rec.invariants.max_disagreement_pct:.2f} % "
-                   f"({rec.invariants.stage} worst; {rec.invariants.estimator}s over rounds)"
+                  ("depth-invariant stages", f"{agreement(rec.invariants)}; {rec.invariants.stage} worst; "
+                   f"{rec.invariants.estimator}s over rounds"
                    if rec.invariants and rec.invariants.across_depths else None),
                   ("load / sweep time", f"{t.load_s:.3g} s / {t.sweep_s:.3g} s" if t else None)])
 

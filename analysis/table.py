@@ -1,7 +1,7 @@
 """The FFN-vs-KV table of a run: modelled reads per token beside measured stage times, per context.
 
     python -m analysis.table RUN.parquet [--model-variant auto|exact|exact_padded|seed]
-                                         [--format md|csv] [--model GGUF]
+                                         [--format md|csv] [--model GGUF] [--raw]
 
 Columns (one row per context): the seed notebook's (context, input tokens, KV-cache MiB, FFN and
 attention KV read/token MiB, their ratio, measured FFN and attention %) and FFN, attention and
@@ -30,6 +30,7 @@ import pandas as pd
 
 from analysis import readmodel, roofline
 from analysis.readmodel import ReadModel
+from analysis.run_facts import agreement
 from analysis.slope import invariant_off_zero, run_slopes
 from harness import stages, store
 from harness.cli import ArgParser, format_table, run_cli
@@ -109,21 +110,19 @@ def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd
     bw = rec.bandwidth_gbps
     rows = []
     for c in rec.sorted_contexts():
-        depth = c.depth
-        b = model.bytes_per_token(depth)
-        total = sum(b.values())
+        b = model.bytes_per_token(c.depth)
         graph = roofline.graph_bytes_per_token(c)
         used, _ = roofline.context_bytes(c, model)  # graph bytes when stored, else the model's
         ffn_ms, attn_ms, decode_ms = c.stage(stages.FFN, calibrated), c.stage(stages.ATTN_KV, calibrated), c.plain_ms
         used_total = sum(used.values())
         row = {
-            "context": c.context, "input_tokens": depth,
-            "kv_cache_mib": model.kv_cache_bytes(depth) / MIB,
+            "context": c.context, "input_tokens": c.depth,
+            "kv_cache_mib": model.kv_cache_bytes(c.depth) / MIB,
             "ffn_read_mib": b[stages.FFN] / MIB, "attn_read_mib": b[stages.ATTN_KV] / MIB,
             "attn_ffn_read_ratio": _div(b[stages.ATTN_KV], b[stages.FFN]),
             "ffn_pct": c.share(stages.FFN, calibrated), "attn_pct": c.share(stages.ATTN_KV, calibrated),
             "ffn_ms": ffn_ms, "attn_ms": attn_ms, "decode_ms": decode_ms,
-            "total_read_mib": total / MIB,
+            "total_read_mib": sum(b.values()) / MIB,
             "graph_attn_read_mib": graph[stages.ATTN_KV] / MIB if graph else math.nan,
             "graph_total_mib": sum(graph.values()) / MIB if graph else math.nan,
             "attn_model_over_graph": _div(b[stages.ATTN_KV], graph[stages.ATTN_KV]) if graph else math.nan,
@@ -136,6 +135,7 @@ def build_table(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> pd
         rows.append(row)
     df = pd.DataFrame(rows, columns=[c for c, _, _ in COLUMNS])
     df["run_complete"] = rec.complete
+    df["stage_figures"] = "calibrated" if calibrated and rec.calibrated else "raw"
     return df
 
 
@@ -162,8 +162,8 @@ def format_markdown(df: pd.DataFrame) -> str:
     return format_table([h for _, h, _ in COLUMNS], [[_fmt(r[c], f) for c, _, f in COLUMNS] for _, r in df.iterrows()])
 
 
-def describe(rec: RunRecord, model: ReadModel) -> list[str]:
-    """Header lines: what the run is, how the table was made, and every flag the run raised."""
+def describe(rec: RunRecord, model: ReadModel, calibrated: bool = True) -> list[str]:
+    """Header lines: what the run is, how the table was made (calibrated or raw), and every flag the run raised."""
     lines = [f"Run: {rec.display_label} | model: {rec.model.name or rec.model.arch} | "
              f"read model: {model.variant} (weights {model.footprint_bytes / MIB:,.0f} MB) | "
              f"{len(rec.rounds) or rec.params.rounds} rounds, {rec.params.order}"]
@@ -173,6 +173,9 @@ def describe(rec: RunRecord, model: ReadModel) -> list[str]:
     lines.append(f"Flash attention: {'not recorded' if fa is None else ('on' if fa else 'off') + how} | "
                  f"bytes for GB/s and roofline: {'the graph' if graph else 'the read model'}")
     lines += thread_split_lines(rec)
+    if not (rec.calibrated and calibrated):  # say why the stage figures below are raw
+        why = "This run has no calibration" if not rec.calibrated else "Shown with --raw"
+        lines.append(f"{why}: stage ms are raw (the profiled pass, uncalibrated; shares of its wall time).")
     if not rec.complete:
         lines.append("**INCOMPLETE RUN**: the sweep stopped early; fewer rounds than asked were measured.")
     if rec.reference:
@@ -223,8 +226,7 @@ def flag_lines(rec: RunRecord) -> list[str]:
         out.append("**FLAG synthetic**: synthetic twin (random weights): timings are real, outputs are noise")
     inv = rec.invariants
     if inv is not None and inv.across_depths:
-        out.append(f"Depth-invariant stages agree within {inv.max_disagreement_pct:.2f} % across depths ({inv.stage} "
-                   f"worst; threshold {inv.threshold_pct:g} %).")
+        out.append(f"Depth-invariant stages {agreement(inv)} across depths ({inv.stage} worst).")
     return out
 
 
@@ -259,12 +261,10 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
     df = build_table(rec, model, calibrated)
     sl = slope_table(run)
     if fmt == "csv":
-        if sl is not None:
-            for stage, r in sl.iterrows():
-                df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
+        for stage, r in (sl.iterrows() if sl is not None else ()):
+            df[f"{stage}_slope_ms_per_1k"] = r["slope_ms_per_1k"]
         return df.to_csv(index=False)
-    raw = "" if rec.calibrated else " This run has no calibration: stage ms are raw."
-    parts = [*describe(rec, model), "", format_markdown(df), "", NOTES + raw]
+    parts = [*describe(rec, model, calibrated), "", format_markdown(df), "", NOTES]
     if sl is not None:
         off = invariant_off_zero(sl, rec.contexts)
         parts += ["", format_slopes(sl)] + ([""] if off else []) + [

@@ -25,9 +25,10 @@
   CPU whose kernel gets cheaper per cell once a thread's KV slice leaves L2: bench/NOTES.md §8b).
 
 Intervals: every parameter, prediction and crossover is refitted on bootstrap resamples of rounds
-(``harness.stats.boot_indices``: depths paired by round, the split cost re-estimated per resample).
-They hold sampling noise only; how far the model itself carries is what ``validate`` shows on depths
-it did not see.
+(``harness.stats.boot_indices``: depths paired by round, the split cost re-estimated per resample), in
+the form chosen once on the data (the choice is not repeated per resample: the intervals are conditional
+on it). They hold sampling noise only; how far the model itself carries is what ``validate`` shows on
+depths it did not see.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class AttnFacts:
 
     @classmethod
     def from_run(cls, rec: RunRecord) -> AttnFacts:
+        if not readmodel.has_tensor_table(rec):  # readmodel's own message names flags this command lacks
+            raise InputError("the run carries no model tensor table: the time model reads each layer's KV bytes there")
         model = readmodel.from_run(rec)
         if not model.kv_layers:
             raise InputError("the run's model has no attention layers with a KV cache: nothing to model")

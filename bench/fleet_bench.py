@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from across import last_line, tiny_run  # noqa: E402
 
 from analysis.fleet import ENGINES  # noqa: E402
-from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
 from harness.errors import InputError, OutputError, UsageError  # noqa: E402
 from harness.store import META_KEY, read_record, run_path  # noqa: E402
 
@@ -165,14 +165,12 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--sizes", default="300,1000,10000", help="fleet sizes (each a multiple of 10)")
     ap.add_argument("--engines", default="pandas,duckdb")
     ap.add_argument("--source", type=Path, nargs="+", default=None, help="runs to copy (default: two tiny sweeps)")
-    ap.add_argument("--keep", type=Path, default=None, help="write (or reuse) the fleet here and keep it")
+    ap.add_argument("--keep", type=folder_arg, default=None, help="write (or reuse) the fleet here and keep it")
     a = ap.parse_args(argv)
     sizes = _positive_ints(a.sizes, "--sizes")
     engines = a.engines.split(",")
     if not set(engines) <= set(ENGINES[1:]):
         raise UsageError(f"--engines: a comma list of {' and '.join(ENGINES[1:])}, got {a.engines!r}")
-    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
-        raise UsageError(f"--keep: not a folder: {a.keep}")
     if a.source:
         check_sources(a.source)
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-"))

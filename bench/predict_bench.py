@@ -26,7 +26,7 @@ from across import run_sweep, save_results  # noqa: E402
 from analysis import forecast  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import parse_contexts  # noqa: E402
-from harness.errors import UsageError  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 TARGETS = {"plain": 5.0, "attn_kv": 15.0}  # |error| in %, at the held-out depths
@@ -46,6 +46,9 @@ def report(path: Path, fit_depths: list[int]) -> dict:
     tm, dm = forecast.fit_run(run, fit_depths)
     val = forecast.validate(tm, dm)
     held = val[~val["fitted"]]
+    if held.empty:
+        raise InputError(f"no depth of {path} is held out of the fit {', '.join(map(str, tm.fit_depths))}: "
+                         "nothing is validated")
     print(f"\nrun {path}\nfit on {', '.join(map(str, tm.fit_depths))} ({tm.form}; {tm.n_rounds} rounds); "
           f"parameters: " + ", ".join(f"{n} = {v:.4g}" for n, v in zip(tm.param_names, tm.theta, strict=True)))
     for n in tm.notes:
@@ -95,6 +98,8 @@ def _main(argv: list[str] | None) -> int:
         missing = sorted(set(fit_depths) - set(depths))
         if missing:
             raise UsageError(f"--fit depth(s) {', '.join(map(str, missing))} are not in --contexts {a.contexts}")
+        if not set(depths) - set(fit_depths):
+            raise UsageError(f"--contexts {a.contexts}: no depth is held out of --fit {a.fit}, so nothing is validated")
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp_s:
         tmp = Path(tmp_s)
         path = a.run

@@ -55,7 +55,7 @@ from across import (  # noqa: E402
 
 from analysis.slope import invariant_off_zero, run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
-from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
 from harness.config import LIST_SETTINGS  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
@@ -138,7 +138,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--contexts", default="13,172,658,4096")
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
+    ap.add_argument("--keep", type=folder_arg, default=None, help="keep the runs in this folder")
     ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
                     help="no sweeps: print the across-sweep figures of saved results (all their sweeps pooled)")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, metavar="PARQUET",
@@ -150,8 +150,6 @@ def _main(argv: list[str] | None) -> int:
     a = ap.parse_args(argv)
     if a.sweeps < 1 or a.rounds < 1:
         raise UsageError(f"--sweeps and --rounds must be >= 1, got {a.sweeps} and {a.rounds}")
-    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
-        raise UsageError(f"--keep: not a folder: {a.keep}")
     if a.summarize:
         try:
             res = [r for f in a.summarize for r in json.loads(f.read_text())["sweeps"]]

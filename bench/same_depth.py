@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from across import run_sweep, runs_folder, save_results  # noqa: E402
 
 from harness import checks, columns, gguf_model, stats  # noqa: E402
-from harness.cli import ArgParser, run_cli  # noqa: E402
+from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
@@ -140,13 +140,11 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--depths", default="13,4096", help="depths, each measured twice (d and d + 1)")
     ap.add_argument("--sweeps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
+    ap.add_argument("--keep", type=folder_arg, default=None, help="keep the runs in this folder")
     ap.add_argument("--runs", type=Path, nargs="+", default=None, help="analyse these kept runs instead of sweeping")
     a = ap.parse_args(argv)
     if a.sweeps < 1 or a.rounds < 1:
         raise UsageError(f"--sweeps and --rounds must be >= 1, got {a.sweeps} and {a.rounds}")
-    if a.keep is not None and a.keep.exists() and not a.keep.is_dir():
-        raise UsageError(f"--keep: not a folder: {a.keep}")
     try:
         a.depths = sorted({int(d) for d in a.depths.split(",")})
     except ValueError:

@@ -56,9 +56,9 @@ def overhead_rows(run) -> list[dict]:
         lo, hi = c.overhead_ratio_ci
         rows.append({"context": c.context, "depth": c.depth, "plain_ms": c.plain_ms, "overhead": c.overhead_ratio,
                      "overhead_ci95": (hi - lo) / 2, "syncs": c.syncs_per_token, "covered_pct": c.covered_pct,
-                     "attributed_pct": c.attributed_pct, "stage_pct": c.stage_pct,
-                     "stage_pct_cal": c.stage_pct_calibrated, "sync_us": c.sync_us, "noop_sync_us": c.noop_sync_us,
-                     "calibrated_sum_pct": c.calibrated_sum_pct})
+                     "attributed_pct": c.attributed_pct, "stage_pct": c.stage_pct,  # shares calibrated where they are:
+                     "stage_pct_cal": {s: c.share(s) for s in STAGES}, "sync_us": c.sync_us,  # ops mode has none
+                     "noop_sync_us": c.noop_sync_us, "calibrated_sum_pct": c.calibrated_sum_pct})
     return rows
 
 
@@ -149,7 +149,8 @@ def report(res: dict) -> None:
     for mode in ("stages", "ops"):
         p(f"split cost (regression), {mode}: " + ", ".join(us(r["sync_us"]) for r in res.get(mode, []))
           + " us; no-op view " + ", ".join(us(r["noop_sync_us"]) for r in res.get(mode, [])) + " us")
-    for key, what in (("mode_agreement_pp", "raw"), ("mode_agreement_calibrated_pp", "calibrated")):
+    for key, what in (("mode_agreement_pp", "raw"),  # ops mode asks every node: no calibration token, raw shares
+                      ("mode_agreement_calibrated_pp", "stages calibrated, ops raw")):
         if key in res:
             p(f"mode agreement, {what} (max |ops - stages| stage share, pp): "
               + ", ".join(f"{r['context']} {v:.2f}" for r, v in zip(res["stages"], res[key], strict=True)))

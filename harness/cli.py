@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from harness.errors import HarnessError, UsageError
 
@@ -24,6 +25,15 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
+
+
+def folder_arg(text: str) -> Path:
+    """argparse ``type`` for a folder that is made if missing (``--keep``): a path that exists as anything but a
+    folder is bad usage, refused before any work starts."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"not a folder: {path}")
+    return path
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -11,11 +11,14 @@ A malformed older run is a ``RecordError`` (one line, as for any bad field), nev
   token tables, tokens carry ``splits``; per-context bootstrap intervals, calibration by split
   regression; per-round noise (``rounds``), the depth-invariance check (``invariants``) and
   ``flags``. Older runs are upgraded: ``round = repeat * tokens + step``, intervals unknown, order
-  ``sequential`` (such a run cannot be resumed).
+  ``sequential`` (such a run cannot be resumed). The checks version 3 added run on the upgraded record
+  (``checked``): the depth-invariance figure over the contexts' means (the footer holds no rounds) and the
+  flags it and the contexts imply, so readers say what such a run never said.
 """
 
 from __future__ import annotations
 
+from harness import checks
 from harness.record import SCHEMA_VERSION, RunRecord
 from harness.typed import RecordError
 
@@ -105,4 +108,14 @@ def from_meta(meta: dict) -> tuple[RunRecord, int]:
     if not isinstance(meta, dict):
         raise RecordError("(top level)", f"expected an object, got {type(meta).__name__}")
     meta, v = upgrade(meta)
-    return RunRecord.from_dict(meta), v
+    rec = RunRecord.from_dict(meta)
+    if not rec.contexts:  # a sweep writes no run before its first round: every reader needs a context
+        raise RecordError("contexts", "empty: a run holds at least one measured context")
+    return (checked(rec) if v < 3 and rec.invariants is None and not rec.reference else rec), v
+
+
+def checked(rec: RunRecord) -> RunRecord:
+    """A run from before version 3 with the checks that version added, on its contexts' means."""
+    inv = checks.invariants(list(rec.contexts))
+    return rec.replace(invariants=inv, flags=tuple(checks.flags(list(rec.contexts), inv, [], cores=1, synthetic=(
+        rec.synthetic), complete=rec.complete, stop_reason=rec.stop_reason)))

@@ -216,6 +216,7 @@ def _one_line_error(capsys, rc: int, code: int, needle: str) -> None:
     ("fleet_bench", ["--engines", "polars"], "--engines"),
     ("predict_bench", ["--fit", "abc"], "--fit"),
     ("predict_bench", ["--fit", "13,99"], "--fit depth(s) 99 are not in --contexts"),
+    ("predict_bench", ["--contexts", "13,172", "--fit", "13,172"], "no depth is held out"),
     ("predict_bench", ["--rounds", "0"], "--rounds"),
     ("compare_bench", ["--runs", "0"], "--runs must be >= 1"),
     ("robust", ["--sweeps", "0"], "--sweeps"),
@@ -239,11 +240,11 @@ def test_bench_scripts_refuse_bad_arguments_in_one_line(script, args, needle, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # nothing made
 
 
-@pytest.mark.parametrize("script", ["robust", "same_depth"])
+@pytest.mark.parametrize("script", ["robust", "same_depth", "fleet_bench"])
 def test_keep_must_be_a_folder(script, tmp_path, capsys):
     f = tmp_path / "a-file"
     f.write_text("mine")
-    _one_line_error(capsys, globals()[script].main(["--keep", str(f)]), 2, "--keep: not a folder")
+    _one_line_error(capsys, globals()[script].main(["--keep", str(f)]), 2, "argument --keep: not a folder")
     assert f.read_text() == "mine"
 
 
@@ -280,6 +281,7 @@ def test_runs_without_op_rows_or_fitting_depths_are_refused(tiny_run, tmp_path, 
         _one_line_error(capsys, globals()[script].main(argv), 1, "op table has no rows")
     # the default --fit depths (13, 172, 658, 2048) against a run of 13, 40, 80: the missing ones are named
     _one_line_error(capsys, predict_bench.main(["--run", str(tiny_run)]), 2, "depth(s) 172, 658, 2048 not measured")
+    _one_line_error(capsys, predict_bench.main(["--run", str(tiny_run), "--fit", "13,40,80"]), 1, "no depth of")
 
 
 def test_results_are_saved_whole_and_never_replace_earlier_ones(tmp_path, capsys, monkeypatch):

@@ -109,6 +109,12 @@ def test_kv_source_in_process(run4, run_q8):
     assert predict.kv_source(run, "Q8_0", "q8_0", [q8]) is q8
     with pytest.raises(UsageError, match="cannot predict K q8_0, V f16"):
         predict.kv_source(run, "q8_0", None, [q8])
+    raw = store.Run(q8.path, q8.record.replace(contexts=tuple(c.replace(stage_ms_calibrated={}, stage_pct_calibrated={})
+                                                              for c in q8.record.contexts)), q8.ops)
+    with pytest.raises(store.InputError, match=r"another calibration than the run's \(raw vs calibrated\)"):
+        predict.kv_source(run, "q8_0", "q8_0", [raw])  # raw attention (profiling overhead in it) on calibrated stages
+    with pytest.raises(UsageError, match="'²' is not a depth"):
+        predict.parse_depths("13,²", "--depth")
 
 
 def test_plots_and_compare_show_the_model(run4, tmp_path):

@@ -135,6 +135,9 @@ def test_older_schema_is_upgraded_on_read(tiny_run, tmp_path):
     assert list(up.ops.columns) == list(read_run(tiny_run).ops.columns)
     assert sorted(set(up.tokens["round"])) == list(range(6))
     assert up.record.contexts[0].plain_ms_ci is None and up.record.contexts[0].stage_ms == v2["contexts"][0]["stage_ms"]
+    inv = up.record.invariants  # the check version 3 added, on the contexts' means; the flags it implies
+    assert inv.estimator == "mean" and inv.across_depths and "synthetic" in {f.kind for f in up.record.flags}
+    assert ("drift" in {f.kind for f in up.record.flags}) == (inv.max_disagreement_pct > inv.threshold_pct)
     # a version-1 file: no calibration fields yet
     t = pq.read_table(tmp_path / "v2.parquet")
     v1 = {**v2, "schema_version": 1, "params": {k: v for k, v in v2["params"].items() if k != "callback"}}
@@ -165,6 +168,7 @@ OLD_BAD = {  # a damaged version-1 or -2 footer: a one-line error naming the fie
     "v1 contexts int": (1, lambda m: m.__setitem__("contexts", 5), "field contexts: expected a list"),
     "v2 context text": (2, lambda m: m.__setitem__("contexts", ["a"]), r"field contexts[0]: expected an object"),
     "v2 tokens map": (2, lambda m: m.__setitem__("tokens", {"a": 1}), "field tokens: expected a list"),
+    "v2 no contexts": (2, lambda m: m.__setitem__("contexts", []), "field contexts: empty"),  # readers index them
     "v1 stage_ms list": (1, lambda m: [c.pop("stage_ms_calibrated") for c in m["contexts"]]
                          + [m["contexts"][0].__setitem__("stage_ms", [1, 2])], "field contexts[0].stage_ms"),
 }

@@ -212,3 +212,35 @@ def test_a_found_run_whose_op_table_is_damaged_loses_its_section_a_named_one_is_
     assert "damaged.parquet" in caplog.text and "no detailed section" in caplog.text and "<html" in html
     with pytest.raises(store.InputError, match="damaged.parquet"):
         report.build([str(bad), str(d / "good.parquet")])
+
+
+def test_what_a_reader_leaves_out_is_still_said(tiny_run, tiny_run_1t, tmp_path):
+    """Runs beyond --detail keep their flags in the summary; twin runs are their own SYNTHETIC rows in compare; raw
+    stage figures (no calibration, or --raw) say so in the header every reader shares, and in the table's CSV."""
+    import io
+
+    import pandas as pd
+
+    from analysis import fleet, plots, table
+
+    d = tmp_path / "runs"
+    flagged_copy(tiny_run, d / "a.parquet")
+    flagged_copy(tiny_run_1t, d / "b.parquet", flags=[DRIFT])
+    text = " ".join(parse(report.build([str(d)], detail=0)).text)
+    assert "No flags" not in text and "2 runs not detailed" in text and "1 run not detailed" in text
+    real = flagged_copy(tiny_run, d / "real.parquet", synthetic=False)  # the same model file, said to be real
+    names = fleet.group_names(fleet.group_runs(fleet.load_runs([str(d / "a.parquet"), str(real)])))
+    assert sorted("SYNTHETIC" in n for n in names) == [False, True]
+    rec = store.read_record(tiny_run)
+    raw = rec.replace(contexts=tuple(c.replace(stage_ms_calibrated={}, stage_pct_calibrated={}) for c in rec.contexts))
+    model = table.load_read_model(rec)
+    for r, cal, said in ((rec, True, ""), (raw, True, "This run has no calibration"), (rec, False, "Shown with --raw")):
+        head = " ".join(table.describe(r, model, cal))
+        assert f"{said}: stage ms are raw" in head if said else "stage ms are raw" not in head
+        csv = pd.read_csv(io.StringIO(table.render(r, model, "csv", calibrated=cal)))
+        assert set(csv["stage_figures"]) == {"raw" if said else "calibrated"}
+    assert "stage ms raw (no calibration)" in plots.make_figures(raw, model)["stage_ms"].axes[0].get_title()
+    inv = rec.invariants  # the invariance figure in words: within its threshold or beyond it
+    assert run_facts.agreement(inv.replace(max_disagreement_pct=1.0, threshold_pct=2.0)) == (
+        "agree within 1.00 % (threshold 2 %)")
+    assert run_facts.agreement(inv.replace(max_disagreement_pct=3.0)).startswith("disagree by up to 3.00 %")

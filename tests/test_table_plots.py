@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pandas as pd
 import pyarrow as pa
@@ -17,6 +18,7 @@ from conftest import run_cli
 
 from analysis import baseline, table
 from analysis.readmodel import seed_model
+from analysis.run_facts import agreement
 from harness import store
 from harness.errors import OutputError
 from harness.record import SCHEMA_VERSION
@@ -89,7 +91,7 @@ def test_table_on_tiny_run(tiny_run):
     r = run_cli("analysis.table", str(tiny_run))
     assert r.returncode == 0, r.stderr
     assert "read model: exact" in r.stdout and "| 40 |" in r.stdout and "FLAG synthetic" in r.stdout
-    assert "Depth-invariant stages agree within" in r.stdout
+    assert f"Depth-invariant stages {agreement(store.read_record(tiny_run).invariants)} across depths" in r.stdout
     assert "not measured (no roofline)" in r.stdout
 
     r = run_cli("analysis.table", str(tiny_run), "--format", "csv", "--model-variant", "exact_padded")
@@ -126,9 +128,7 @@ def test_plots_on_tiny_run(tiny_run, tmp_path):
 def test_an_uncalibrated_run_says_so_in_every_reader(tiny_run):
     """One rule (``RunRecord.calibrated``): shares are of the calibrated stage sum unless the run is not calibrated
     (``--calib-splits 0``, v1 runs); the sweep's summary, the table's header, the plot and compare's rows say which."""
-    import dataclasses
-
-    from analysis import compare, fleet, plots, table
+    from analysis import compare, compare_plots, fleet, plots, table
     from harness.sweep import format_summary
 
     rec = store.read_record(tiny_run)
@@ -137,12 +137,13 @@ def test_an_uncalibrated_run_says_so_in_every_reader(tiny_run):
     assert plots.plot_stage_shares(rec).axes[0].get_ylabel().startswith("% of calibrated stage sum")
     assert plots.plot_stage_shares(raw).axes[0].get_ylabel() == "% of profiled decode wall time"
     assert "stage ms are calibrated" in format_summary(rec) and "stage ms are raw" in format_summary(raw)
-    assert "no calibration" not in table.render(rec, table.load_read_model(rec))
-    assert "This run has no calibration: stage ms are raw." in table.render(raw, table.load_read_model(raw))
+    assert "This run has no calibration: stage ms are raw (" in table.render(raw, table.load_read_model(raw))
     g = fleet.group_runs(fleet.load_runs([tiny_run]))[0]
-    assert not any("uncalibrated" in r["flags"] for r in compare.pooled_rows(g, "g", 0))
-    g = dataclasses.replace(g, runs=tuple(dataclasses.replace(r, contexts=raw.contexts) for r in g.runs))
-    assert all("uncalibrated" in r["flags"] for r in compare.pooled_rows(g, "g", 0))
+    for c in (rec, raw):  # compare's rows flag the raw run; its share plot reads their typed column
+        rows = compare.pooled_rows(replace(g, runs=tuple(replace(r, contexts=c.contexts) for r in g.runs)), "g", 0)
+        assert all(("uncalibrated" in r["flags"]) == (c is raw) == (not r["calibrated"]) for r in rows)
+        y = compare_plots.plot_stage_share(pd.DataFrame(rows)).axes[0].get_ylabel()
+        assert y == ("% of stage sum (raw where uncalibrated)" if c is raw else "% of calibrated stage sum")
 
 
 def test_plots_are_written_whole_or_not_at_all(tiny_run, tmp_path, monkeypatch):
@@ -276,8 +277,7 @@ def test_invariant_stage_slope_off_zero_is_said_out_loud():
     assert list(off) == ["ffn"] and off["ffn"] == pytest.approx((-1.0, -2.0))
     rows["gemma3n_extra"] = [0.1, 0.05, 0.2, 0.0, 40, 2]  # off zero, but the model has no such stage (0 ms)
     ms["gemma3n_extra"] = 0.0
-    sl = pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS)
-    assert list(invariant_off_zero(sl, ctxs)) == ["ffn"]
+    assert list(invariant_off_zero(pd.DataFrame.from_dict(rows, "index", columns=SLOPE_COLUMNS), ctxs)) == ["ffn"]
 
 
 def test_table_says_which_invariant_slope_excludes_zero(tiny_run, monkeypatch):
@@ -290,7 +290,7 @@ def test_table_says_which_invariant_slope_excludes_zero(tiny_run, monkeypatch):
 
 def test_a_probe_slower_than_the_engine_is_said_to_be_no_roofline(tiny_run):
     """A memory-bound probe cannot be slower than the best stage the engine achieves; when it is, the table says so."""
-    from analysis import roofline, table
+    from analysis import roofline
     from harness.record import Bandwidth
     rec = store.read_record(tiny_run)
     model = table.load_read_model(rec)

@@ -1,0 +1,24 @@
+"""bench/suite.py end to end on the tiny twin: a stages sweep and an ops sweep (which has no calibration token),
+their overhead rows, mode agreement and roofline, as the README's figures are made."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+suite = importlib.import_module("suite")
+
+
+def test_suite_runs_stages_and_ops_sweeps(tiny_gguf, monkeypatch, capsys):
+    saved = {}
+    monkeypatch.setattr(suite, "save_results", lambda kind, payload: saved.setdefault(kind, payload))
+    assert suite.main(["--model", str(tiny_gguf), "--rounds", "2", "--skip", "twin,depth"]) == 0
+    res, out = saved["suite"], capsys.readouterr().out
+    assert [r["depth"] for r in res["stages"]] == [r["depth"] for r in res["ops"]] == [13, 172, 658]
+    assert all(r["sync_us"] is not None for r in res["stages"])
+    for key in ("mode_agreement_pp", "mode_agreement_calibrated_pp"):  # ops' raw shares against stages' own
+        assert len(res[key]) == 3 and all(0 <= v < 100 for v in res[key]), res[key]
+    assert "mode agreement, stages calibrated, ops raw" in out and "sweep cost" in out
