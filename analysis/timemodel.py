@@ -20,9 +20,11 @@
   squares on the per-depth mean calibrated ``attn_kv`` ms, in one of three forms: ``per-regime``,
   ``shared-slope`` (one b) or ``one-regime`` (one a, one b); a regime no fitting depth reaches uses
   another's parameters. The form is chosen by forward validation (``_choose_form``): fitted without
-  the deepest fitting depth, the form that predicts it best wins, among the forms that can be
-  fitted without it (a per-regime line through 512-2048 cells over-predicts deeper depths on a
-  CPU whose kernel gets cheaper per cell once a thread's KV slice leaves L2: bench/NOTES.md §8b).
+  the deepest fitting depth, each form that can be fitted without it predicts it; the simplest wins
+  unless a richer one predicts it better in >= 90 % of bootstrap resamples (a per-regime line through
+  512-2048 cells over-predicts deeper depths on a CPU whose kernel gets cheaper per cell once a
+  thread's KV slice leaves L2, and one depth's noise favours the form with more parameters:
+  bench/NOTES.md §8b, §21b).
 
 Intervals: every parameter, prediction and crossover is refitted on bootstrap resamples of rounds
 (``harness.stats.boot_indices``: depths paired by round, the split cost re-estimated per resample), in
@@ -50,7 +52,8 @@ REGIME_TEXT = {CHUNKED: "flash attention, query heads across threads (n_kv < 512
                SPLIT: "flash attention, KV cells across threads (n_kv >= 512, f16/f32 cache)",
                MATMUL: "no flash attention: kq/kqv matmuls over the n_kv view",
                OFFLOADED: "layers offloaded to a GPU: one regime"}
-FORMS = ("per-regime", "shared-slope", "one-regime")
+FORMS = ("per-regime", "shared-slope", "one-regime")  # richest first
+RICHER_SHARE = 0.90  # a richer form is taken when it predicts the held-out depth better in this share of resamples
 ATTN, FFN = stats.S[stages.ATTN_KV], stats.S[stages.FFN]
 
 
@@ -211,27 +214,37 @@ def _identified(x: np.ndarray) -> bool:
     return x.shape[0] >= x.shape[1] and np.linalg.matrix_rank(x) == x.shape[1]
 
 
-def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.ndarray, own: tuple[str, ...],
-                 use: dict[str, str]) -> tuple[str, str]:
+def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.ndarray, attn_boot: np.ndarray,
+                 own: tuple[str, ...], use: dict[str, str]) -> tuple[str, str]:
     """(form, note). Forward validation inside the fitting depths: every form still identified without the
-    deepest fitting depth is fitted on the others and predicts it; the smallest error wins (the model is
-    used to extrapolate, and a per-regime line can bend the wrong way past the depths it saw)."""
+    deepest fitting depth is fitted on the others and predicts it (the model is used to extrapolate, and a
+    per-regime line can bend the wrong way past the depths it saw). The simplest such form is taken unless a
+    richer one predicts better in >= RICHER_SHARE of the bootstrap resamples (``attn_boot``: (B, depths)): one
+    depth's error decides otherwise, and its noise favours the form with more parameters (bench/NOTES.md §21b)."""
     if len(forms) == 1 or len(fd) < 3:
         return forms[0], ""
     (count, mib), deepest = facts.layer_terms(fd[:-1]), facts.layer_terms(fd[-1:])
     regs = facts.all_regimes()
-    errors = {}
+    errors, boot = {}, {}
     for form in forms:
         x = _design(count, mib, regs, own, use, form)
         if _identified(x):
-            pred = _design(*deepest, regs, own, use, form) @ np.linalg.pinv(x) @ attn[:-1]
-            errors[form] = 100 * (pred[0] / attn[-1] - 1) if attn[-1] > 0 else np.inf
+            w = _design(*deepest, regs, own, use, form) @ np.linalg.pinv(x)  # (1, depths - 1)
+            with np.errstate(all="ignore"):
+                errors[form] = 100 * ((w @ attn[:-1])[0] / attn[-1] - 1) if attn[-1] > 0 else np.inf
+                boot[form] = np.abs(100 * ((attn_boot[:, :-1] @ w[0]) / attn_boot[:, -1] - 1))
     if not errors:
         return forms[0], ""
+    simplest_first = sorted(errors, key=FORMS.index, reverse=True)
     best = min(errors, key=lambda f: abs(errors[f]))
+    beats = {f: float(np.mean(boot[best] < boot[f])) for f in errors if f != best}  # NaN resamples count as not
+    form = next(f for f in simplest_first if f == best or beats[f] < RICHER_SHARE)
     shown = ", ".join(f"{f} {e:+.1f} %" for f, e in errors.items())
-    return best, (f"form chosen by forward validation (fitted on {', '.join(map(str, fd[:-1]))}, attn_kv at "
-                  f"{fd[-1]} predicted: {shown}): {best}")
+    why = (f"{best} closest, better in {100 * beats[form]:.0f} % of resamples (< {100 * RICHER_SHARE:.0f} %): the "
+           "simpler form" if form != best else f"{form} closest" + (f", better in {100 * min(beats.values()):.0f} %"
+                                                                    f" of resamples" if beats else ""))
+    return form, (f"form chosen by forward validation (fitted on {', '.join(map(str, fd[:-1]))}, attn_kv at "
+                  f"{fd[-1]} predicted: {shown}; {why}): {form}")
 
 
 def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
@@ -253,7 +266,7 @@ def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:
     if not forms:
         raise InputError(f"cannot fit attention over the KV cache: the fitting depths {', '.join(map(str, fd))} "
                          "do not tell a fixed cost from a per-byte cost (they read the same KV bytes)")
-    form, why = _choose_form(forms, facts, fd, dm.stage[idx, ATTN], own, use)
+    form, why = _choose_form(forms, facts, fd, dm.stage[idx, ATTN], dm.stage_boot[:, idx, ATTN], own, use)
     notes += [why] if why else []
     x = _design(count, mib, regs, own, use, form)
     if not dm.calibrated:

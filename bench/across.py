@@ -84,7 +84,8 @@ def pair_ratios(a: tuple[str, list[dict]], b: tuple[str, list[dict]]) -> dict[st
     ms at the shallowest and the deepest depth (not paired: the two sweeps ran minutes apart)."""
     (na, ra), (nb, rb) = a, b
     ia, ib = [_pair_index(r) for r in ra], [_pair_index(r) for r in rb]
-    if None not in ia + ib:  # pair by the pair number in the labels, whatever order the runs came in
+    if None not in ia + ib and len(set(ia)) == len(ia) and len(set(ib)) == len(ib):  # pair by the pair number in
+        # the labels, whatever order the runs came in (a number seen twice: runs pooled from several sessions)
         by_b = dict(zip(ib, rb, strict=True))
         pairs, how = [(x, by_b[i]) for i, x in zip(ia, ra, strict=True) if i in by_b], "by pair number"
     else:
