@@ -132,10 +132,10 @@ def build(paths: list[str], variant: str = "auto", model_path: str | None = None
         if r.path not in shown:
             for kind in {*r.flags, *["synthetic"] * r.synthetic, *["incomplete"] * (not r.complete)}:
                 rest.setdefault(kind, []).append(f"{r.label} ({Path(r.path).name})")
-    all_flags = sorted([*((", ".join(who), f) for f, who in runs_by_flag.items()),
-                        *(run_facts.brief(k, v) for k, v in sorted(rest.items()))],
-                       key=lambda wf: wf[1].level != run_facts.WARNING)
     compared = len(runs) > 1
+    all_flags = sorted([*((", ".join(who), f) for f, who in runs_by_flag.items()),
+                        *(run_facts.brief(k, v, compared) for k, v in sorted(rest.items()))],
+                       key=lambda wf: wf[1].level != run_facts.WARNING)
     if compared:
         sections.insert(0, comparison_section(runs, baseline, fleet.resolve_engine(engine, len(runs))))
     title = title or ("Decode profile: " + ", ".join(sorted({r.label for r in runs})[:4])

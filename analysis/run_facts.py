@@ -56,10 +56,10 @@ BRIEF = {"synthetic": "Synthetic twin: random weights; timings carry over, the t
          "calibration": "Calibrated stage ms do not add up to the plain ms/token in some context."}
 
 
-def brief(kind: str, runs: list[str]) -> tuple[str, Flag]:
+def brief(kind: str, runs: list[str], compared: bool) -> tuple[str, Flag]:
     """A flag kind raised by runs the report does not detail (``--detail``): who, and what the kind means."""
     who = f"{len(runs)} run{'s' * (len(runs) != 1)} not detailed: {', '.join(runs[:5])}{' …' * (len(runs) > 5)}"
-    return who, Flag(kind, BRIEF.get(kind, f"Flagged {kind}.") + " The comparison's rows show it.",
+    return who, Flag(kind, BRIEF.get(kind, f"Flagged {kind}.") + " The comparison's rows show it." * compared,
                      INFO if kind in INFO_KINDS else WARNING)
 
 

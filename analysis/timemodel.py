@@ -225,7 +225,7 @@ def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.nd
         return forms[0], ""
     (count, mib), deepest = facts.layer_terms(fd[:-1]), facts.layer_terms(fd[-1:])
     regs = facts.all_regimes()
-    errors, boot = {}, {}
+    errors, boot = {}, {}  # each form's error at the deepest depth, and its |error| per resample
     for form in forms:
         x = _design(count, mib, regs, own, use, form)
         if _identified(x):
@@ -235,16 +235,17 @@ def _choose_form(forms: list[str], facts: AttnFacts, fd: np.ndarray, attn: np.nd
                 boot[form] = np.abs(100 * ((attn_boot[:, :-1] @ w[0]) / attn_boot[:, -1] - 1))
     if not errors:
         return forms[0], ""
-    simplest_first = sorted(errors, key=FORMS.index, reverse=True)
-    best = min(errors, key=lambda f: abs(errors[f]))
-    beats = {f: float(np.mean(boot[best] < boot[f])) for f in errors if f != best}  # NaN resamples count as not
-    form = next(f for f in simplest_first if f == best or beats[f] < RICHER_SHARE)
+    simplest_first, pct, parts = sorted(errors, key=FORMS.index, reverse=True), f"{100 * RICHER_SHARE:.0f} %", []
+    for i, form in enumerate(simplest_first):  # the simplest form no richer one beats in >= RICHER_SHARE
+        wins = {g: float(np.mean(boot[g] < boot[form])) for g in simplest_first[i + 1:]}  # NaN: not a win
+        shares = ", ".join(f"{g} better in {100 * w:.0f} %" for g, w in wins.items())
+        if not any(w >= RICHER_SHARE for w in wins.values()):
+            parts += [f"{form} kept, no richer form better in >= {pct} of resamples ({shares})"] if wins else []
+            break
+        parts.append(f"{form} beaten ({shares} of resamples)")
     shown = ", ".join(f"{f} {e:+.1f} %" for f, e in errors.items())
-    why = (f"{best} closest, better in {100 * beats[form]:.0f} % of resamples (< {100 * RICHER_SHARE:.0f} %): the "
-           "simpler form" if form != best else f"{form} closest" + (f", better in {100 * min(beats.values()):.0f} %"
-                                                                    f" of resamples" if beats else ""))
     return form, (f"form chosen by forward validation (fitted on {', '.join(map(str, fd[:-1]))}, attn_kv at "
-                  f"{fd[-1]} predicted: {shown}; {why}): {form}")
+                  f"{fd[-1]} predicted: {shown}; {'; '.join(parts) or 'the only one checked'}): {form}")
 
 
 def fit(dm: DepthMeans, facts: AttnFacts, fit_depths=None) -> TimeModel:

@@ -194,7 +194,7 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
         lo, hi = c.overhead_ratio_ci or (c.overhead_ratio, c.overhead_ratio)
         if c.overhead_ratio is None:
             continue
-        if hi < 1.0:
+        if c.overhead_ratio_ci is not None and hi < 1.0:  # a run without the interval (before v3): not judged
             out.append(Flag("overhead", f"profiled pass faster than plain (x{c.overhead_ratio:.3f}, 95 % "
                             f"[{lo:.3f}, {hi:.3f}]): the device changed speed between passes", c.context))
         elif c.overhead_ratio > norm + OVERHEAD_EXCESS:

@@ -198,3 +198,14 @@ def test_noise_is_shared_over_every_cpu_and_missing_counters_stay_unknown(monkey
     assert device.noise_between(before, {**before, "busy_s": 2.0, "t": 1.0})["steal_s"] is None
     monkeypatch.setattr(device, "LIVE_CLOCK", False)
     assert device.sample_sensors()["cpu_mhz"] is None
+
+
+def test_a_profiled_pass_faster_than_plain_is_judged_on_its_interval():
+    """Below x1.0 with an interval wholly below it: flagged. A run from before intervals (version 1/2, checked on
+    read) has only the point ratio, and a point below 1 is noise-level: not flagged."""
+    c = ContextSummary(context="short", depth=13, timed_tokens=40, plain_ms=100.0, profiled_ms=99.0, stage_ms={},
+                       stage_pct={}, covered_pct=99.8, attributed_pct=100.0, overhead_ratio=0.99)
+    for ci, flagged in (((0.98, 0.995), True), ((0.98, 1.002), False), (None, False)):
+        fl = checks.flags([c.replace(overhead_ratio_ci=ci)], None, [], cores=2, synthetic=False, complete=True,
+                          stop_reason=None)
+        assert any("faster than plain" in f.message for f in fl) == flagged, ci
