@@ -25,7 +25,8 @@ device changing between sweeps (I2: the share of the between-sweep variance beyo
 sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
 depth-invariant stage ms at the shallowest depth. ``--summarize JSON ...`` prints these across-sweep
 figures again from saved results, pooling their sweeps; ``--runs`` computes every figure again from kept
-runs. ``--vary SETTING=A,B`` (a sweep list setting: threads, flash_attn, cache_type_k, ...; ``--threads 2,1``
+runs (a copy read once, a run that a later one continued left out, as ``analysis.compare`` does).
+``--vary SETTING=A,B`` (a sweep list setting: threads, flash_attn, cache_type_k, ...; ``--threads 2,1``
 is ``--vary threads=2,1``) alternates the sweeps over the values (the order reversed every other time, so each
 runs as often first as second), prints the across-sweep figures per value, and the ratios A / B of each
 adjacent pair; ``--runs`` groups kept runs by the settings they recorded that differ.
@@ -54,6 +55,7 @@ from across import (  # noqa: E402
     save_results,
 )
 
+from analysis import fleet  # noqa: E402
 from analysis.slope import invariant_off_zero, run_slopes  # noqa: E402
 from harness import checks, stats  # noqa: E402
 from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
@@ -62,6 +64,7 @@ from harness.errors import InputError, UsageError  # noqa: E402
 from harness.store import read_run  # noqa: E402
 from harness.twin import DEFAULT_MODEL, ensure_default_model  # noqa: E402
 
+SET_HERE = {"-m", "--model", "-c", "--contexts", "-r", "--rounds", "-o", "--out", "--layout", "--label"}
 TARGETS = {"invariant_pct": 2.0, "rise_agreement_pct": 10.0, "slope_spread_pct": SLOPE_SPREAD_TARGET_PCT,
            "overhead": 1.03, "sweep_s": 180.0}
 
@@ -166,6 +169,15 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if a.threads and a.vary:
         raise UsageError("give --threads or --vary, not both")
+    clash = [x for x in a.extra if x.split("=", 1)[0] in SET_HERE or "," in x]  # each sweep must write one run,
+    if clash:  # named as one_sweep reads it
+        raise UsageError(f"extra sweep flags {' '.join(clash)}: robust.py sets the model, contexts, rounds, output "
+                         "and label itself and reads one run per sweep (a list of settings: --vary)")
+    if a.runs:  # copies of a run read once, a run that a later one continued (--resume) left out: as compare does
+        kept = {r.path for r in fleet.load_runs(a.runs)}
+        if len(kept) < len(a.runs):
+            print(f"{len(a.runs) - len(kept)} of the runs given left out (a copy, or continued by a later run)")
+        a.runs = [r for r in dict.fromkeys(a.runs) if str(r) in kept]
     arms = parse_vary(f"threads={a.threads}", least=1) if a.threads else parse_vary(a.vary)
     plan = [(None, None)] * len(a.runs) if a.runs else [
         (i, arm) for i in range(a.sweeps) for arm in (arms if i % 2 == 0 else arms[::-1])]

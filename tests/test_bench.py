@@ -117,6 +117,8 @@ def _one_line_error(capsys, rc: int, code: int, needle: str) -> None:
     ("robust", ["--sweeps", "0"], "--sweeps"),
     ("robust", ["--sweeps", "-3"], "--sweeps"),
     ("robust", ["--threads", "2", "--vary", "flash_attn=on,off"], "not both"),
+    ("robust", ["--", "-fa", "on,off"], "extra sweep flags on,off: robust.py sets"),
+    ("robust", ["--", "--layout=hive"], "extra sweep flags --layout=hive"),
     ("same_depth", ["--sweeps", "0"], "--sweeps"),
     ("same_depth", ["--depths", "13,x"], "--depths"),
     ("paired_settings", ["--vary", "fa=on,off"], "--vary takes SETTING=A,B"),
