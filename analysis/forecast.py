@@ -59,6 +59,11 @@ def fit_run(run: store.Run, fit_depths=None, n_boot: int = stats.N_BOOT, seed: i
     return fit(dm, facts, fit_depths), dm
 
 
+def limit_words(known: bool) -> str:
+    """What the depth limit is: the model's context length, or ``NO_CONTEXT_LENGTH_LIMIT`` when it gives none."""
+    return "the model's context length" if known else "the search limit (no context length known)"
+
+
 def search_limit(facts: AttnFacts) -> int:
     """Depths searched for crossovers: below the model's context length (a depth L needs L + 1 cells)."""
     return facts.context_length or NO_CONTEXT_LENGTH_LIMIT
@@ -121,7 +126,7 @@ class Crossover:
 
     @property
     def limit_text(self) -> str:
-        return "the model's context length" if self.limit_known else "the search limit (no context length known)"
+        return limit_words(self.limit_known)
 
     def text(self) -> str:
         return f"{self.depth:,}" if self.depth is not None else f"beyond {self.limit_text} ({self.limit:,})"

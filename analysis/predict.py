@@ -242,8 +242,8 @@ def _main(argv: list[str] | None) -> int:
     depths = depths if depths is not None else default_depths(dm, limit)
     beyond = [d for d in depths if d >= limit]
     if beyond:
-        known = "the model's context length" if tm.facts.context_length else "the search limit (no context length)"
-        raise UsageError(f"--depth {beyond[0]} is beyond {known} ({limit:,} tokens: depths up to {limit - 1:,})")
+        raise UsageError(f"--depth {beyond[0]} is beyond {forecast.limit_words(bool(tm.facts.context_length))} "
+                         f"({limit:,} tokens: depths up to {limit - 1:,})")
     sys.stdout.write(render(run, tm, forecast.predict(tm, depths), forecast.crossovers(tm), val, a.format))
     return 0
 

@@ -95,9 +95,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     sl = slopes.loc["attn_kv"]
     inv, flags = rec.invariants, rec.flags  # a run made before the current check (no judged stages, another
     if not inv.judged or inv.estimator != checks.ESTIMATOR:  # estimator): redo it, and the flags that follow
-        inv = checks.invariants(list(rec.contexts), rd)
-        flags = checks.flags(list(rec.contexts), inv, list(rec.rounds), cores=rec.device.logical_cores or 1,
-                             synthetic=rec.synthetic, complete=rec.complete, stop_reason=rec.stop_reason)
+        inv, flags = checks.rechecked(rec, rd)
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * (rec.device.logical_cores or rec.params.threads)  # all CPUs
     return {

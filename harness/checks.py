@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 
 from harness import stages, stats
-from harness.record import ContextSummary, Flag, Invariants, RoundNoise
+from harness.record import ContextSummary, Flag, Invariants, RoundNoise, RunRecord
 
 INVARIANT_STAGES = (stages.FFN, stages.LM_HEAD, stages.ATTN_PROJ, stages.GEMMA3N_EXTRA, stages.NORM)
 INVARIANT_THRESHOLD_PCT = 2.0  # largest allowed (max - min) / mean across depths of an invariant stage
@@ -191,12 +191,12 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
     ratios = [c.overhead_ratio for c in contexts if c.overhead_ratio is not None]
     norm = float(np.median(ratios)) if ratios else 1.0
     for c in contexts:
-        lo, hi = c.overhead_ratio_ci or (c.overhead_ratio, c.overhead_ratio)
+        ci = c.overhead_ratio_ci  # None: a run from before intervals (version 1/2), not judged on a point
         if c.overhead_ratio is None:
             continue
-        if c.overhead_ratio_ci is not None and hi < 1.0:  # a run without the interval (before v3): not judged
+        if ci is not None and ci[1] < 1.0:
             out.append(Flag("overhead", f"profiled pass faster than plain (x{c.overhead_ratio:.3f}, 95 % "
-                            f"[{lo:.3f}, {hi:.3f}]): the device changed speed between passes", c.context))
+                            f"[{ci[0]:.3f}, {ci[1]:.3f}]): the device changed speed between passes", c.context))
         elif c.overhead_ratio > norm + OVERHEAD_EXCESS:
             out.append(Flag("overhead", f"profiled/plain x{c.overhead_ratio:.3f} is far above the run's norm "
                             f"(x{norm:.3f})", c.context))
@@ -213,3 +213,12 @@ def flags(contexts: list[ContextSummary], inv: Invariants | None, rounds: list[R
         out.append(Flag("noise", f"other processes used {100.0 * others / wall:.1f} % of the CPU during "
                         "measurement"))
     return out
+
+
+def rechecked(rec: RunRecord, rd: stats.RoundData | None = None) -> tuple[Invariants | None, list[Flag]]:
+    """A stored run's invariance check and flags computed again with the current code (a run made before it:
+    version 1/2 on read, or an older estimator); ``rd``: its rounds, else the contexts' means are judged."""
+    contexts = list(rec.contexts)
+    inv = invariants(contexts, rd)
+    return inv, flags(contexts, inv, list(rec.rounds), cores=rec.device.logical_cores or 1, synthetic=rec.synthetic,
+                      complete=rec.complete, stop_reason=rec.stop_reason)

@@ -116,6 +116,5 @@ def from_meta(meta: dict) -> tuple[RunRecord, int]:
 
 def checked(rec: RunRecord) -> RunRecord:
     """A run from before version 3 with the checks that version added, on its contexts' means."""
-    inv = checks.invariants(list(rec.contexts))
-    return rec.replace(invariants=inv, flags=tuple(checks.flags(list(rec.contexts), inv, [], cores=1, synthetic=(
-        rec.synthetic), complete=rec.complete, stop_reason=rec.stop_reason)))
+    inv, flags = checks.rechecked(rec)  # no rounds in such a run: the noise flags have nothing to judge
+    return rec.replace(invariants=inv, flags=tuple(flags))
