@@ -133,10 +133,23 @@ def engine_rows(rec: RunRecord) -> list[tuple[str, str]]:
                   ("thread environment", " ".join(f"{k}={v}" for k, v in p.thread_env.items()) or None),
                   ("split cost (calibration)", f"{rec.contexts[0].sync_us:.2f} us per split"
                    if rec.contexts and rec.contexts[0].sync_us is not None else None),
+                  ("stage shares, every node timed", modes(rec)),
                   ("depth-invariant stages", f"{agreement(rec.invariants)}; {rec.invariants.stage} worst; "
                    f"{rec.invariants.estimator}s over rounds"
                    if rec.invariants and rec.invariants.across_depths else None),
                   ("load / sweep time", f"{t.load_s:.3g} s / {t.sweep_s:.3g} s" if t else None)])
+
+
+def modes(rec: RunRecord) -> str | None:
+    """The largest calibrated share difference between the calibration tokens (every node timed) and the stages
+    tokens of the same rounds, over the contexts; None when the run kept no such tokens."""
+    cs = [c for c in rec.contexts if c.mode_agreement_pp is not None]
+    if not cs:
+        return None
+    c = max(cs, key=lambda c: c.mode_agreement_pp)
+    s = max(c.mode_diff_pp, key=lambda k: abs(c.mode_diff_pp[k]))
+    return (f"minus stages mode, paired by round: largest difference {c.mode_diff_pp[s]:+.2f} points ({s}, depth "
+            f"{c.depth}, {c.ops_rounds} rounds)")
 
 
 def system_info(rec: RunRecord) -> str:

@@ -6,7 +6,11 @@ Every figure is a ratio or share measured within one run, with its 95 % bootstra
 - capture overhead: profiled / plain decode ms/token per context, for stages and ops modes
   (every round decodes each depth plain and profiled, pass order alternating);
 - attribution: share of profiled wall time covered by ops, and by stages with host included;
-- mode agreement: |stage share in ops mode - in stages mode|, in percentage points (max over stages);
+- mode agreement: |stage share in ops mode - in stages mode|, in percentage points (max over stages), paired by
+  round: the stages sweep's calibration tokens time every node (an ops-mode token at a rotating depth), compared
+  with the stages token of the same round and depth, both calibrated (``stats.mode_diff``); and, unpaired, the
+  ops sweep's shares against the stages sweep's (two sweeps a minute apart: the device's state between them is
+  in that figure, bench/NOTES.md §22);
 - depth consistency: attn_kv ms/token rise from depth 13 to 4096 vs the plain wall-time rise (both
   resident, measured round-robin);
 - roofline: plain ms/token / (read-model bytes per token / measured bandwidth), and achieved GB/s per stage;
@@ -58,7 +62,8 @@ def overhead_rows(run) -> list[dict]:
                      "overhead_ci95": (hi - lo) / 2, "syncs": c.syncs_per_token, "covered_pct": c.covered_pct,
                      "attributed_pct": c.attributed_pct, "stage_pct": c.stage_pct,  # shares calibrated where they are:
                      "stage_pct_cal": {s: c.share(s) for s in STAGES}, "sync_us": c.sync_us,  # ops mode has none
-                     "noop_sync_us": c.noop_sync_us, "calibrated_sum_pct": c.calibrated_sum_pct})
+                     "noop_sync_us": c.noop_sync_us, "calibrated_sum_pct": c.calibrated_sum_pct,
+                     "ops_rounds": c.ops_rounds, "mode_diff_pp": c.mode_diff_pp, "mode_diff_pp_ci": c.mode_diff_pp_ci})
     return rows
 
 
@@ -110,6 +115,7 @@ def _main(argv: list[str] | None) -> int:
                              "prefill_tokens": rec.timing.prefill_tokens}
         res["stages"] = overhead_rows(stages)
         res["roofline"] = roofline_rows(stages)
+        res["mode_agreement_paired_pp"] = [c.mode_agreement_pp for c in rec.sorted_contexts()]
         if "ops" not in skip:
             ops, _ = sweep(a, Path(d), "ops", "--mode", "ops", "--no-probe")
             res["ops"] = overhead_rows(ops)
@@ -149,10 +155,12 @@ def report(res: dict) -> None:
     for mode in ("stages", "ops"):
         p(f"split cost (regression), {mode}: " + ", ".join(us(r["sync_us"]) for r in res.get(mode, []))
           + " us; no-op view " + ", ".join(us(r["noop_sync_us"]) for r in res.get(mode, [])) + " us")
+    p("mode agreement, paired by round (the stages sweep's calibration tokens time every node; both calibrated; "
+      "max |ops - stages| stage share, pp [95 % CI], rounds): " + ", ".join(_paired(r) for r in res["stages"]))
     for key, what in (("mode_agreement_pp", "raw"),  # ops mode asks every node: no calibration token, raw shares
                       ("mode_agreement_calibrated_pp", "stages calibrated, ops raw")):
         if key in res:
-            p(f"mode agreement, {what} (max |ops - stages| stage share, pp): "
+            p(f"mode agreement, unpaired (two sweeps), {what} (max |ops - stages| stage share, pp): "
               + ", ".join(f"{r['context']} {v:.2f}" for r, v in zip(res["stages"], res[key], strict=True)))
     if "depth" in res:
         dd = res["depth"]
@@ -171,6 +179,15 @@ def report(res: dict) -> None:
         t = res["twin"]
         p(f"twin generation (E4B Q4_K_M): {t['wall_s']:.1f} s, peak RSS {t['peak_rss_gib']:.2f} GiB, "
           f"{t['file_gb']:.2f} GB")
+
+
+def _paired(r: dict) -> str:
+    if not r.get("mode_diff_pp"):
+        return f"{r['context']} n/a"
+    s = max(r["mode_diff_pp"], key=lambda k: abs(r["mode_diff_pp"][k]))
+    lo, hi = r["mode_diff_pp_ci"][s]
+    return f"{r['context']} {abs(r['mode_diff_pp'][s]):.2f} ({s} {r['mode_diff_pp'][s]:+.2f} [{lo:+.2f}, {hi:+.2f}], " \
+           f"{r['ops_rounds']})"
 
 
 def main(argv: list[str] | None = None) -> int:

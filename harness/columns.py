@@ -19,3 +19,8 @@ SPLITS = "splits"  # graph splits (asked boundaries) of the token: 0 for plain
 WALL_US = "wall_us"
 TOKEN_COLUMNS = (CONTEXT, DEPTH, ROUND, PASS, SPLITS, WALL_US)
 PLAIN, PROFILED, CALIBRATION = "plain", "profiled", "calibration"
+
+# the calibration token's segments summed per stage (a token that asked every node: an ops-mode token in the
+# stages run's round), stored in the run metadata (RunRecord.calibration_stages)
+SEGMENTS = "segments"  # timed segments (graph splits) summed into the row; 0 for host
+CALIB_STAGE_COLUMNS = (CONTEXT, DEPTH, ROUND, STAGE, SEGMENTS, TIME_US)

@@ -185,16 +185,18 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
     ops = pd.DataFrame(m.op_rows, columns=list(columns.OP_COLUMNS))
     tokens = pd.DataFrame(m.token_rows, columns=list(columns.TOKEN_COLUMNS))
     noise = [RoundNoise.from_dict(x) for x in m.noise]
+    calib = [tuple(r) for r in m.calib_rows]
     if resume is not None:
         ops = pd.concat([resume.ops[list(columns.OP_COLUMNS)], ops], ignore_index=True)
         tokens = pd.concat([resume.tokens, tokens], ignore_index=True)
         noise = list(resume.record.rounds) + noise
+        calib = list(resume.record.calibration_stages) + calib
     if not len(tokens):
         if failure is not None:
             raise failure
         raise Interrupted(f"stopped by {stop.reason} before any round completed; no run written",
                           130 if stop.reason == "SIGINT" else 143)
-    record = build_record(cfg, ops, tokens, noise, extras, info, model, model_hash, model_path, dev, threads,
+    record = build_record(cfg, ops, tokens, calib, noise, extras, info, model, model_hash, model_path, dev, threads,
                           bandwidth, Timing(load_s=load_s, sweep_s=sweep_s, prefill_tokens=cfg.max_depth),
                           stop, resume, fa_resolved, callback, pool)
     target = store.run_path(cfg.out, record.label, model_path.stem, cfg.layout)
@@ -210,9 +212,9 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
     return path
 
 
-def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, model_hash, model_path, dev, threads,
+def build_record(cfg: SweepConfig, ops, tokens, calib, noise, extras, info, model, model_hash, model_path, dev, threads,
                  bandwidth, timing, stop, resume, fa_resolved, callback, pool) -> RunRecord:
-    rd = stats.round_data(ops, tokens)
+    rd = stats.round_data(ops, tokens, pd.DataFrame(calib, columns=list(columns.CALIB_STAGE_COLUMNS)))
     summaries, cost_us, cost_ci = stats.summarize(rd)
     contexts = []
     for s in summaries:
@@ -246,6 +248,7 @@ def build_record(cfg: SweepConfig, ops, tokens, noise, extras, info, model, mode
         device=DeviceMeta(**dev, bandwidth=Bandwidth.from_dict(bandwidth) if bandwidth else None,
                           peak_rss_bytes=device.peak_rss_bytes()),
         contexts=tuple(contexts), tokens=tuple(tuple(r) for r in tokens.itertuples(index=False, name=None)),
+        calibration_stages=tuple(calib),
         harness_version=__version__, engine_version=engine.engine_version(), system_info=engine.system_info(),
         backend_devices=tuple(engine.backend_devices()), stop_reason=stop.reason,
         resumed_from=resume.path if resume else None, synthetic=info.synthetic, timing=timing, rounds=tuple(noise),

@@ -17,7 +17,8 @@ from harness.typed import Record
 SCHEMA_VERSION = 3
 UNITS = {"time_us": "microseconds", "wall_us": "microseconds", "*_ms": "milliseconds", "*_us": "microseconds",
          "*_s": "seconds", "*_bytes": "bytes", "*_gbps": "1e9 bytes per second", "*_pct": "percent",
-         "*_mhz": "megahertz", "*_c": "degrees Celsius", "*_ci": "95 % interval [low, high] of the field it names"}
+         "*_pp": "percentage points", "*_mhz": "megahertz", "*_c": "degrees Celsius",
+         "*_ci": "95 % interval [low, high] of the field it names"}
 
 
 Interval = tuple[float, float]
@@ -135,6 +136,10 @@ class ContextSummary(Record):
     stage_ms_calibrated_ci: dict[str, Interval] = field(default_factory=dict)
     stage_pct_calibrated: dict[str, float] = field(default_factory=dict)
     calibrated_sum_pct: float | None = None  # sum of calibrated stage ms / plain ms x 100
+    ops_rounds: int = 0  # rounds whose calibration token (every node timed: an ops-mode token) was at this depth
+    ops_pct_calibrated: dict[str, float] = field(default_factory=dict)  # those tokens' calibrated stage shares
+    mode_diff_pp: dict[str, float] = field(default_factory=dict)  # ops - stages calibrated share, on those rounds
+    mode_diff_pp_ci: dict[str, Interval] = field(default_factory=dict)
     prefill_s: float | None = None
     n_nodes: int | None = None
     syncs_per_token: int | None = None
@@ -148,6 +153,11 @@ class ContextSummary(Record):
         """Whether this context has calibrated stage figures (the run had calibration tokens): the one rule
         every reader uses; ``stage``/``share`` fall back to the raw profiled figures otherwise."""
         return bool(self.stage_ms_calibrated)
+
+    @property
+    def mode_agreement_pp(self) -> float | None:
+        """Largest |ops - stages| calibrated stage share (points), paired by round; None without ops-mode tokens."""
+        return max(abs(v) for v in self.mode_diff_pp.values()) if self.mode_diff_pp else None
 
     def stage(self, name: str, calibrated: bool = True) -> float:
         """Stage ms/token; calibrated when the run has calibrated figures."""
@@ -221,6 +231,7 @@ class RunRecord(Record):
     device: DeviceMeta
     contexts: tuple[ContextSummary, ...]
     tokens: tuple[tuple[str, int, int, str, int, float], ...]  # columns.TOKEN_COLUMNS rows
+    calibration_stages: tuple[tuple[str, int, int, str, int, float], ...] = ()  # columns.CALIB_STAGE_COLUMNS rows
     schema_version: int = SCHEMA_VERSION
     harness_version: str = ""
     engine: str = "llama.cpp via llama-cpp-python"

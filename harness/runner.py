@@ -9,7 +9,9 @@
 2. ``measure``: each round decodes one token at every depth, plain and profiled, in an order that
    rotates from round to round (and alternates which pass goes first), so drift hits every depth
    alike; one depth per round (rotating) also decodes a calibration token with extra graph splits.
-   Every token is decoded at exactly depth L and rolled back. A round is kept whole or not at all.
+   Every token is decoded at exactly depth L and rolled back. A round is kept whole or not at all. A
+   calibration token that asks every node is an ops-mode token: its segments are kept summed per stage, to
+   compare the two modes paired by round (``stats.mode_diff``).
 
 Stops cleanly between tokens when a stop is requested (SIGINT/SIGTERM).
 """
@@ -77,6 +79,7 @@ class Measured:
     op_rows: list = field(default_factory=list)
     token_rows: list = field(default_factory=list)
     noise: list = field(default_factory=list)  # dicts of record.RoundNoise fields
+    calib_rows: list = field(default_factory=list)  # calibration tokens per stage (columns.CALIB_STAGE_COLUMNS)
     rounds_done: int = 0
 
 
@@ -145,6 +148,18 @@ def _profiled(res: Resident, r: int, tok: int, ops: list, toks: list) -> None:
     ops.append((res.label, res.depth, r, -1, -1, "host", -1, "HOST", stages.HOST, p.host_ns / 1000.0))
 
 
+def _per_stage(res: Resident, r: int, p) -> list:
+    """A token's segments summed per stage (host as its own row), as columns.CALIB_STAGE_COLUMNS rows."""
+    time_us: dict[str, float] = {}
+    segs: dict[str, int] = {}
+    for seg in p.segments:
+        s = res.cap.stages[seg.node_last]
+        time_us[s] = time_us.get(s, 0.0) + seg.time_ns / 1000.0
+        segs[s] = segs.get(s, 0) + 1
+    rows = [(res.label, res.depth, r, s, segs[s], t) for s, t in time_us.items()]
+    return rows + [(res.label, res.depth, r, stages.HOST, 0, p.host_ns / 1000.0)]
+
+
 def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: int, stop: StopFlag,
             progress=None) -> Measured:
     """Run the rounds; a round interrupted by a stop is dropped whole."""
@@ -154,6 +169,7 @@ def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: in
         before = device.cpu_counters()
         ops: list = []
         toks: list = []
+        calib: list = []
         order = round_order(n, r)
         for j in order:
             if stop:
@@ -169,10 +185,13 @@ def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: in
             res = residents[r % n]
             p = res.cap.step(res.prof, tok, extra_splits=calib_splits)
             toks.append((res.label, res.depth, r, columns.CALIBRATION, p.n_splits, p.wall_ns / 1000.0))
+            if p.n_splits == len(res.cap.nodes) > res.cap.syncs_per_token:  # every node asked, more than the mode
+                calib = _per_stage(res, r, p)  # asks: an ops-mode token, compared with the round's stages token
         noise = device.noise_between(before, device.cpu_counters())
         sensors = device.sample_sensors()
         m.op_rows += ops
         m.token_rows += toks
+        m.calib_rows += calib
         m.noise.append({"round": r, "order": [residents[j].depth for j in order], **noise,
                         "cpu_mhz": sensors["cpu_mhz"], "temp_c": sensors["temp_c"]})
         m.rounds_done += 1

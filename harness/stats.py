@@ -9,7 +9,9 @@ paired by round (the same resampled rounds for all depths).
 Calibration: the profiled pass pays one graph split per timed segment. Once per round one depth
 also decodes a *calibration* token with k extra splits; the cost of one split is the mean wall
 difference (calibration - profiled, same round and depth) / k. Calibrated stage ms subtract
-segments x that cost; their sum is compared with the plain ms/token (``calibrated_sum_pct``).
+segments x that cost; their sum is compared with the plain ms/token (``calibrated_sum_pct``). With every node
+asked (the default), the calibration token is an ops-mode token: ``mode_diff`` compares its calibrated stage
+shares with the same round's stages-mode token at that depth.
 """
 
 from __future__ import annotations
@@ -39,10 +41,14 @@ class RoundData:
     segs: np.ndarray  # (D, S) timed segments per token
     calib_delta: np.ndarray  # (R,) calibration - profiled wall ms at the round's calibration depth (NaN: none)
     calib_extra: np.ndarray  # (R,) extra splits of that calibration token
+    ops_stage: np.ndarray | None = None  # (R, S) raw stage ms of the round's calibration token when it asked every
+    ops_segs: np.ndarray | None = None  # node (an ops-mode token; NaN: none), and its (R, S) segments
+    calib_depth: np.ndarray | None = None  # (R,) depth index of that token (-1: none)
 
 
-def round_data(ops: pd.DataFrame, tokens: pd.DataFrame) -> RoundData:
-    """Build the matrices from a run's op table and token table."""
+def round_data(ops: pd.DataFrame, tokens: pd.DataFrame, calib: pd.DataFrame | None = None) -> RoundData:
+    """Build the matrices from a run's op table and token table (and its calibration tokens per stage,
+    columns.CALIB_STAGE_COLUMNS, when the run kept them)."""
     ctx = ops[[columns.CONTEXT, columns.DEPTH]].drop_duplicates()
     tk = tokens[[columns.CONTEXT, columns.DEPTH]].drop_duplicates()
     ctx = pd.concat([ctx, tk]).drop_duplicates(columns.CONTEXT).sort_values(columns.DEPTH)
@@ -81,7 +87,17 @@ def round_data(ops: pd.DataFrame, tokens: pd.DataFrame) -> RoundData:
         if not np.isnan(base) and (c, r) in prof_splits.index:
             delta[ri[r]] = getattr(row, columns.WALL_US) / 1000.0 - base
             extra[ri[r]] = getattr(row, columns.SPLITS) - int(prof_splits.loc[(c, r)])
-    return RoundData(labels, depths, rounds, plain, prof, st, segs, delta, extra)
+    ops_st, ops_sg, at = np.full((n_r, len(S)), np.nan), np.zeros((n_r, len(S))), np.full(n_r, -1)
+    for row in (calib if calib is not None else pd.DataFrame()).itertuples(index=False):
+        i, c = ri.get(getattr(row, columns.ROUND)), str(getattr(row, columns.CONTEXT))
+        if i is None or c not in di:
+            continue
+        k = S.get(getattr(row, columns.STAGE), S[stages.OTHER])
+        ops_st[i] = np.nan_to_num(ops_st[i])
+        ops_st[i, k] += getattr(row, columns.TIME_US) / 1000.0
+        ops_sg[i, k] += getattr(row, columns.SEGMENTS)
+        at[i] = di[c]
+    return RoundData(labels, depths, rounds, plain, prof, st, segs, delta, extra, ops_st, ops_sg, at)
 
 
 def boot_indices(n_rounds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
@@ -124,6 +140,33 @@ def calibrated(rd: RoundData, cost_ms: float) -> np.ndarray:
     return np.maximum(rd.stage - rd.segs[None, :, :] * max(cost_ms, 0.0), 0.0)
 
 
+def _shares(x: np.ndarray) -> np.ndarray:
+    """(..., n, S) stage ms over n rounds -> (..., S) % of their summed stage ms (a ratio of means)."""
+    with np.errstate(all="ignore"):
+        return 100.0 * x.sum(axis=-2) / x.sum(axis=(-2, -1))[..., None]
+
+
+def mode_diff(rd: RoundData, cost_ms: float, d: int, n_boot: int = N_BOOT) -> dict:
+    """Ops- against stages-mode calibrated stage shares at depth index ``d``, paired by round: the rounds whose
+    calibration token (every node timed) was at this depth, against the same rounds' stages-mode token, both
+    calibrated with the run's one split cost. ContextSummary fields (``ops_rounds``, ``ops_pct_calibrated``,
+    ``mode_diff_pp`` = ops - stages with a bootstrap interval over those rounds); empty without such rounds."""
+    if rd.ops_stage is None or np.isnan(cost_ms):
+        return {}
+    rows = np.flatnonzero((rd.calib_depth == d) & (rd.calib_extra > 0) & ~np.isnan(rd.stage[:, d, 0]))
+    if not len(rows):
+        return {}
+    cost = max(cost_ms, 0.0)
+    ops = np.maximum(rd.ops_stage[rows] - rd.ops_segs[rows] * cost, 0.0)
+    st = np.maximum(rd.stage[rows, d] - rd.segs[d] * cost, 0.0)
+    ops_pct, diff = _shares(ops), _shares(ops) - _shares(st)
+    idx = boot_indices(len(rows), n_boot)
+    lo, hi = interval(_shares(ops[idx]) - _shares(st[idx]))
+    return {"ops_rounds": int(len(rows)), "ops_pct_calibrated": {s: float(ops_pct[i]) for s, i in S.items()},
+            "mode_diff_pp": {s: float(diff[i]) for s, i in S.items()},
+            "mode_diff_pp_ci": {s: (float(lo[i]), float(hi[i])) for s, i in S.items()}}
+
+
 def _ci(x: np.ndarray) -> tuple[float, float]:
     lo, hi = interval(x)
     return (float(lo), float(hi))
@@ -159,7 +202,7 @@ def summarize(rd: RoundData, n_boot: int = N_BOOT) -> tuple[list[dict], float, t
                 "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal_ms.items()} if cal_total else {},
                 "calibrated_sum_pct": 100.0 * cal_total / float(m["plain"][d])}),
             "covered_pct": 100.0 * (sum(st_ms.values()) - st_ms[stages.HOST]) / prof_ms,
-            "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms,
+            "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms, **mode_diff(rd, cost, d, n_boot),
         })
     cost_us = cost * 1000.0
     return out, cost_us, (_ci(boot_cost * 1000.0) if not np.isnan(cost) else (float("nan"), float("nan")))

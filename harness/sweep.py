@@ -145,6 +145,10 @@ def format_summary(rec: RunRecord) -> str:
         lines.append(f"depth-invariant stages: largest disagreement {inv.max_disagreement_pct:.2f} % ({inv.stage}; "
                      f"{inv.estimator}s over rounds; threshold {inv.threshold_pct:g} %)"
                      + (f"; its means: {means:.2f} %" if means is not None else ""))
+    paired = [c for c in ctxs if c.mode_agreement_pp is not None]
+    if paired:
+        lines.append("stage shares with every node timed (the calibration tokens) minus stages mode, same rounds: "
+                     + "; ".join(_mode_words(c) for c in paired))
     if inv is not None:
         steps = checks.steps_pct(inv)
         if steps:
@@ -153,6 +157,13 @@ def format_summary(rec: RunRecord) -> str:
                          f"{len(rec.rounds)} rounds; its floor {inv.step_floor_pct[s]:.1f} %, threshold "
                          f"{checks.SHIFT_PCT:g} %)")
     return "\n".join(lines)
+
+
+def _mode_words(c) -> str:
+    """The largest calibrated share difference ops - stages of a context, its interval and rounds."""
+    s = max(c.mode_diff_pp, key=lambda k: abs(c.mode_diff_pp[k]))
+    lo, hi = c.mode_diff_pp_ci.get(s, (float("nan"), float("nan")))
+    return f"{c.depth}: {s} {c.mode_diff_pp[s]:+.2f} points [{lo:+.2f}, {hi:+.2f}] ({c.ops_rounds} rounds)"
 
 
 def report_run(rec: RunRecord, path: Path) -> None:

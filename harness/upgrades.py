@@ -14,6 +14,9 @@ A malformed older run is a ``RecordError`` (one line, as for any bad field), nev
   ``sequential`` (such a run cannot be resumed). The checks version 3 added run on the upgraded record
   (``checked``): the depth-invariance figure over the contexts' means (the footer holds no rounds) and the
   flags it and the contexts imply, so readers say what such a run never said.
+  Minor fields since (absent in older version-3 runs, so their defaults): ``calibration_stages``, the
+  calibration token's time per stage when it asked every node, and the contexts' mode comparison from it
+  (``ops_rounds``, ``ops_pct_calibrated``, ``mode_diff_pp``, ``mode_diff_pp_ci``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """bench/suite.py end to end on the tiny twin: a stages sweep and an ops sweep (which has no calibration token),
-their overhead rows, mode agreement and roofline, as the README's figures are made."""
+their overhead rows, mode agreement (paired by round within the stages sweep, and across the two) and roofline,
+as the README's figures are made."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ suite = importlib.import_module("suite")
 def test_suite_runs_stages_and_ops_sweeps(tiny_gguf, monkeypatch, capsys):
     saved = {}
     monkeypatch.setattr(suite, "save_results", lambda kind, payload: saved.setdefault(kind, payload))
-    assert suite.main(["--model", str(tiny_gguf), "--rounds", "2", "--skip", "twin,depth"]) == 0
+    assert suite.main(["--model", str(tiny_gguf), "--rounds", "3", "--skip", "twin,depth"]) == 0
     res, out = saved["suite"], capsys.readouterr().out
     assert [r["depth"] for r in res["stages"]] == [r["depth"] for r in res["ops"]] == [13, 172, 658]
     assert all(r["sync_us"] is not None for r in res["stages"])
     for key in ("mode_agreement_pp", "mode_agreement_calibrated_pp"):  # ops' raw shares against stages' own
         assert len(res[key]) == 3 and all(0 <= v < 100 for v in res[key]), res[key]
-    assert "mode agreement, stages calibrated, ops raw" in out and "sweep cost" in out
+    assert "mode agreement, unpaired (two sweeps), stages calibrated, ops raw" in out and "sweep cost" in out
+    paired = res["mode_agreement_paired_pp"]  # three rounds: one calibration token at each depth
+    assert len(paired) == 3 and all(0 <= v < 100 for v in paired), paired
+    assert all(r["ops_rounds"] == 1 for r in res["stages"]) and "mode agreement, paired by round" in out

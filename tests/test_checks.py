@@ -209,3 +209,35 @@ def test_a_profiled_pass_faster_than_plain_is_judged_on_its_interval():
         fl = checks.flags([c.replace(overhead_ratio_ci=ci)], None, [], cores=2, synthetic=False, complete=True,
                           stop_reason=None)
         assert any("faster than plain" in f.message for f in fl) == flagged, ci
+
+
+def test_mode_diff_pairs_the_ops_token_with_its_own_rounds_stages_token():
+    """FFN's time moves from round to round (a VM state) and gemma3n_extra's does not, so shares differ by round:
+    the ops token must be compared with the stages tokens of its own rounds (all rounds would give 13's ops token a
+    difference it does not have). A stage the ops token times 5 % longer at one depth shows there only."""
+    n, cost, lv = 6, 0.01, np.array([1.0, 1.3, 0.8, 1.1, 1.25, 0.9])
+    ffn, ext = stats.S[stages.FFN], stats.S[stages.GEMMA3N_EXTRA]
+    segs = np.zeros((2, len(stages.STAGES)))
+    segs[:, ffn], segs[:, ext] = 10, 100
+    st = np.zeros((n, 2, len(stages.STAGES)))
+    st[:, :, ffn], st[:, :, ext] = (60 * lv + 10 * cost)[:, None], 10 + 100 * cost
+    ops, ops_segs = np.zeros((n, len(stages.STAGES))), np.zeros((n, len(stages.STAGES)))
+    ops_segs[:, ffn], ops_segs[:, ext] = 30, 500
+    at = np.arange(n) % 2
+    ops[:, ffn], ops[:, ext] = 60 * lv + 30 * cost, 10 * np.where(at == 1, 1.05, 1.0) + 500 * cost
+    plain = st.sum(axis=2)
+    rd = stats.RoundData(("a", "b"), (13, 658), np.arange(n), plain, plain, st, segs, np.full(n, 0.1),
+                         np.full(n, 400.0), ops, ops_segs, at)
+    d0, d1 = stats.mode_diff(rd, cost, 0, n_boot=200), stats.mode_diff(rd, cost, 1, n_boot=200)
+    assert d0["ops_rounds"] == d1["ops_rounds"] == 3
+    assert max(abs(v) for v in d0["mode_diff_pp"].values()) < 1e-9
+    f1 = 60 * lv[1::2].sum()
+    want = 100 * (31.5 / (f1 + 31.5) - 30 / (f1 + 30))
+    assert d1["mode_diff_pp"][stages.GEMMA3N_EXTRA] == pytest.approx(want)
+    assert d1["mode_diff_pp"][stages.FFN] == pytest.approx(-want)
+    lo, hi = d1["mode_diff_pp_ci"][stages.GEMMA3N_EXTRA]
+    assert 0 < lo <= want <= hi
+    assert stats.mode_diff(rd, float("nan"), 1) == {}  # no split cost: nothing calibrated to compare
+    no_ops = stats.RoundData(*[getattr(rd, f) for f in ("labels", "depths", "rounds", "plain", "profiled", "stage",
+                                                        "segs", "calib_delta", "calib_extra")])
+    assert stats.mode_diff(no_ops, cost, 1) == {}  # a run that kept no calibration tokens per stage

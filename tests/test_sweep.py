@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 from conftest import run_cli
 
@@ -58,6 +59,25 @@ def test_stage_sweep_writes_readable_run(tiny_run):
     assert (cal[columns.SPLITS].to_numpy() > prof[columns.SPLITS].max()).all()  # extra splits really happened
     assert (tokens[columns.WALL_US] > 0).all()
     assert (ops[columns.STAGE] == stages.HOST).sum() == 3 * ROUNDS  # one host row per profiled token
+
+
+def test_calibration_token_is_kept_per_stage_at_its_rounds_depth(tiny_run):
+    run = read_run(tiny_run)
+    rows = pd.DataFrame([list(r) for r in run.record.calibration_stages], columns=list(columns.CALIB_STAGE_COLUMNS))
+    cal = run.tokens[run.tokens[columns.PASS] == columns.CALIBRATION].set_index(columns.ROUND)
+    assert sorted(set(rows[columns.ROUND])) == list(range(ROUNDS))
+    for r, one in rows.groupby(columns.ROUND):  # one token per round, at that round's calibration depth
+        assert set(one[columns.DEPTH]) == {cal.loc[r, columns.DEPTH]} == {[13, 40, 80][r % 3]}
+        assert one[columns.SEGMENTS].sum() == cal.loc[r, columns.SPLITS] == run.record.contexts[0].n_nodes
+        assert one[columns.TIME_US].sum() == pytest.approx(cal.loc[r, columns.WALL_US], rel=1e-6)  # host included
+        assert set(one[columns.STAGE]) <= set(stages.STAGES) and stages.HOST in set(one[columns.STAGE])
+    for c in run.record.contexts:  # each depth compared with the stages tokens of its own calibration rounds
+        assert c.ops_rounds == 2 and set(c.mode_diff_pp) == set(stages.STAGES) == set(c.mode_diff_pp_ci)
+        assert sum(c.ops_pct_calibrated.values()) == pytest.approx(100.0)
+        assert c.mode_agreement_pp == max(abs(v) for v in c.mode_diff_pp.values())
+    worst = max(run.record.contexts, key=lambda c: c.mode_agreement_pp)
+    fact = dict(engine_rows(run.record))["stage shares, every node timed"]  # the report's run facts
+    assert f"depth {worst.depth}, 2 rounds" in fact and f"{worst.mode_agreement_pp:.2f} points" in fact
 
 
 def test_rounds_rotate_the_order(tiny_run):
@@ -143,6 +163,7 @@ def test_record_round_trips_and_describes_the_run(tiny_run, tiny_gguf):
 def test_summary_printed(tiny_gguf, tmp_path):
     _, r = _sweep(tiny_gguf, tmp_path, "-c", "short")
     assert "plain ms/tok" in r.stdout and "short" in r.stdout and "sum/plain" in r.stdout
+    assert "every node timed (the calibration tokens) minus stages mode, same rounds: 13: " in r.stdout
 
 
 def test_every_layer_has_ffn_and_attention(ops_fa_on):
@@ -170,6 +191,7 @@ def test_ops_mode_times_every_node(ops_fa_on):
     one = ops[(ops[columns.CONTEXT] == "short") & (ops[columns.ROUND] == 0)]
     assert list(one[columns.NODE]) == list(range(n_nodes))
     assert (one[columns.NODE_FIRST] == one[columns.NODE]).all()
+    assert not run.record.calibration_stages and not any(c.mode_diff_pp for c in run.record.contexts)  # no stages
 
 
 def test_flash_attention_off_names_kq(ops_fa_off):
