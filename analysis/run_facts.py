@@ -131,7 +131,8 @@ def engine_rows(rec: RunRecord) -> list[tuple[str, str]]:
                   ("capture mode", p.mode), ("eval callback", p.callback),
                   ("OpenMP / threadpool", f"{p.openmp} / {p.threadpool}" if p.openmp is not None else None),
                   ("thread environment", " ".join(f"{k}={v}" for k, v in p.thread_env.items()) or None),
-                  ("split cost (calibration)", f"{rec.contexts[0].sync_us:.2f} us per split"
+                  ("split cost (calibration)", f"{rec.contexts[0].sync_us:.2f} us per split "
+                   f"({rec.contexts[0].sync_us_estimator} over rounds)"
                    if rec.contexts and rec.contexts[0].sync_us is not None else None),
                   ("stage shares, every node timed", modes(rec)),
                   ("depth-invariant stages", f"{agreement(rec.invariants)}; {rec.invariants.stage} worst; "

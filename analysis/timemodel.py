@@ -123,10 +123,8 @@ class DepthMeans:
 def _means(rd: stats.RoundData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, D) plain and (B, D, S) calibrated stage means over the round indices ``rows`` (B, R); the split
     cost (``stats.split_cost_ms``) re-estimated from the same rounds."""
-    delta, extra = rd.calib_delta[rows], rd.calib_extra[rows]
-    ok = ~np.isnan(delta) & (extra > 0)
+    cost = stats.split_cost_ms(rd.calib_delta[rows], rd.calib_extra[rows])  # (B,)
     with np.errstate(all="ignore"):
-        cost = np.where(ok.any(1), np.where(ok, delta, 0).sum(1) / np.where(ok, extra, 0).sum(1), np.nan)
         st = rd.stage[rows]  # (B, R, D, S)
         c = np.maximum(cost, 0.0)[:, None, None, None]
         cal = np.where(np.isnan(cost)[:, None, None, None], st, np.maximum(st - rd.segs[None, None] * c, 0.0))

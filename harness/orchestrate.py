@@ -220,7 +220,8 @@ def build_record(cfg: SweepConfig, ops, tokens, calib, noise, extras, info, mode
     for s in summaries:
         r = extras.get(s["context"])
         ci = None if np.isnan(cost_us) else (max(0.0, cost_ci[0]), max(0.0, cost_ci[1]))  # clipped as the point
-        s.update(sync_us=None if np.isnan(cost_us) else max(0.0, cost_us), sync_us_ci=ci)
+        s.update(sync_us=None if np.isnan(cost_us) else max(0.0, cost_us), sync_us_ci=ci,
+                 sync_us_estimator=stats.SPLIT_COST_ESTIMATOR)
         if r is not None:
             s.update(prefill_s=r.prefill_s, n_nodes=r.n_nodes, syncs_per_token=r.cap.syncs_per_token,
                      noop_sync_us=r.noop_sync_us, sensors_before=Sensors.from_dict(r.sensors_before),

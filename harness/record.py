@@ -131,6 +131,7 @@ class ContextSummary(Record):
     stage_ms_ci: dict[str, Interval] = field(default_factory=dict)
     sync_us: float | None = None  # cost of one graph split (regression on extra splits, else per segment)
     sync_us_ci: Interval | None = None
+    sync_us_estimator: str = "mean"  # over rounds: stats.SPLIT_COST_ESTIMATOR since NOTES §24, the mean before
     noop_sync_us: float | None = None  # bare ask/observe round trip on a no-op node (diagnostic)
     stage_ms_calibrated: dict[str, float] = field(default_factory=dict)
     stage_ms_calibrated_ci: dict[str, Interval] = field(default_factory=dict)

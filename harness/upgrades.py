@@ -16,7 +16,9 @@ A malformed older run is a ``RecordError`` (one line, as for any bad field), nev
   flags it and the contexts imply, so readers say what such a run never said.
   Minor fields since (absent in older version-3 runs, so their defaults): ``calibration_stages``, the
   calibration token's time per stage when it asked every node, and the contexts' mode comparison from it
-  (``ops_rounds``, ``ops_pct_calibrated``, ``mode_diff_pp``, ``mode_diff_pp_ci``).
+  (``ops_rounds``, ``ops_pct_calibrated``, ``mode_diff_pp``, ``mode_diff_pp_ci``); ``sync_us_estimator``: the
+  split cost is a trimmed mean of per-round costs since bench/NOTES.md §24, the mean before (the default). A
+  reader that recalibrates an older run from its rounds (checks, slopes, the time model) uses the current one.
 """
 
 from __future__ import annotations

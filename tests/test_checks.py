@@ -241,3 +241,18 @@ def test_mode_diff_pairs_the_ops_token_with_its_own_rounds_stages_token():
     no_ops = stats.RoundData(*[getattr(rd, f) for f in ("labels", "depths", "rounds", "plain", "profiled", "stage",
                                                         "segs", "calib_delta", "calib_extra")])
     assert stats.mode_diff(no_ops, cost, 1) == {}  # a run that kept no calibration tokens per stage
+
+
+def test_split_cost_is_not_moved_by_one_token_a_lost_core_hit():
+    """40 rounds, 2,710 extra splits at ~1 us each, token noise +-1 ms; one stages token 40 ms slow (NOTES §24)."""
+    rng = np.random.default_rng(3)
+    delta = 2.71 + rng.normal(0, 1.0, 40)
+    extra = np.full(40, 2710.0)
+    clean = stats.split_cost_ms(delta, extra)
+    delta[7] -= 40.0
+    assert abs(stats.split_cost_ms(delta, extra) - clean) < 0.1e-3  # under 0.1 us
+    assert abs(np.mean(delta) / np.mean(extra) - clean) > 0.3e-3  # the mean it replaced: moved by ~0.37 us
+    delta[3], extra[5] = np.nan, 0.0  # rounds without a calibration token are left out
+    boot = stats.split_cost_ms(np.tile(delta, (4, 1)), np.tile(extra, (4, 1)))  # resampled rows: one cost each
+    assert boot.shape == (4,) and np.allclose(boot, stats.split_cost_ms(delta, extra))
+    assert np.isnan(stats.split_cost_ms(np.full(5, np.nan), np.zeros(5)))
