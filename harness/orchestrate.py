@@ -169,8 +169,8 @@ def run_one(cfg: SweepConfig, model: engine.Model, info, model_hash: str, model_
                 log.info("measuring %d rounds over depths %s (%s)", cfg.rounds - done,
                          ", ".join(str(d) for _, d in cfg.contexts), describe(cfg))
                 per_round = progress_units(cfg.replace(rounds=1)) - cfg.max_depth * PREFILL_WEIGHT
-                m = measure(residents, range(done, cfg.rounds), cfg.calib_splits, prompt[-1], stop,
-                            _Units(bar, per_round))
+                measure(residents, range(done, cfg.rounds), cfg.calib_splits, prompt[-1], stop,
+                        _Units(bar, per_round), m)  # fills m round by round: an error keeps the completed ones
         except HarnessError as e:  # keep the rounds that completed, then report the failure
             failure, stop.reason = e, f"error: {e}"
         extras = {r.label: r for r in residents or []}

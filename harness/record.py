@@ -139,8 +139,9 @@ class ContextSummary(Record):
     calibrated_sum_pct: float | None = None  # sum of calibrated stage ms / plain ms x 100
     ops_rounds: int = 0  # rounds whose calibration token (every node timed: an ops-mode token) was at this depth
     ops_pct_calibrated: dict[str, float] = field(default_factory=dict)  # those tokens' calibrated stage shares
-    mode_diff_pp: dict[str, float] = field(default_factory=dict)  # ops - stages calibrated share, on those rounds
-    mode_diff_pp_ci: dict[str, Interval] = field(default_factory=dict)
+    mode_diff_pp: dict[str, float] = field(default_factory=dict)  # ops - stages calibrated share, both over those
+    # rounds only (so not ops_pct_calibrated - stage_pct_calibrated, which is over every round)
+    mode_diff_pp_ci: dict[str, Interval] = field(default_factory=dict)  # none below stats.MODE_MIN_ROUNDS rounds
     prefill_s: float | None = None
     n_nodes: int | None = None
     syncs_per_token: int | None = None

@@ -161,9 +161,10 @@ def _per_stage(res: Resident, r: int, p) -> list:
 
 
 def measure(residents: list[Resident], rounds: range, calib_splits: int, tok: int, stop: StopFlag,
-            progress=None) -> Measured:
-    """Run the rounds; a round interrupted by a stop is dropped whole."""
-    m = Measured()
+            progress=None, m: Measured | None = None) -> Measured:
+    """Run the rounds into ``m`` (a new Measured by default); a round interrupted by a stop or an error is dropped
+    whole, and the rounds completed before an error stay in ``m``."""
+    m = Measured() if m is None else m
     n = len(residents)
     for r in rounds:
         before = device.cpu_counters()

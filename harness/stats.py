@@ -153,25 +153,43 @@ def _shares(x: np.ndarray) -> np.ndarray:
         return 100.0 * x.sum(axis=-2) / x.sum(axis=(-2, -1))[..., None]
 
 
-def mode_diff(rd: RoundData, cost_ms: float, d: int, n_boot: int = N_BOOT) -> dict:
-    """Ops- against stages-mode calibrated stage shares at depth index ``d``, paired by round: the rounds whose
-    calibration token (every node timed) was at this depth, against the same rounds' stages-mode token, both
-    calibrated with the run's one split cost. ContextSummary fields (``ops_rounds``, ``ops_pct_calibrated``,
-    ``mode_diff_pp`` = ops - stages with a bootstrap interval over those rounds); empty without such rounds."""
+MODE_MIN_ROUNDS = 5  # calibration rounds at a depth below which the mode comparison gets no interval
+
+
+def mode_diff(rd: RoundData, cost_ms: float, d: int, idx: np.ndarray | None = None,
+              boot_cost: np.ndarray | None = None, ops_calibrated: bool = True) -> dict:
+    """Ops- against stages-mode stage shares at depth index ``d``, paired by round: the rounds whose calibration
+    token (every node timed) was at this depth, against the same rounds' stages-mode token, both calibrated with
+    the run's one split cost (the ops token raw with ``ops_calibrated=False``). ContextSummary fields
+    (``ops_rounds``, ``ops_pct_calibrated``, ``mode_diff_pp`` = ops - stages); empty without such rounds. The
+    interval (``mode_diff_pp_ci``, from MODE_MIN_ROUNDS rounds) resamples all rounds (``idx``, B x R) with the
+    split cost re-estimated in each (``boot_cost``): ~1,700 of the ops token's splits are in one stage, so the
+    cost's own uncertainty moves its share more than the rounds at this depth do."""
     if rd.ops_stage is None or np.isnan(cost_ms):
         return {}
-    rows = np.flatnonzero((rd.calib_depth == d) & (rd.calib_extra > 0) & ~np.isnan(rd.stage[:, d, 0]))
-    if not len(rows):
+    at = (rd.calib_depth == d) & (rd.calib_extra > 0) & ~np.isnan(rd.stage[:, d, 0])
+    if not at.any():
         return {}
-    cost = max(cost_ms, 0.0)
-    ops = np.maximum(rd.ops_stage[rows] - rd.ops_segs[rows] * cost, 0.0)
-    st = np.maximum(rd.stage[rows, d] - rd.segs[d] * cost, 0.0)
-    ops_pct, diff = _shares(ops), _shares(ops) - _shares(st)
-    idx = boot_indices(len(rows), n_boot)
-    lo, hi = interval(_shares(ops[idx]) - _shares(st[idx]))
-    return {"ops_rounds": int(len(rows)), "ops_pct_calibrated": {s: float(ops_pct[i]) for s, i in S.items()},
-            "mode_diff_pp": {s: float(diff[i]) for s, i in S.items()},
-            "mode_diff_pp_ci": {s: (float(lo[i]), float(hi[i])) for s, i in S.items()}}
+    ops_raw, st_raw = np.nan_to_num(rd.ops_stage), np.nan_to_num(rd.stage[:, d])
+
+    def sides(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (..., R) weights, (...) costs
+        c = np.maximum(np.nan_to_num(c), 0.0)[..., None, None]
+        ops = np.maximum(ops_raw - rd.ops_segs * c, 0.0) if ops_calibrated else ops_raw  # broadcast by the weights
+        return _shares(ops * w[..., None]), _shares(np.maximum(st_raw - rd.segs[d] * c, 0.0) * w[..., None])
+
+    ops_pct, st_pct = sides(at.astype(float), np.asarray(cost_ms))
+    out = {"ops_rounds": int(at.sum()), "ops_pct_calibrated": {s: float(ops_pct[i]) for s, i in S.items()},
+           "mode_diff_pp": {s: float(ops_pct[i] - st_pct[i]) for s, i in S.items()}}
+    if at.sum() >= MODE_MIN_ROUNDS:
+        if idx is None:
+            idx = boot_indices(len(rd.rounds))
+            boot_cost = split_cost_ms(rd.calib_delta[idx], rd.calib_extra[idx])
+        w = np.zeros(idx.shape)
+        np.add.at(w, (np.arange(len(idx))[:, None], idx), 1.0)  # times each round was drawn
+        b_ops, b_st = sides(w * at, boot_cost)
+        lo, hi = interval(b_ops - b_st)
+        out["mode_diff_pp_ci"] = {s: (float(lo[i]), float(hi[i])) for s, i in S.items()}
+    return out
 
 
 def _ci(x: np.ndarray) -> tuple[float, float]:
@@ -209,7 +227,7 @@ def summarize(rd: RoundData, n_boot: int = N_BOOT) -> tuple[list[dict], float, t
                 "stage_pct_calibrated": {s: 100.0 * v / cal_total for s, v in cal_ms.items()} if cal_total else {},
                 "calibrated_sum_pct": 100.0 * cal_total / float(m["plain"][d])}),
             "covered_pct": 100.0 * (sum(st_ms.values()) - st_ms[stages.HOST]) / prof_ms,
-            "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms, **mode_diff(rd, cost, d, n_boot),
+            "attributed_pct": 100.0 * sum(st_ms.values()) / prof_ms, **mode_diff(rd, cost, d, idx, boot_cost),
         })
     cost_us = cost * 1000.0
     return out, cost_us, (_ci(boot_cost * 1000.0) if not np.isnan(cost) else (float("nan"), float("nan")))

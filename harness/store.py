@@ -50,6 +50,12 @@ class Run:
     def tokens(self) -> pd.DataFrame:
         return load_tokens(self.record)
 
+    @property
+    def calibration_stages(self) -> pd.DataFrame:
+        """The calibration tokens' time per stage (columns.CALIB_STAGE_COLUMNS); empty for runs without them."""
+        return pd.DataFrame([list(r) for r in self.record.calibration_stages],
+                            columns=list(columns.CALIB_STAGE_COLUMNS))
+
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")[:60] or "x"

@@ -162,8 +162,9 @@ def format_summary(rec: RunRecord) -> str:
 def _mode_words(c) -> str:
     """The largest calibrated share difference ops - stages of a context, its interval and rounds."""
     s = max(c.mode_diff_pp, key=lambda k: abs(c.mode_diff_pp[k]))
-    lo, hi = c.mode_diff_pp_ci.get(s, (float("nan"), float("nan")))
-    return f"{c.depth}: {s} {c.mode_diff_pp[s]:+.2f} points [{lo:+.2f}, {hi:+.2f}] ({c.ops_rounds} rounds)"
+    ci = c.mode_diff_pp_ci.get(s)
+    return f"{c.depth}: {s} {c.mode_diff_pp[s]:+.2f} points" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") \
+        + f" ({c.ops_rounds} rounds)"
 
 
 def report_run(rec: RunRecord, path: Path) -> None:

@@ -296,3 +296,4 @@ def test_temp_names_are_unique_within_a_process(tmp_path):
     store.check_out_dir(tmp_path)
     assert len(list(tmp_path.iterdir())) == 2  # nor a probe
 
+

@@ -1,6 +1,6 @@
 """SIGTERM unwinds every command (harness.cli.run_cli), is not inherited by forked workers, and reaches a bench
 script's child sweep (bench/across.run_child), which the scripts run through one helper (across.run_sweep). Real
-processes and real signals."""
+processes and real signals. An error mid-sweep keeps the rounds completed before it, as a stop does."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from conftest import ROOT
+
+from harness import store
 
 
 def _start(code: str, *args: str) -> subprocess.Popen:
@@ -70,3 +72,25 @@ def test_bench_scripts_run_their_sweeps_through_one_helper(tiny_gguf, tmp_path):
     assert run.parent == tmp_path / "out" and run.suffix == ".parquet"
     with pytest.raises(InputError, match=r"^the source sweep failed: harness.sweep: error: .*missing\.gguf"):
         across.tiny_run(tmp_path / "missing.gguf", tmp_path / "out2")
+
+
+def test_an_engine_error_mid_sweep_keeps_the_rounds_completed_before_it(tiny_gguf, tmp_path, monkeypatch, capsys):
+    from harness import runner, sweep
+    from harness.errors import EngineError
+
+    real = runner._profiled
+
+    def failing(res, r, *rest):
+        if r == 2:
+            raise EngineError("llama_decode failed (injected)")
+        return real(res, r, *rest)
+
+    monkeypatch.setattr(runner, "_profiled", failing)
+    code = sweep.main(["--model", str(tiny_gguf), "-c", "13,40", "-r", "5", "--warmup", "1", "--no-probe",
+                       "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "injected" in err and "the 2 completed round(s) were saved" in err, err
+    (path,) = tmp_path.glob("*.parquet")
+    rec = store.read_record(path)
+    assert not rec.complete and [r.round for r in rec.rounds] == [0, 1]
+    assert {r[2] for r in rec.calibration_stages} == {0, 1}
