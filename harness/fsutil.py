@@ -21,6 +21,11 @@ TMP_PREFIX = ".tmp-"
 _TMP_RE = re.compile(rf"^{re.escape(TMP_PREFIX)}(\d+)-")
 
 
+def cache_dir() -> Path:
+    """The per-user cache folder: ``$XDG_CACHE_HOME/decode-harness`` (``~/.cache`` without it)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decode-harness"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists (used to tell stale temp files from live writers)."""
     try:

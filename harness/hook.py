@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from harness.engine import EvalCallback
+from harness.fsutil import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,6 @@ class _HookState(ctypes.Structure):
                 ("cap_marks", ctypes.c_int64), ("discovering", ctypes.c_int32), ("on_node", _NODE_FN)]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decode-harness"
-
-
 def _build(src: Path, lib: Path) -> bool:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if not cc:
@@ -129,7 +126,7 @@ def load_native_library() -> ctypes.CDLL | None:
         return None
     with resources.as_file(resources.files("harness") / "native" / "eval_hook.c") as src:
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-        lib = _cache_dir() / f"eval_hook_{digest}.so"
+        lib = cache_dir() / f"eval_hook_{digest}.so"
         if not lib.exists() and not _build(src, lib):
             return None
     try:

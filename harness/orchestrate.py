@@ -18,7 +18,8 @@ from tqdm import tqdm
 from harness import __version__, checks, columns, device, engine, stats, store
 from harness.config import SweepConfig
 from harness.errors import HarnessError, InputError, UsageError
-from harness.gguf_model import cache_type_bytes, content_hash, kv_cache_cells, kv_owners, read_model, swa_layers
+from harness.gguf_model import cache_type_bytes, content_hash, kv_cache_cells, kv_owners, swa_layers
+from harness.model_cache import read_model
 from harness.record import (
     UNITS,
     Bandwidth,

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests check structure, not speed. OpenMP's default spin-waiting collapses when two llama.cpp processes
 # share two cores (every barrier waits for a descheduled thread): let idle OpenMP threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Sweeps in tests parse their throwaway twins afresh: no entries for them in the user's model cache
+# (tests/test_model_cache.py turns it on, in a folder of its own).
+os.environ["HARNESS_NO_MODEL_CACHE"] = "1"
 
 
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
