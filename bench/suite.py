@@ -159,7 +159,7 @@ def report(res: dict) -> None:
         return "n/a" if v is None else f"{v:.2f}"
 
     for mode in ("stages", "ops"):
-        p(f"split cost (regression), {mode}: " + ", ".join(us(r["sync_us"]) for r in res.get(mode, []))
+        p(f"split cost (calibration tokens), {mode}: " + ", ".join(us(r["sync_us"]) for r in res.get(mode, []))
           + " us; no-op view " + ", ".join(us(r["noop_sync_us"]) for r in res.get(mode, [])) + " us")
     p("mode agreement, paired by round (the stages sweep's calibration tokens time every node; both calibrated; "
       "max |ops - stages| stage share, pp; the stage's difference [95 % CI], rounds): "

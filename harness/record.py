@@ -50,7 +50,7 @@ class SweepParams(Record):
     order: str = "round-robin"  # every round decodes each depth once (plain, profiled), rotating the order
     callback: str = "native"
     threads_source: str = "physical cores"
-    calib_splits: int = 0  # extra graph splits of the calibration token (0: not calibrated by regression)
+    calib_splits: int = 0  # extra graph splits of the calibration token (0: no calibration tokens)
     flash_attn_resolved: bool | None = None  # a FLASH_ATTN_EXT node is in the decode graph
     openmp: bool | None = None
     threadpool: bool | None = None
@@ -129,7 +129,7 @@ class ContextSummary(Record):
     plain_ms_ci: Interval | None = None
     overhead_ratio_ci: Interval | None = None
     stage_ms_ci: dict[str, Interval] = field(default_factory=dict)
-    sync_us: float | None = None  # cost of one graph split (regression on extra splits, else per segment)
+    sync_us: float | None = None  # cost of one graph split (calibration tokens; version 2: per segment)
     sync_us_ci: Interval | None = None
     sync_us_estimator: str = "mean"  # over rounds: stats.SPLIT_COST_ESTIMATOR since NOTES §24, the mean before
     noop_sync_us: float | None = None  # bare ask/observe round trip on a no-op node (diagnostic)

@@ -181,8 +181,8 @@ def mode_diff(rd: RoundData, cost_ms: float, d: int, idx: np.ndarray | None = No
     out = {"ops_rounds": int(at.sum()), "ops_pct_calibrated": {s: float(ops_pct[i]) for s, i in S.items()},
            "mode_diff_pp": {s: float(ops_pct[i] - st_pct[i]) for s, i in S.items()}}
     if at.sum() >= MODE_MIN_ROUNDS:
-        if idx is None:
-            idx = boot_indices(len(rd.rounds))
+        idx = boot_indices(len(rd.rounds)) if idx is None else idx
+        if boot_cost is None:
             boot_cost = split_cost_ms(rd.calib_delta[idx], rd.calib_extra[idx])
         w = np.zeros(idx.shape)
         np.add.at(w, (np.arange(len(idx))[:, None], idx), 1.0)  # times each round was drawn

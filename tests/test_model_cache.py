@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 from harness import gguf_model, model_cache
 from harness.errors import InputError
@@ -61,3 +64,14 @@ def test_off_switch_and_a_non_gguf_file(tiny_gguf, tmp_path, parses, monkeypatch
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(InputError, match="x.gguf"):
         model_cache.read_model(bad)
+
+
+def test_the_sweep_reads_its_model_through_the_cache(tiny_gguf, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != model_cache.OFF_ENV}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "harness.sweep", "--model", str(tiny_gguf), "-c", "short", "-r", "1", "--warmup",
+           "0", "--no-probe", "--out", str(tmp_path / "runs")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (tmp_path / "cache" / "decode-harness" / "models").iterdir()] == \
+        [model_cache.entry_path(tiny_gguf).name]

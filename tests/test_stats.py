@@ -67,8 +67,10 @@ def test_mode_diff_pairs_the_ops_token_with_its_own_rounds_stages_token():
     assert stats.mode_diff(rd, float("nan"), 1) == {}  # no split cost: nothing calibrated to compare
     raw = stats.mode_diff(rd, cost, 0, ops_calibrated=False)["mode_diff_pp"]  # ops' 20 more splits uncorrected
     assert raw[stages.GEMMA3N_EXTRA] > 0.3 and raw[stages.FFN] < 0
-    few = stats.RoundData(*[getattr(rd, f) for f in stats.RoundData.__dataclass_fields__][:-1], np.where(at, 1, -1))
-    assert "mode_diff_pp_ci" not in stats.mode_diff(few, cost, 0)  # one round at depth 0: no interval
+    few = stats.RoundData(*[getattr(rd, f) for f in stats.RoundData.__dataclass_fields__][:-1],
+                          np.where(np.arange(n) == 0, 0, 1))
+    one = stats.mode_diff(few, cost, 0)  # one round at depth 0: a difference, no interval
+    assert one["ops_rounds"] == 1 and "mode_diff_pp" in one and "mode_diff_pp_ci" not in one
     no_ops = stats.RoundData(*[getattr(rd, f) for f in ("labels", "depths", "rounds", "plain", "profiled", "stage",
                                                         "segs", "calib_delta", "calib_extra")])
     assert stats.mode_diff(no_ops, cost, 1) == {}  # a run that kept no calibration tokens per stage
