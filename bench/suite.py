@@ -21,8 +21,6 @@ Nothing here is asserted: targets are compared in the printed table and in bench
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from across import run_sweep, save_results  # noqa: E402
+from twin_bench import measure as twin_measure  # noqa: E402
 
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
@@ -84,14 +83,9 @@ def roofline_rows(run) -> list[dict]:
 
 
 def twin_generation() -> dict:
+    """bench/twin_bench.py's measurement of the default twin (time, peak RSS, size, a llama.cpp load check)."""
     with tempfile.TemporaryDirectory(dir=ROOT / "models") as d:
-        out = Path(d) / "twin.gguf"
-        t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "harness.twin", "--preset", "gemma-3n-e4b", "--quant", "q4_k_m",
-                              "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(p.pid, 0)
-        return {"wall_s": time.perf_counter() - t0, "peak_rss_gib": usage.ru_maxrss / 2**20,
-                "file_gb": out.stat().st_size / 1e9 if status == 0 else None}
+        return twin_measure("gemma-3n-e4b", "q4_k_m", Path(d) / "twin.gguf")
 
 
 def _main(argv: list[str] | None) -> int:
