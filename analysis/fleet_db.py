@@ -32,9 +32,10 @@ from harness.record import SCHEMA_VERSION
 from harness.store import META_KEY
 
 log = logging.getLogger(__name__)
-DROP = json.dumps({"tokens": None, "rounds": None, "model": {"gguf": None}})  # merge patch: null removes the key
+# merge patches: null removes the key
+DROP = json.dumps({"tokens": None, "rounds": None, "calibration_stages": None, "model": {"gguf": None}})
 CONTEXT_DROP = json.dumps({**dict.fromkeys(["stage_ms_ci", "stage_ms_calibrated_ci", "plain_ms_ci", "overhead_ratio_ci",
-                                            "sync_us_ci", "sensors_before", "sensors_after"]),
+                                            "sync_us_ci", "mode_diff_pp_ci", "sensors_before", "sensors_after"]),
                            "graph_bytes": dict.fromkeys(["kv_reads", "layer_weight", "layer_kv", "act"])})
 FOOTERS = f"""
 WITH m AS (SELECT file_name, try(json_merge_patch(decode(value), '{DROP}')) AS j

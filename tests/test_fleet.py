@@ -128,7 +128,7 @@ def test_duckdb_footers_skip_the_bulk_and_defer_odd_files(small_fleet):
     assert all(m["schema_version"] == SCHEMA_VERSION and m["contexts"] for m in good)
     full = json.loads(pq.read_schema(files[0]).metadata[META_KEY])
     dropped = {"stage_ms_ci", "stage_ms_calibrated_ci", "plain_ms_ci", "overhead_ratio_ci", "sync_us_ci",
-               "sensors_before", "sensors_after"}
+               "mode_diff_pp_ci", "sensors_before", "sensors_after"}
 
     def context(c: dict) -> dict:
         kept = {k: v for k, v in c.items() if k not in dropped}
@@ -136,10 +136,11 @@ def test_duckdb_footers_skip_the_bulk_and_defer_odd_files(small_fleet):
             kept["graph_bytes"] = {k: v for k, v in c["graph_bytes"].items()
                                    if k not in {"kv_reads", "layer_weight", "layer_kv", "act"}}
         return kept
-    assert fast[files[0]] == {**{k: v for k, v in full.items() if k not in ("tokens", "rounds")},
+    assert fast[files[0]] == {**{k: v for k, v in full.items() if k not in ("tokens", "rounds", "calibration_stages")},
                               "model": {k: v for k, v in full["model"].items() if k != "gguf"},
                               "contexts": [context(c) for c in full["contexts"]]}
-    assert full["rounds"] and all(c["stage_ms_ci"] and c["graph_bytes"]["kv_reads"] for c in full["contexts"])
+    assert full["rounds"] and full["calibration_stages"]
+    assert all(c["stage_ms_ci"] and c["graph_bytes"]["kv_reads"] for c in full["contexts"])
 
 
 def test_duckdb_leaves_older_op_tables_to_the_upgrading_reader(small_fleet):
