@@ -2,8 +2,9 @@
 
 - ``read_footers``: ``parquet_kv_metadata`` reads every file's key-value metadata (footers only,
   in parallel); ``json_merge_patch`` drops inside DuckDB what compare never reads (the model's
-  tensor table, the per-token wall times and per-round noise, each context's intervals, sensors and
-  per-layer graph-bytes lists: ~85 % of a run's JSON), so Python parses and validates ~9 kB a run.
+  tensor table, the per-token wall times, the calibration tokens' per-stage rows and per-round noise, each
+  context's intervals (the mode differences' too), sensors and per-layer graph-bytes lists: ~90 % of a default
+  E4B run's JSON), so Python parses and validates ~13 kB a run.
   A file the fast path cannot vouch for (no ``harness.run`` key, invalid JSON, another schema
   version: it needs an upgrade or a refusal) comes back as None and is read one by one.
 - ``round_sums``: one ``read_parquet`` over every op table, summed per run, context, round and stage

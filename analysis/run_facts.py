@@ -148,9 +148,9 @@ def modes(rec: RunRecord) -> str | None:
     if not cs:
         return None
     c = max(cs, key=lambda c: c.mode_agreement_pp)
-    s = max(c.mode_diff_pp, key=lambda k: abs(c.mode_diff_pp[k]))
-    return (f"minus stages mode, paired by round: largest difference {c.mode_diff_pp[s]:+.2f} points ({s}, depth "
-            f"{c.depth}, {c.ops_rounds} rounds)")
+    s, pp, _ = c.mode_worst()
+    return f"minus stages mode, paired by round: largest difference {pp:+.2f} points ({s}, depth {c.depth}, " \
+           f"{c.ops_rounds} rounds)"
 
 
 def system_info(rec: RunRecord) -> str:

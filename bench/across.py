@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -235,10 +236,10 @@ def last_line(r: subprocess.CompletedProcess) -> str:
     return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
 
 
-def run_sweep(args: list[str], what: str = "the sweep") -> None:
-    """``python -m harness.sweep ARGS`` from the project root through ``run_child``; an InputError with the
-    sweep's last line when it fails."""
-    r = run_child([sys.executable, "-m", "harness.sweep", *args], cwd=ROOT)
+def run_sweep(args: list[str], what: str = "the sweep", env: dict | None = None) -> None:
+    """``python -m harness.sweep ARGS`` from the project root through ``run_child`` (with ``env`` added to this
+    process's environment); an InputError with the sweep's last line when it fails."""
+    r = run_child([sys.executable, "-m", "harness.sweep", *args], cwd=ROOT, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         raise InputError(f"{what} failed: {last_line(r)}")
 
@@ -247,5 +248,6 @@ def tiny_run(model: Path, out: Path, threads: int = 2) -> Path:
     """A real sweep of the tiny twin ``model`` (depths 13, 40, 80, six rounds) into ``out``: the run that
     compare_bench and fleet_bench copy into synthetic fleets."""
     run_sweep(["--model", str(model), "--contexts", "13,40,80", "--rounds", "6", "--warmup", "1", "--no-probe",
-               "--threads", str(threads), "--label", "bench", "--out", str(out)], "the source sweep")
+               "--threads", str(threads), "--label", "bench", "--out", str(out)], "the source sweep",
+              {"HARNESS_NO_MODEL_CACHE": "1"})  # a throwaway twin: no entry for it in the user's model cache
     return next(out.glob("*.parquet"))

@@ -35,7 +35,7 @@ from twin_bench import measure as twin_measure  # noqa: E402
 from analysis import roofline  # noqa: E402
 from analysis.readmodel import from_run  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
-from harness.errors import UsageError  # noqa: E402
+from harness.errors import InputError, UsageError  # noqa: E402
 from harness.stages import STAGES  # noqa: E402
 from harness.stats import mode_diff, round_data, split_cost_ms  # noqa: E402
 from harness.store import read_run  # noqa: E402
@@ -63,7 +63,8 @@ def overhead_rows(run) -> list[dict]:
                      "attributed_pct": c.attributed_pct, "stage_pct": c.stage_pct,  # shares calibrated where they are:
                      "stage_pct_cal": {s: c.share(s) for s in STAGES}, "sync_us": c.sync_us,  # ops mode has none
                      "noop_sync_us": c.noop_sync_us, "calibrated_sum_pct": c.calibrated_sum_pct,
-                     "ops_rounds": c.ops_rounds, "mode_diff_pp": c.mode_diff_pp, "mode_diff_pp_ci": c.mode_diff_pp_ci})
+                     "ops_rounds": c.ops_rounds, "mode_diff_pp": c.mode_diff_pp, "mode_diff_pp_ci": c.mode_diff_pp_ci,
+                     "mode_worst": c.mode_worst()})
     return rows
 
 
@@ -132,7 +133,10 @@ def _main(argv: list[str] | None) -> int:
                             "disagreement_pct": 100 * (kv_rise - wall_rise) / wall_rise if wall_rise else None,
                             "stage_rise_ms": {s: c4k.stage(s) - c13.stage(s) for s in STAGES}}
     if "twin" not in skip:
-        res["twin"] = twin_generation()
+        try:
+            res["twin"] = twin_generation()
+        except InputError as e:  # the sweeps' figures still get printed and saved
+            res["twin"] = {"error": str(e)}
     report(res)
     print()
     save_results("suite", res)
@@ -179,19 +183,20 @@ def report(res: dict) -> None:
     sc = res["sweep_cost"]
     p(f"sweep cost: {sc['wall_s']:.1f} s wall for the default sweep (load {sc['load_s']:.1f} s), "
       f"{sc['prefill_tokens']} prefill tokens")
-    if "twin" in res:
+    if "twin" in res and "error" in res["twin"]:
+        p(f"twin generation failed: {res['twin']['error']}")
+    elif "twin" in res:
         t = res["twin"]
         p(f"twin generation (E4B Q4_K_M): {t['wall_s']:.1f} s, peak RSS {t['peak_rss_gib']:.2f} GiB, "
           f"{t['file_gb']:.2f} GB")
 
 
 def _paired(r: dict) -> str:
-    if not r.get("mode_diff_pp"):
+    if not r.get("mode_worst"):
         return f"{r['context']} n/a"
-    s = max(r["mode_diff_pp"], key=lambda k: abs(r["mode_diff_pp"][k]))
-    ci = r["mode_diff_pp_ci"].get(s)
-    return f"{r['context']} {abs(r['mode_diff_pp'][s]):.2f} ({s} {r['mode_diff_pp'][s]:+.2f}" \
-           + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f", {r['ops_rounds']})"
+    s, pp, ci = r["mode_worst"]
+    return f"{r['context']} {abs(pp):.2f} ({s} {pp:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") \
+        + f", {r['ops_rounds']})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,8 +136,8 @@ class Capture:
     def step(self, ctx: Context, token: int, extra_splits: int = 0) -> StepProfile:
         """Decode one timed token (rolled back afterwards); rediscovers if the graph changed.
 
-        ``extra_splits=k`` asks k more nodes than the mode does (see ``_with_extra``), for
-        regressing wall time on the number of splits; ``n_splits`` of the result counts them."""
+        ``extra_splits=k`` asks k more nodes than the mode does (see ``_with_extra``), to measure what one split
+        costs from the wall time; ``n_splits`` of the result counts them."""
         if extra_splits < 0:
             raise ValueError(f"extra_splits must be >= 0, got {extra_splits}")
         return self._profile(ctx, token, extra_splits)

@@ -156,10 +156,19 @@ class ContextSummary(Record):
         every reader uses; ``stage``/``share`` fall back to the raw profiled figures otherwise."""
         return bool(self.stage_ms_calibrated)
 
+    def mode_worst(self) -> tuple[str, float, Interval | None] | None:
+        """The stage whose ops- and stages-mode shares differ most: (stage, ops - stages in points, its interval
+        or None); None without ops-mode tokens."""
+        if not self.mode_diff_pp:
+            return None
+        s = max(self.mode_diff_pp, key=lambda k: abs(self.mode_diff_pp[k]))
+        return s, self.mode_diff_pp[s], self.mode_diff_pp_ci.get(s)
+
     @property
     def mode_agreement_pp(self) -> float | None:
         """Largest |ops - stages| calibrated stage share (points), paired by round; None without ops-mode tokens."""
-        return max(abs(v) for v in self.mode_diff_pp.values()) if self.mode_diff_pp else None
+        worst = self.mode_worst()
+        return abs(worst[1]) if worst else None
 
     def stage(self, name: str, calibrated: bool = True) -> float:
         """Stage ms/token; calibrated when the run has calibrated figures."""

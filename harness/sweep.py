@@ -161,9 +161,8 @@ def format_summary(rec: RunRecord) -> str:
 
 def _mode_words(c) -> str:
     """The largest calibrated share difference ops - stages of a context, its interval and rounds."""
-    s = max(c.mode_diff_pp, key=lambda k: abs(c.mode_diff_pp[k]))
-    ci = c.mode_diff_pp_ci.get(s)
-    return f"{c.depth}: {s} {c.mode_diff_pp[s]:+.2f} points" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") \
+    s, pp, ci = c.mode_worst()
+    return f"{c.depth}: {s} {pp:+.2f} points" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") \
         + f" ({c.ops_rounds} rounds)"
 
 

@@ -74,6 +74,7 @@ def upgrade_from_2(meta: dict) -> dict:
             rows.append(r)  # left for from_dict to refuse with the field's name
     meta["tokens"] = rows
     for c in meta.get("contexts", []):
+        c["sync_us_estimator"] = "per segment"  # (profiled - plain) / segments: no calibration tokens before 3
         if c.get("overhead_ratio") is None:
             c.pop("overhead_ratio", None)
         for k in ("sensors_before", "sensors_after"):

@@ -135,6 +135,7 @@ def test_older_schema_is_upgraded_on_read(tiny_run, tmp_path):
     assert list(up.ops.columns) == list(read_run(tiny_run).ops.columns)
     assert sorted(set(up.tokens["round"])) == list(range(6))
     assert up.record.contexts[0].plain_ms_ci is None and up.record.contexts[0].stage_ms == v2["contexts"][0]["stage_ms"]
+    assert up.record.contexts[0].sync_us_estimator == "per segment"  # no calibration tokens then
     inv = up.record.invariants  # the check version 3 added, on the contexts' means; the flags it implies
     assert inv.estimator == "mean" and inv.across_depths and "synthetic" in {f.kind for f in up.record.flags}
     assert ("drift" in {f.kind for f in up.record.flags}) == (inv.max_disagreement_pct > inv.threshold_pct)
