@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from harness import stages
+from harness import model_cache, stages
 from harness.errors import InputError, UsageError
 from harness.gguf_model import (  # noqa: F401 - re-exported as part of this module's API
     GEMMA3N_KV_FROM_START,
@@ -228,7 +228,7 @@ def from_gguf(path: str | os.PathLike, variant: str = "exact", cache_type_k: str
               cache_type_v: str = "f16", **context) -> ReadModel:
     if variant == "seed":
         return seed_model()
-    return from_model_info(read_model(path), variant, cache_type_k, cache_type_v, **context)
+    return from_model_info(model_cache.read_model(path), variant, cache_type_k, cache_type_v, **context)
 
 
 def run_flash_attn(rec: RunRecord) -> bool | None:

@@ -26,7 +26,8 @@ import numpy as np
 from harness.cli import ArgParser, run_cli
 from harness.errors import InputError, OutputError, UsageError
 from harness.fsutil import atomic_write, clean_stale_temps
-from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY, read_model
+from harness.gguf_model import SYNTHETIC_KEY, SYNTHETIC_PRESET_KEY
+from harness.model_cache import read_model
 from harness.presets import FILE_TYPE, PRESETS, QUANTS, Preset, byte_shape, layout, type_nbytes
 
 log = logging.getLogger(__name__)
