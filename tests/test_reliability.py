@@ -220,7 +220,8 @@ def test_sigint_saves_completed_rounds_and_resume_completes(tiny_gguf, tmp_path)
     assert full.record.complete and full.record.resumed_from == str(short) and full.record.label == "sig"
     assert [r.round for r in full.record.rounds] == list(range(done + 3))
     assert sorted(set(full.ops["round"])) == list(range(done + 3))
-    assert sorted({r[2] for r in full.record.calibration_stages}) == list(range(done + 3))  # both parts' tokens
+    kept = sorted({r[2] for r in full.record.calibration_stages})  # per calibration token (a stop may skip one)
+    assert kept == sorted(full.tokens[full.tokens["pass"] == "calibration"]["round"]) and kept[0] < done <= kept[-1]
     again = run_cli("harness.sweep", "--resume", str(runs[-1] if runs[-1] != part else runs[0]), "--out", str(out))
     _assert_clean_error(again, 2, "already complete")
     assert len(list(out.glob("*.parquet"))) == 2
