@@ -39,6 +39,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ from harness import checks, stats  # noqa: E402
 from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
 from harness.config import LIST_SETTINGS  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
+from harness.record import RunRecord  # noqa: E402
 from harness.store import read_run  # noqa: E402
 from harness.twin import DEFAULT_MODEL, ensure_default_model  # noqa: E402
 
@@ -94,7 +96,12 @@ def figures(path: Path, wall: float | None = None) -> dict:
     slopes = run_slopes(run, rd=rd)
     sl = slopes.loc["attn_kv"]
     inv, flags = rec.invariants, rec.flags  # a run made before the current check (no judged stages, another
-    if not inv.judged or inv.estimator != checks.ESTIMATOR:  # estimator): redo it, and the flags that follow
+    stale = any(c.sync_us_estimator != stats.SPLIT_COST_ESTIMATOR for c in ctxs)  # estimator, another split
+    if stale:  # cost): its summaries and check redone on the current split cost, and the flags that follow
+        rec = on_current_split_cost(rec, rd)
+        ctxs = rec.sorted_contexts()
+        lo, hi = ctxs[0], ctxs[-1]
+    if stale or not inv.judged or inv.estimator != checks.ESTIMATOR:
         inv, flags = checks.rechecked(rec, rd)
     step = checks.state_change(inv)
     noise_wall = sum(x.wall_s for x in rec.rounds) * (rec.device.logical_cores or rec.params.threads)  # all CPUs
@@ -122,6 +129,20 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "steal_pct": 100 * sum(x.steal_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
         "others_cpu_pct": 100 * sum(x.others_cpu_s or 0 for x in rec.rounds) / noise_wall if noise_wall else None,
     }
+
+
+def on_current_split_cost(rec: RunRecord, rd: stats.RoundData) -> RunRecord:
+    """``rec`` with its contexts' calibrated figures and split cost recomputed from its rounds ``rd`` on the
+    current estimator (``stats.SPLIT_COST_ESTIMATOR``): a run saved before it (bench/NOTES.md §24) is then
+    judged as a new one, not on its stored means beside rises calibrated anew."""
+    summaries, cost_us, cost_ci = stats.summarize(rd)
+    new = {s["context"]: s for s in summaries}
+    keys = ("stage_ms_calibrated", "stage_ms_calibrated_ci", "stage_pct_calibrated", "calibrated_sum_pct")
+    ctxs = tuple(replace(c, **{k: new[c.context][k] for k in keys if k in new[c.context]},
+                         sync_us=None if np.isnan(cost_us) else max(0.0, cost_us),
+                         sync_us_ci=None if np.isnan(cost_us) else tuple(max(0.0, x) for x in cost_ci),
+                         sync_us_estimator=stats.SPLIT_COST_ESTIMATOR) for c in rec.contexts)
+    return replace(rec, contexts=ctxs)
 
 
 def _paired_rise(rd: stats.RoundData, cal: np.ndarray) -> tuple[float, list[float]]:

@@ -134,3 +134,20 @@ def test_robust_runs_reads_a_copy_once(tiny_run, tmp_path, capsys):
     robust.main(["--runs", str(tiny_run), str(copy)])
     out = capsys.readouterr().out
     assert "1 of the runs given left out" in out and out.count("sweep 0 (") == 1 and "sweep 1 (" not in out
+
+
+def test_robust_refigures_a_run_saved_before_the_current_split_cost(tiny_run, tmp_path):
+    """A run whose contexts were calibrated on another split-cost estimator is judged on its rounds anew, not
+    on its stored calibrated means (here made stale: doubled) beside rises calibrated on the current one."""
+    from dataclasses import replace
+
+    from harness import store
+
+    run = store.read_run(tiny_run)
+    old = tuple(replace(c, sync_us_estimator="mean", calibrated_sum_pct=2 * c.calibrated_sum_pct,
+                        stage_ms_calibrated={s: 2 * v for s, v in c.stage_ms_calibrated.items()})
+                for c in run.record.contexts)
+    stale = store.write_run(run.ops, replace(run.record, contexts=old), tmp_path, "stale.parquet")
+    now, then = robust.figures(tiny_run), robust.figures(stale)
+    for k in ("attn_kv_rise_ms", "calibrated_sum_pct", "invariant_pct", "invariant_per_stage_pct", "sync_us"):
+        assert then[k] == pytest.approx(now[k]), k
