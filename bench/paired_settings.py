@@ -33,7 +33,7 @@ from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
-from harness.gguf_model import read_model  # noqa: E402
+from harness.model_cache import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import round_order  # noqa: E402
 from harness.twin import ensure_default_model  # noqa: E402
