@@ -23,9 +23,11 @@ Runs N sweeps back to back (all depths resident, measured round-robin) and print
 Then the spread of the attn_kv slope across the N sweeps -- target <= 10 % -- and how much of it is the
 device changing between sweeps (I2: the share of the between-sweep variance beyond each sweep's own
 sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
-depth-invariant stage ms at the shallowest depth. ``--summarize JSON ...`` prints these across-sweep
-figures again from saved results, pooling their sweeps; ``--runs`` computes every figure again from kept
-runs (a copy read once, a run that a later one continued left out, as ``analysis.compare`` does).
+depth-invariant stage ms at the shallowest depth; and whether the other stages' rise with depth is the
+engine's or the capture's (profiled rise - plain rise over the sweeps, bench/NOTES.md §30).
+``--summarize JSON ...`` prints these across-sweep figures again from saved results, pooling their sweeps;
+``--runs`` computes every figure again from kept runs (a copy read once, a run that a later one continued
+left out, as ``analysis.compare`` does).
 ``--vary SETTING=A,B`` (a sweep list setting: threads, flash_attn, cache_type_k, ...; ``--threads 2,1``
 is ``--vary threads=2,1``) alternates the sweeps over the values (the order reversed every other time, so each
 runs as often first as second), prints the across-sweep figures per value, and the ratios A / B of each
@@ -115,6 +117,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
         "invariant_noise_floor_pct": inv.noise_floor_pct,
         "attn_kv_rise_ms": hi.stage("attn_kv") - lo.stage("attn_kv"), "plain_rise_ms": rd_rise,
         "profiled_rise_ms": float(np.nanmean(rd.profiled[:, -1] - rd.profiled[:, 0])),  # the same rounds
+        "rest_rise_ms": sum(hi.stage(s) - lo.stage(s) for s in stats.S if s != "attn_kv"),  # calibrated
         "rise_disagreement_ci_pct": agree_ci,
         "attn_kv_slope": float(sl["slope_ms_per_1k"]),
         "attn_kv_slope_ci": [float(sl["ci95_low_ms_per_1k"]), float(sl["ci95_high_ms_per_1k"])],
@@ -185,6 +188,7 @@ def _main(argv: list[str] | None) -> int:
             raise InputError(f"cannot read saved results: {e}: {' '.join(map(str, a.summarize))}") from None
         across_by_arm(res)
         report_counts(res)
+        report_capture(res)
         return 0
     if a.threads and a.vary:
         raise UsageError("give --threads or --vary, not both")
@@ -211,6 +215,7 @@ def _main(argv: list[str] | None) -> int:
     per = across_by_arm(res)
     spread, h = next(iter(per.values())) if len(per) == 1 else (float("nan"), None)  # several arms: by_arm only
     report_counts(res)
+    report_capture(res)
     by_arm = {t: {"slope_spread_pct": v[0], "slope_heterogeneity": v[1]} for t, v in per.items()}
     save_results("robust", {"args": vars(a), "targets": TARGETS, "sweeps": res, "slope_spread_pct": spread,
                             "slope_heterogeneity": h, "by_arm": by_arm})
@@ -236,6 +241,20 @@ def report_counts(res: list[dict]) -> None:
               "(target: 0 of the unflagged)")
     if len(off) < len(res):
         print(f"  ({len(res) - len(off)} sweeps saved before this count: re-read their kept runs with --runs)")
+
+
+def report_capture(res: list[dict]) -> None:
+    """Is the other stages' rise with depth the engine's or the capture's (bench/NOTES.md §30)? Over the sweeps
+    (a context's own offset makes one sweep blind to it): profiled rise - plain rise, and attn_kv rise - plain
+    rise against minus the other stages' rise, which it would be were that rise in the engine's own decode."""
+    x = np.array([[r["profiled_rise_ms"] - r["plain_rise_ms"], r["attn_kv_rise_ms"] - r["plain_rise_ms"],
+                   r["rest_rise_ms"]] for r in res if "rest_rise_ms" in r])
+    if len(x) < 2:
+        return
+    m, se = x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(len(x))
+    print(f"capture or engine, over {len(x)} sweeps (mean +- se): profiled rise - plain rise {m[0]:+.2f} +- "
+          f"{se[0]:.2f} ms; attn_kv rise - plain rise {m[1]:+.2f} +- {se[1]:.2f} ms, which would be {-m[2]:+.2f} "
+          f"(minus the other stages' rise, {m[2]:+.2f} +- {se[2]:.2f}) were their rise the engine's")
 
 
 def report_one(i: int, r: dict) -> None:

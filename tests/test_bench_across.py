@@ -151,3 +151,15 @@ def test_robust_refigures_a_run_saved_before_the_current_split_cost(tiny_run, tm
     now, then = robust.figures(tiny_run), robust.figures(stale)
     for k in ("attn_kv_rise_ms", "calibrated_sum_pct", "invariant_pct", "invariant_per_stage_pct", "sync_us"):
         assert then[k] == pytest.approx(now[k]), k
+
+
+def test_robust_says_whether_the_other_stages_rise_is_the_engines(capsys):
+    """Made-up sweeps: the plain rise holds attn_kv's rise only, the other stages rose 0.5 ms in the profiled."""
+    res = [{"profiled_rise_ms": p + 0.5, "plain_rise_ms": p, "attn_kv_rise_ms": p, "rest_rise_ms": 0.5 + e}
+           for p, e in ((16.0, -0.1), (17.0, 0.0), (18.0, 0.1))]
+    robust.report_capture([*res, {"plain_rise_ms": 1.0}])  # one saved before the figure: left out
+    out = capsys.readouterr().out
+    assert ("over 3 sweeps (mean +- se): profiled rise - plain rise +0.50 +- 0.00 ms; attn_kv rise - plain rise "
+            "+0.00 +- 0.00 ms, which would be -0.50 (minus the other stages' rise, +0.50 +- 0.06)") in out
+    robust.report_capture(res[:1])
+    assert capsys.readouterr().out == ""  # one sweep cannot tell
