@@ -23,8 +23,8 @@ Runs N sweeps back to back (all depths resident, measured round-robin) and print
 Then the spread of the attn_kv slope across the N sweeps -- target <= 10 % -- and how much of it is the
 device changing between sweeps (I2: the share of the between-sweep variance beyond each sweep's own
 sampling noise), and its correlation with each sweep's measured split cost and with the same sweep's
-depth-invariant stage ms at the shallowest depth; and whether the other stages' rise with depth is the
-engine's or the capture's (profiled rise - plain rise over the sweeps, bench/NOTES.md §30).
+depth-invariant stage ms at the shallowest depth; and the capture's own rise with depth (profiled rise - plain
+rise, mean over the sweeps, bench/NOTES.md §30).
 ``--summarize JSON ...`` prints these across-sweep figures again from saved results, pooling their sweeps;
 ``--runs`` computes every figure again from kept runs (a copy read once, a run that a later one continued
 left out, as ``analysis.compare`` does).
@@ -137,11 +137,12 @@ def figures(path: Path, wall: float | None = None) -> dict:
 def on_current_split_cost(rec: RunRecord, rd: stats.RoundData) -> RunRecord:
     """``rec`` with its contexts' calibrated figures and split cost recomputed from its rounds ``rd`` on the
     current estimator (``stats.SPLIT_COST_ESTIMATOR``): a run saved before it (bench/NOTES.md §24) is then
-    judged as a new one, not on its stored means beside rises calibrated anew."""
+    judged as a new one, not on its stored means beside rises calibrated anew (no split cost now: no calibrated
+    figures, as a new run without calibration tokens). Its mode comparison stays as stored."""
     summaries, cost_us, cost_ci = stats.summarize(rd)
     new = {s["context"]: s for s in summaries}
     keys = ("stage_ms_calibrated", "stage_ms_calibrated_ci", "stage_pct_calibrated", "calibrated_sum_pct")
-    ctxs = tuple(replace(c, **{k: new[c.context][k] for k in keys if k in new[c.context]},
+    ctxs = tuple(replace(c, **{k: new[c.context].get(k, {} if k.startswith("stage") else None) for k in keys},
                          sync_us=None if np.isnan(cost_us) else max(0.0, cost_us),
                          sync_us_ci=None if np.isnan(cost_us) else tuple(max(0.0, x) for x in cost_ci),
                          sync_us_estimator=stats.SPLIT_COST_ESTIMATOR) for c in rec.contexts)
@@ -244,17 +245,16 @@ def report_counts(res: list[dict]) -> None:
 
 
 def report_capture(res: list[dict]) -> None:
-    """Is the other stages' rise with depth the engine's or the capture's (bench/NOTES.md §30)? Over the sweeps
-    (a context's own offset makes one sweep blind to it): profiled rise - plain rise, and attn_kv rise - plain
-    rise against minus the other stages' rise, which it would be were that rise in the engine's own decode."""
-    x = np.array([[r["profiled_rise_ms"] - r["plain_rise_ms"], r["attn_kv_rise_ms"] - r["plain_rise_ms"],
-                   r["rest_rise_ms"]] for r in res if "rest_rise_ms" in r])
+    """The capture's own rise with depth over the sweeps (bench/NOTES.md §30): profiled rise - plain rise, mean and
+    standard error (a context's own offset makes one sweep blind to it), beside the other stages' rise for scale.
+    attn_kv's rise + theirs is the profiled rise exactly, so this cannot say in which stages the excess lands."""
+    x = np.array([[r["profiled_rise_ms"] - r["plain_rise_ms"], r["rest_rise_ms"]] for r in res if "rest_rise_ms" in r])
     if len(x) < 2:
         return
     m, se = x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(len(x))
-    print(f"capture or engine, over {len(x)} sweeps (mean +- se): profiled rise - plain rise {m[0]:+.2f} +- "
-          f"{se[0]:.2f} ms; attn_kv rise - plain rise {m[1]:+.2f} +- {se[1]:.2f} ms, which would be {-m[2]:+.2f} "
-          f"(minus the other stages' rise, {m[2]:+.2f} +- {se[2]:.2f}) were their rise the engine's")
+    print(f"capture's rise with depth, over {len(x)} sweeps (mean +- se): profiled rise - plain rise {m[0]:+.2f} +- "
+          f"{se[0]:.2f} ms; the stages other than attn_kv rose {m[1]:+.2f} +- {se[1]:.2f} ms (which stages hold the "
+          "excess, these or attn_kv, the totals cannot say)")
 
 
 def report_one(i: int, r: dict) -> None:
