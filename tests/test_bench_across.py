@@ -155,10 +155,16 @@ def test_robust_refigures_a_run_saved_before_the_current_split_cost(tiny_run, tm
 
 def test_robust_prints_the_captures_rise_with_depth_over_its_sweeps(tiny_run, capsys):
     """Over sweeps: profiled rise - plain rise, beside the other stages' rise; on a real run attn_kv's rise and
-    theirs make the profiled rise (the calibration cancels: the same segments at every depth; up to the cells
-    it clips at 0, a few us on the tiny twin)."""
-    r = robust.figures(tiny_run)
-    assert r["attn_kv_rise_ms"] + r["rest_rise_ms"] == pytest.approx(r["profiled_rise_ms"], abs=0.01)
+    theirs make the profiled rise (the calibration cancels: the same segments at every depth), up to what the
+    calibration clips at 0 (often, on the tiny twin's microsecond stages)."""
+    from harness import stats, store
+
+    r, run = robust.figures(tiny_run), store.read_run(tiny_run)
+    rd = stats.round_data(run.ops, run.tokens)
+    sub = rd.segs * max(stats.split_cost_ms(rd.calib_delta, rd.calib_extra), 0.0)  # (depths, stages), as calibrated
+    clipped = np.nanmean(np.maximum(sub - rd.stage, 0).sum(axis=2), axis=0)  # per depth, mean over rounds
+    gap = r["attn_kv_rise_ms"] + r["rest_rise_ms"] - r["profiled_rise_ms"]
+    assert abs(gap) <= clipped[0] + clipped[-1] + 1e-9
     res = [{"profiled_rise_ms": p + x, "plain_rise_ms": p, "rest_rise_ms": y} for p, x, y in
            ((16.0, 0.4, 0.3), (17.0, 0.5, 0.2), (18.0, 0.6, 0.4))]
     robust.report_capture([*res, {"plain_rise_ms": 1.0}])  # one saved before the figure: left out
