@@ -41,7 +41,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ from harness import checks, stats  # noqa: E402
 from harness.cli import ArgParser, folder_arg, run_cli  # noqa: E402
 from harness.config import LIST_SETTINGS  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
-from harness.record import RunRecord  # noqa: E402
+from harness.record import ContextSummary, RunRecord  # noqa: E402
 from harness.store import read_run  # noqa: E402
 from harness.twin import DEFAULT_MODEL, ensure_default_model  # noqa: E402
 
@@ -92,7 +92,7 @@ def figures(path: Path, wall: float | None = None) -> dict:
     wall = rec.timing.load_s + rec.timing.sweep_s if wall is None else wall
     ctxs = rec.sorted_contexts()
     lo, hi = ctxs[0], ctxs[-1]
-    rd = stats.round_data(run.ops, run.tokens)
+    rd = stats.round_data(run.ops, run.tokens, run.calibration_stages)
     cal = stats.calibrated(rd, stats.split_cost_ms(rd.calib_delta, rd.calib_extra))  # (rounds, depths, stages)
     rd_rise, agree_ci = _paired_rise(rd, cal)
     slopes = run_slopes(run, rd=rd)
@@ -135,14 +135,16 @@ def figures(path: Path, wall: float | None = None) -> dict:
 
 
 def on_current_split_cost(rec: RunRecord, rd: stats.RoundData) -> RunRecord:
-    """``rec`` with its contexts' calibrated figures and split cost recomputed from its rounds ``rd`` on the
-    current estimator (``stats.SPLIT_COST_ESTIMATOR``): a run saved before it (bench/NOTES.md §24) is then
-    judged as a new one, not on its stored means beside rises calibrated anew (no split cost now: no calibrated
-    figures, as a new run without calibration tokens). Its mode comparison stays as stored."""
+    """``rec`` with its split cost and what it sets (calibrated figures, mode comparison) recomputed from its rounds
+    ``rd`` on the current estimator: a run saved before it (NOTES §24) is judged as a new one, not on stored means
+    beside rises calibrated anew. A field not recomputed (no cost, no per-stage calibration rows) takes its default."""
+    keys = ("stage_ms_calibrated", "stage_ms_calibrated_ci", "stage_pct_calibrated", "calibrated_sum_pct",
+            "ops_rounds", "ops_pct_calibrated", "mode_diff_pp", "mode_diff_pp_ci")
     summaries, cost_us, cost_ci = stats.summarize(rd)
     new = {s["context"]: s for s in summaries}
-    keys = ("stage_ms_calibrated", "stage_ms_calibrated_ci", "stage_pct_calibrated", "calibrated_sum_pct")
-    ctxs = tuple(replace(c, **{k: new[c.context].get(k, {} if k.startswith("stage") else None) for k in keys},
+    default = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+               for f in fields(ContextSummary) if f.name in keys}
+    ctxs = tuple(replace(c, **{k: new[c.context].get(k, default[k]) for k in keys},
                          sync_us=None if np.isnan(cost_us) else max(0.0, cost_us),
                          sync_us_ci=None if np.isnan(cost_us) else tuple(max(0.0, x) for x in cost_ci),
                          sync_us_estimator=stats.SPLIT_COST_ESTIMATOR) for c in rec.contexts)

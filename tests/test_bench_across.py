@@ -145,12 +145,17 @@ def test_robust_refigures_a_run_saved_before_the_current_split_cost(tiny_run, tm
 
     run = store.read_run(tiny_run)
     old = tuple(replace(c, sync_us_estimator="mean", calibrated_sum_pct=2 * c.calibrated_sum_pct,
-                        stage_ms_calibrated={s: 2 * v for s, v in c.stage_ms_calibrated.items()})
+                        stage_ms_calibrated={s: 2 * v for s, v in c.stage_ms_calibrated.items()},
+                        mode_diff_pp={s: 2 * v for s, v in c.mode_diff_pp.items()})
                 for c in run.record.contexts)
     stale = store.write_run(run.ops, replace(run.record, contexts=old), tmp_path, "stale.parquet")
     now, then = robust.figures(tiny_run), robust.figures(stale)
     for k in ("attn_kv_rise_ms", "calibrated_sum_pct", "invariant_pct", "invariant_per_stage_pct", "sync_us"):
         assert then[k] == pytest.approx(now[k]), k
+    back = store.read_run(stale)  # the mode comparison too, from the run's calibration tokens per stage
+    redone = robust.on_current_split_cost(back.record, robust.stats.round_data(back.ops, back.tokens,
+                                                                               back.calibration_stages))
+    assert [c.mode_diff_pp for c in redone.contexts] == [c.mode_diff_pp for c in run.record.contexts]
 
 
 def test_robust_prints_the_captures_rise_with_depth_over_its_sweeps(tiny_run, capsys):
