@@ -3,6 +3,8 @@ modes compared paired by round (pure unit tests of the arithmetic)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,19 +62,16 @@ def test_mode_diff_pairs_the_ops_token_with_its_own_rounds_stages_token():
     assert d1["mode_diff_pp"][stages.FFN] == pytest.approx(-want)
     lo, hi = d1["mode_diff_pp_ci"][stages.GEMMA3N_EXTRA]
     assert 0 < lo <= want <= hi
-    fields = [getattr(rd, f) for f in stats.RoundData.__dataclass_fields__]
-    fields[7] = cost * 400 * np.random.default_rng(1).uniform(0.5, 1.5, n)  # the split cost itself uncertain
-    lo2, hi2 = stats.mode_diff(stats.RoundData(*fields), cost, 1)["mode_diff_pp_ci"][stages.GEMMA3N_EXTRA]
+    noisy = replace(rd, calib_delta=cost * 400 * np.random.default_rng(1).uniform(0.5, 1.5, n))  # cost uncertain
+    lo2, hi2 = stats.mode_diff(noisy, cost, 1)["mode_diff_pp_ci"][stages.GEMMA3N_EXTRA]
     assert hi2 - lo2 > 2 * (hi - lo)  # ... and the interval says so (500 of the ops token's splits are extras')
     assert stats.mode_diff(rd, float("nan"), 1) == {}  # no split cost: nothing calibrated to compare
     raw = stats.mode_diff(rd, cost, 0, ops_calibrated=False)["mode_diff_pp"]  # ops' 20 more splits uncorrected
     assert raw[stages.GEMMA3N_EXTRA] > 0.3 and raw[stages.FFN] < 0
-    few = stats.RoundData(*[getattr(rd, f) for f in stats.RoundData.__dataclass_fields__][:-1],
-                          np.where(np.arange(n) == 0, 0, 1))
+    few = replace(rd, calib_depth=np.where(np.arange(n) == 0, 0, 1))
     one = stats.mode_diff(few, cost, 0)  # one round at depth 0: a difference, no interval
     assert one["ops_rounds"] == 1 and "mode_diff_pp" in one and "mode_diff_pp_ci" not in one
-    no_ops = stats.RoundData(*[getattr(rd, f) for f in ("labels", "depths", "rounds", "plain", "profiled", "stage",
-                                                        "segs", "calib_delta", "calib_extra")])
+    no_ops = replace(rd, ops_stage=None, ops_segs=None, calib_depth=None)
     assert stats.mode_diff(no_ops, cost, 1) == {}  # a run that kept no calibration tokens per stage
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pandas as pd
 import pytest
 from conftest import run_cli
 
@@ -63,7 +62,7 @@ def test_stage_sweep_writes_readable_run(tiny_run):
 
 def test_calibration_token_is_kept_per_stage_at_its_rounds_depth(tiny_run):
     run = read_run(tiny_run)
-    rows = pd.DataFrame([list(r) for r in run.record.calibration_stages], columns=list(columns.CALIB_STAGE_COLUMNS))
+    rows = run.calibration_stages
     cal = run.tokens[run.tokens[columns.PASS] == columns.CALIBRATION].set_index(columns.ROUND)
     assert sorted(set(rows[columns.ROUND])) == list(range(ROUNDS))
     for r, one in rows.groupby(columns.ROUND):  # one token per round, at that round's calibration depth
