@@ -24,13 +24,12 @@ static void load_fma(double until){__m512 a0=_mm512_set1_ps(1.0001f),a1=a0,a2=a0
   a4=_mm512_fmadd_ps(a4,m,c);a5=_mm512_fmadd_ps(a5,m,c);a6=_mm512_fmadd_ps(a6,m,c);a7=_mm512_fmadd_ps(a7,m,c);}}
  fsink=_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0,a1),_mm512_add_ps(a2,a3)),_mm512_add_ps(_mm512_add_ps(a4,a5),_mm512_add_ps(a6,a7))));}
 static void load_scalar(double until){long x=0;while(now()<until)x=chain(x,1000);sink=x;}
-static int load_of(int r);
+static int load_of(int r){return ((r&3)==0||(r&3)==3)?0:1;}  // ABBA: 0 fma, 1 scalar
 static void* worker(void*arg){int id=(int)(long)arg;
  for(int r=0;r<R;r++){int L=load_of(r); pthread_barrier_wait(&bar);
   double t0=now(); if(L==0)load_fma(t0+LOAD); else load_scalar(t0+LOAD);
   long x=0; for(int w=0;w<W;w++){double a=now(); x=chain(x,CHAIN); res[r][id][w]=now()-a;} sink=x;}
  return 0;}
-static int load_of(int r){return ((r&3)==0||(r&3)==3)?0:1;}  // ABBA: 0 fma, 1 scalar
 int main(int argc,char**argv){
  if(argc>1)R=atoi(argv[1]);
  if(argc>2)T=atoi(argv[2]);
