@@ -9,6 +9,9 @@ Modes:
 - ``stages``: ask only at the last node of each run of same-stage nodes (a few hundred syncs).
 - ``ops``: ask at every node (thousands of syncs): a full per-op table, at a higher overhead.
 
+``asks`` (a rule from the nodes' stages to the ask table) replaces the mode's table, for experiments on
+where the capture's cost lands (``bench/locate.py``); the last node must be asked.
+
 The ask phase runs no Python with the native hook (a table lookup in C; ``harness.hook``): the
 node -> ask table is built once per graph from a discovery step that reads every node
 (``engine.read_node``). ``step(..., extra_splits=k)`` asks k more nodes for sync-cost calibration.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness import stages
@@ -56,10 +60,12 @@ class Capture:
     Python per node while timing; otherwise ``hook.PythonHook``. Both have one interface.
     """
 
-    def __init__(self, mode: str = "stages", native: bool | None = None):
+    def __init__(self, mode: str = "stages", native: bool | None = None,
+                 asks: Callable[[list[str]], list[bool]] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown capture mode {mode!r}")
         self.mode = mode
+        self._asks = asks  # the nodes' stages -> the ask table, in place of the mode's (bench/locate.py)
         self.nodes: list[GraphNode] = []
         self.stages: list[str] = []
         self.layers: list[int] = []
@@ -89,8 +95,10 @@ class Capture:
         self.stages = stages.classify_graph(triples)
         self.layers = stages.classify_layers(triples)
         n = len(self.nodes)
-        base = [True] * n if self.mode == "ops" else \
+        base = list(self._asks(self.stages)) if self._asks else [True] * n if self.mode == "ops" else \
             [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
+        if len(base) != n or not base[-1]:
+            raise ValueError(f"an ask table must have one entry per node ({n}) and ask the last one")
         self._tables, self._active = {0: base}, None
         log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(base), self.backend)
         return n

@@ -193,3 +193,65 @@ def test_results_are_saved_whole_and_never_replace_earlier_ones(tmp_path, capsys
     with pytest.raises(OutputError, match="cannot save the results"):
         across.save_results("x", {}, tmp_path / "file" / "res")
 
+
+
+locate = importlib.import_module("locate")
+
+
+def test_locate_block_holds_every_variant_at_every_depth(tiny_gguf):
+    from contextlib import ExitStack
+
+    from harness.config import SweepConfig, parse_contexts
+    from harness.engine import Model
+    from harness.orchestrate import prompt_tokens
+
+    cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
+    variants = list(locate.VARIANTS)
+    with Model(tiny_gguf) as model, ExitStack() as stack:
+        prompt = prompt_tokens(model, True, cfg.max_depth)
+        seeds = locate._seeds(stack, model, cfg.engine_config(2), [13, 40], prompt)
+        assert [s.n_past for s in seeds] == [13, 40]
+        wall, attn, slot, steal = locate.block(model, cfg.engine_config(2), seeds, variants, 2, 3, 1, prompt)
+    assert wall.shape == attn.shape == (3, len(variants), 2) and (wall > 0).all() and 0 <= steal <= 1
+    split = [v in locate.SPLIT_AROUND_ATTENTION for v in variants]
+    assert np.isfinite(attn[:, split]).all() and np.isnan(attn[:, [not s for s in split]]).all()
+    assert (attn[:, split] < wall[:, split]).all()  # the attention is part of the token
+    assert slot == [(variants.index(v) - 2) % len(variants) for v in variants]  # block 2: rotated by 2
+    for r in range(4):  # a variant's depths back to back, in turn ascending and descending
+        keys = locate._round_keys(len(variants), 2, r)
+        assert sorted(keys) == [(i, j) for i in range(len(variants)) for j in range(2)]
+        assert all(keys[k][0] == keys[k + 1][0] for k in range(0, len(keys), 2))
+    assert {tuple(j for _, j in locate._round_keys(5, 2, r)[:2]) for r in range(2)} == {(0, 1), (1, 0)}
+
+
+def test_locate_figures_find_an_excess_and_a_creation_order_effect(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    blocks, rounds, variants = 40, 6, list(locate.DEFAULT_VARIANTS)
+    slot = np.array([[(i - b) % 5 for i in range(5)] for b in range(blocks)])
+    wall = 90 + rng.normal(0, 0.5, (blocks, rounds, 5, 2)) + rng.normal(0, 3, (blocks, rounds, 1, 1))  # drift: all
+    wall[..., 1] += 20 + 0.3 * slot[:, None, :]  # rise 20 ms, +0.3 ms per later slot
+    wall[:, :, variants.index("attn"), 1] += 2.0  # the capture's excess, in one variant only
+    attn = np.where(np.isin(variants, locate.SPLIT_AROUND_ATTENTION)[None, None, :, None], wall - 70, np.nan)
+    f = locate.figures(wall, attn, slot, variants)
+    assert f["slot_slope_ms"] == pytest.approx(0.3, abs=0.1)
+    assert f["per_variant"]["attn"]["excess_ms"][0] == pytest.approx(2.0, abs=0.2)
+    for v in ("plain2", "stages", "last"):  # every variant takes every slot alike: the slots' effect cancels
+        lo, hi = f["per_variant"][v]["excess_ci_ms"]
+        assert lo < 0 < hi and hi - lo < 0.5, v
+    assert f["per_variant"]["stages"]["rest_rise_ms"][0] == pytest.approx(0.0, abs=1e-9)  # attn is wall - 70
+    saved = tmp_path / "a.json"
+    saved.write_text(json.dumps({"variants": variants, "depths": [13, 4096], "steal": [0.0] * blocks,
+                                 "wall_ms": wall.tolist(), "attn_ms": attn.tolist(), "slot": slot.tolist()}))
+    short = tmp_path / "b.json"  # fewer rounds per block: padded with NaN rounds when pooled
+    short.write_text(json.dumps({"variants": variants, "depths": [13, 4096], "steal": [0.0] * blocks,
+                                 "wall_ms": wall[:, :3].tolist(), "attn_ms": attn[:, :3].tolist(),
+                                 "slot": slot.tolist()}))
+    g, depths, steal = locate.pooled([str(saved), str(short)])
+    assert g["blocks"] == 2 * blocks and depths == [13, 4096] and len(steal) == 2 * blocks
+    assert locate.main(["--load", str(saved)]) == 0 and "creation order: +0.3" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"variants": variants[:2], "depths": [13, 4096], "steal": [], "wall_ms": [[[[1]]]],
+                               "attn_ms": [], "slot": []}))
+    _one_line_error(capsys, locate.main(["--load", str(saved), str(bad)]), 1, "variants or depths differ")
+    bad.write_text("{")
+    _one_line_error(capsys, locate.main(["--load", str(bad)]), 1, "cannot read saved locate.py figures")

@@ -30,9 +30,9 @@ def model(tiny_gguf):
         yield m
 
 
-def _profiled(model, mode="stages", native=None, **cfg):
+def _profiled(model, mode="stages", native=None, asks=None, **cfg):
     """A capture and its discovered context (the caller closes the context)."""
-    cap = Capture(mode, native=native)
+    cap = Capture(mode, native=native, asks=asks)
     ctx = engine.Context(model, engine.EngineConfig(threads=2, n_ctx=64, **cfg), cap.callback, cap.user_data)
     ctx.prefill(PROMPT)
     cap.discover(ctx, TOKEN)
@@ -176,6 +176,27 @@ def test_extra_splits_add_exactly_k_boundaries(model):
         assert len(cap.step(ctx, TOKEN).segments) == len(base)
         with pytest.raises(ValueError):
             cap.step(ctx, TOKEN, extra_splits=-1)
+
+
+def test_an_ask_rule_replaces_the_modes_table(model):
+    def around_attention(st):  # the rule bench/locate.py uses: a boundary wherever attn_kv starts or ends
+        return [i == len(st) - 1 or (st[i] == stages.ATTN_KV) != (st[i + 1] == stages.ATTN_KV) for i in range(len(st))]
+
+    cap, ctx = _profiled(model, asks=around_attention)
+    with ctx:
+        p = cap.step(ctx, TOKEN)
+        _check_segments(p, len(cap.nodes))
+        want = [i for i, a in enumerate(around_attention(cap.stages)) if a]
+        assert [g.node_last for g in p.segments] == want and cap.syncs_per_token == len(want)
+        kinds = [cap.stages[g.node_last] == stages.ATTN_KV for g in p.segments]
+        assert any(kinds) and all(a != b for a, b in zip(kinds, kinds[1:], strict=False))  # attention, the rest, ...
+        assert len(cap.step(ctx, TOKEN, extra_splits=3).segments) == len(want) + 3
+    for bad in (lambda st: [True] * (len(st) - 1), lambda st: [True] * (len(st) - 1) + [False]):
+        cap = Capture(asks=bad)
+        with engine.Context(model, engine.EngineConfig(threads=2, n_ctx=64), cap.callback, cap.user_data) as ctx:
+            ctx.prefill(PROMPT)
+            with pytest.raises(ValueError, match="ask table"):
+                cap.discover(ctx, TOKEN)
 
 
 def test_graph_nodes_carry_source_shapes(model):
