@@ -16,26 +16,31 @@ at each depth and measured in the same rounds:
   once, and a calibration token asking every node each round (at one depth, in turn; after the timed tokens);
 - ``pre`` (with ``--variants``): plain, but with a history like a sweep's plain context, which prefilled its cache
   itself: the last ubatch of its prompt (all of it when shorter) is rolled back and decoded again, then the state
-  is restored; the other variants are only ever restored from a copy.
+  is restored; the other variants are only ever restored from a copy. Not a sweep's history exactly: a sweep
+  prefilled the whole span from the previous depth (its last batch is what is left of it), and on a sliding-window
+  model the restored cache holds only the window, so rolling back a ubatch can leave the re-decoded tokens without
+  the earlier context there (the same shapes and work, other values).
 
 A *block* creates every variant at every depth afresh (each from a copy of one prefilled cache per depth), in a
 creation order that rotates from block to block, measures ``--rounds`` rounds (one token per context, in a balanced
-order that changes every round, a variant's depths back to back) and frees them. A context's own offset (its memory
-placement) stays for its life, so blocks, not rounds, are the unit: per block and variant the rise is the mean over
-rounds of t(deepest) - t(shallowest), and figures are means over blocks with a standard error and a 95 % bootstrap
-interval over blocks. Printed: each variant's rise minus plain's (the capture's excess, located by which variants
-carry it), the raw attn_kv segments' rise and the rest's for the variants that split around the attention, and the
-effect of creation order (rise per later creation slot, from a fit with block and variant effects). Nothing is
-asserted; the figures are saved as JSON in bench/results/.
+order that changes every other round, a variant's depths back to back, their order flipping every round) and frees
+them. A context's own offset (its memory placement) stays for its life, so blocks, not rounds, are the unit: per
+block and variant the rise is the mean over rounds of t(deepest) - t(shallowest), and figures are means over blocks
+with a standard error and a 95 % bootstrap interval over blocks. Printed (``locate_stats``): each captured variant's
+rise minus the reference's (the mean of the plain variants restored from a copy: the capture's excess, located by
+which variants carry it), each other plain variant's minus the first plain one's (the null control), the raw attn_kv
+segments' rise and the rest's for the variants that split around the attention, and the effect of creation order
+(rise per later creation slot, from a fit with block and variant effects, and the first-created context against the
+others). Creation slots are balanced when the blocks are a multiple of the variants, round slots when the rounds
+are a whole number of ``round_order`` cycles (2n rounds for even n variants, 4n for odd). Nothing is asserted; the
+figures are saved as JSON in bench/results/.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,20 +50,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from across import save_results  # noqa: E402
+from locate_stats import (  # noqa: E402
+    CAPTURED,
+    DEFAULT_VARIANTS,
+    PREFILLED,
+    SPLIT_AROUND_ATTENTION,
+    SWEEP_CALIBRATION,
+    check_variants,
+    figures,
+    pooled,
+    report,
+)
 
-from harness import device, stages, stats  # noqa: E402
+from harness import device, stages  # noqa: E402
 from harness.capture import Capture  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
-from harness.errors import InputError, UsageError  # noqa: E402
+from harness.errors import UsageError  # noqa: E402
 from harness.model_cache import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import round_order  # noqa: E402
 from harness.twin import ensure_default_model  # noqa: E402
-
-VARIANTS = ("plain", "plain2", "stages", "last", "attn", "cal", "pre")
-DEFAULT_VARIANTS = VARIANTS[:5]
 
 
 def _last_only(st: list[str]) -> list[bool]:
@@ -69,10 +82,8 @@ def _around_attention(st: list[str]) -> list[bool]:
     return [i == len(st) - 1 or (st[i] == stages.ATTN_KV) != (st[i + 1] == stages.ATTN_KV) for i in range(len(st))]
 
 
-ASKS = {"stages": None, "last": _last_only, "attn": _around_attention, "cal": None}  # captured; the rest are plain
-SPLIT_AROUND_ATTENTION = ("stages", "attn", "cal")  # their attn_kv segments are the attention alone
-PREFILLED = ("pre",)  # plain, but prefills itself as a sweep's plain context does (the others are copies only)
-SWEEP_CALIBRATION = ("cal",)  # as a sweep's profiled context: calibrate() once, an every-node token per round
+ASKS = {"stages": None, "last": _last_only, "attn": _around_attention, "cal": None}  # the ask rule of each captured
+assert set(ASKS) == set(CAPTURED)
 
 
 def _seeds(stack: ExitStack, model: Model, ecfg, depths: list[int], prompt: list[int]) -> list[Context]:
@@ -138,101 +149,10 @@ def block(model: Model, ecfg, seeds: list[Context], variants: list[str], b: int,
 
 
 def _round_keys(nv: int, nd: int, r: int) -> list[tuple[int, int]]:
-    """Round r's (variant, depth) order: the variants in a balanced order that changes every round, each variant's
+    """Round r's (variant, depth) order: the variants in a balanced order (a row serves two rounds), each variant's
     depths back to back (ascending and descending in turn), so a rise is paired over milliseconds, not a round."""
     return [(i, j) for k, i in enumerate(round_order(nv, r))
             for j in (range(nd) if (r + k) % 2 == 0 else range(nd - 1, -1, -1))]
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = x[np.isfinite(x)]
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
-def _slot_slope(rise: np.ndarray, slot: np.ndarray) -> float:
-    """Rise per later creation slot, from rise[b, v] = block_b + variant_v + slope * slot[b, v] (least squares)."""
-    nb, nv = rise.shape
-    cols = [np.kron(np.eye(nb), np.ones((nv, 1))), np.kron(np.ones((nb, 1)), np.eye(nv)[:, 1:]), slot.reshape(-1, 1)]
-    coef, *_ = np.linalg.lstsq(np.hstack(cols), rise.reshape(-1), rcond=None)
-    return float(coef[-1])
-
-
-def figures(wall: np.ndarray, attn: np.ndarray, slot: np.ndarray, variants: list[str]) -> dict:
-    """wall, attn: (blocks, rounds, variants, depths) ms; slot: (blocks, variants). Rises are from the first depth to
-    the last, paired by round, then averaged per block; intervals are over blocks."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():  # NaN rounds (pooled shorter blocks), NaN attn_kv
-        warnings.simplefilter("ignore", RuntimeWarning)
-        rise = np.nanmean(wall[..., -1] - wall[..., 0], axis=1)  # (blocks, variants)
-        arise = np.nanmean(attn[..., -1] - attn[..., 0], axis=1)
-    plain = [i for i, v in enumerate(variants) if v not in ASKS]  # the reference: the plain contexts' mean rise
-    ref, ref_ms = rise[:, plain].mean(axis=1), np.nanmean(wall[:, :, plain], axis=(0, 1, 2))
-    mean_ms = np.nanmean(wall, axis=(0, 1))  # (variants, depths)
-    rows = stats.boot_indices(rise.shape[0])
-    out = {"per_variant": {}, "reference": [variants[i] for i in plain]}
-    for i, v in enumerate(variants):
-        excess = rise[:, i] - (ref if v in ASKS else rise[:, plain[0]])  # a plain one: minus the first (null control)
-        f = {"rise_ms": _mean_se(rise[:, i]), "excess_ms": _mean_se(excess),
-             "excess_ci_ms": stats.interval(excess[rows].mean(axis=1)).tolist(),
-             "excess_above_0": int((excess > 0).sum()), "ratio_to_plain": (mean_ms[i] / ref_ms).tolist()}
-        if np.isfinite(arise[:, i]).any():
-            f["attn_kv_rise_ms"] = _mean_se(arise[:, i])
-            f["rest_rise_ms"] = _mean_se(rise[:, i] - arise[:, i])
-            f["attn_kv_minus_plain_ms"] = _mean_se(arise[:, i] - ref)
-        out["per_variant"][v] = f
-    boot = [_slot_slope(rise[r], slot[r]) for r in rows[:400]]
-    out["slot_slope_ms"] = _slot_slope(rise, slot)
-    out["slot_slope_ci_ms"] = stats.interval(np.array(boot)).tolist()
-    out["mean_ms"] = np.nanmean(wall, axis=(0, 1)).tolist()
-    out["blocks"] = rise.shape[0]
-    return out
-
-
-def report(f: dict, depths: list[int], steal: list[float]) -> None:
-    print(f"\nrise {depths[0]} -> {depths[-1]}, ms/token, mean over {f['blocks']} blocks ± standard error "
-          f"(95 % interval over blocks); steal {100 * np.mean(steal):.1f} % of CPU time (max "
-          f"{100 * np.max(steal):.1f} % in a block)")
-    for v, g in f["per_variant"].items():
-        m, se = g["rise_ms"]
-        line = f"  {v:7s} rise {m:+6.2f} ± {se:.2f}"
-        if v != f["reference"][0]:
-            (e, ese), (lo, hi) = g["excess_ms"], g["excess_ci_ms"]
-            minus = "the plain ones'" if v in ASKS else f"{f['reference'][0]}'s"
-            line += (f"   minus {minus} {e:+.2f} ± {ese:.2f} [{lo:+.2f}, {hi:+.2f}] ({g['excess_above_0']} of "
-                     f"{f['blocks']} > 0)")
-        line += "   x" + ", x".join(f"{x:.4f}" for x in g["ratio_to_plain"]) + " of plain"
-        print(line)
-        if "attn_kv_rise_ms" in g:
-            (a, ase), (r, rse), (d, dse) = g["attn_kv_rise_ms"], g["rest_rise_ms"], g["attn_kv_minus_plain_ms"]
-            print(f"          attn_kv segments {a:+.2f} ± {ase:.2f}, the rest {r:+.2f} ± {rse:.2f}; "
-                  f"attn_kv - plain's rise {d:+.2f} ± {dse:.2f}")
-    lo, hi = f["slot_slope_ci_ms"]
-    print(f"  creation order: {f['slot_slope_ms']:+.3f} ms of rise per later slot [{lo:+.3f}, {hi:+.3f}]")
-
-
-def pooled(paths: list[str]) -> tuple[dict, list[int], list[float]]:
-    """The figures of saved results with their blocks pooled (same variants and depths), as ``report`` takes them."""
-    parts: list[dict] = []
-    for path in paths:
-        try:
-            saved = json.loads(Path(path).read_text())
-            part = {k: np.array(saved[k], float) for k in ("wall_ms", "attn_ms", "slot")}
-            part.update(variants=list(saved["variants"]), depths=list(saved["depths"]), steal=list(saved["steal"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"cannot read saved locate.py figures ({e}): {path}") from None
-        if parts and (part["variants"], part["depths"]) != (parts[0]["variants"], parts[0]["depths"]):
-            raise InputError(f"variants or depths differ from {paths[0]}'s: {path}")
-        if part["wall_ms"].ndim != 4 or part["wall_ms"].shape[2:] != (len(part["variants"]), len(part["depths"])):
-            raise InputError(f"not a locate.py result (wall_ms has shape {part['wall_ms'].shape}): {path}")
-        parts.append(part)
-    most = max(p["wall_ms"].shape[1] for p in parts)  # blocks of fewer rounds are padded with NaN rounds
-
-    def pad(x: np.ndarray) -> np.ndarray:
-        return np.pad(x, [(0, 0), (0, most - x.shape[1]), (0, 0), (0, 0)], constant_values=np.nan)
-
-    cat = {k: np.concatenate([pad(p[k]) for p in parts]) for k in ("wall_ms", "attn_ms")}
-    cat["slot"] = np.concatenate([p["slot"] for p in parts])
-    f = figures(cat["wall_ms"], cat["attn_ms"], cat["slot"].astype(int), parts[0]["variants"])
-    return f, parts[0]["depths"], [s for p in parts for s in p["steal"]]
 
 
 def _main(argv: list[str] | None) -> int:
@@ -244,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help=f"which, comma-separated, plain first (from {', '.join(VARIANTS)})")
+                    help="which, comma-separated (see the docstring); the first plain one is the null control's base")
     ap.add_argument("--load", nargs="+", default=None, metavar="JSON",
                     help="print the figures of saved results again, their blocks pooled")
     a = ap.parse_args(argv)
@@ -253,9 +173,7 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if a.blocks < 2 or a.rounds < 1:
         raise UsageError(f"--blocks must be >= 2 and --rounds >= 1, got {a.blocks} and {a.rounds}")
-    variants = a.variants.split(",")
-    if variants[0] != "plain" or len(set(variants)) < len(variants) or not set(variants) <= set(VARIANTS):
-        raise UsageError(f"--variants takes distinct names from {', '.join(VARIANTS)}, plain first; got {a.variants!r}")
+    variants = check_variants(a.variants.split(","), UsageError, "--variants")
     cfg = SweepConfig(contexts=parse_contexts(a.depths), rounds=a.rounds, warmup=a.warmup,
                       threads=device.physical_cores() if a.threads is None else a.threads).validate()
     depths = [d for _, d in cfg.contexts]

@@ -97,7 +97,7 @@ class Capture:
         n = len(self.nodes)
         base = list(self._asks(self.stages)) if self._asks else [True] * n if self.mode == "ops" else \
             [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
-        if len(base) != n or not base[-1]:
+        if len(base) != n or (n and not base[-1]):
             raise ValueError(f"an ask table must have one entry per node ({n}) and ask the last one")
         self._tables, self._active = {0: base}, None
         log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(base), self.backend)
@@ -114,7 +114,8 @@ class Capture:
         Each extra ask splits one segment in two inside a run of one stage (the base table asks
         the last node of every run), so both halves keep the stage of their last node. Nodes that
         compute something are preferred over no-op views. Deterministic: same graph and k, same
-        nodes. At most as many as there are unasked nodes (none in ops mode)."""
+        nodes. At most as many as there are unasked nodes (none in ops mode). With an ``asks`` rule whose
+        boundaries are not stage changes, a segment may hold several stages; it is named by its last node's."""
         ask = list(self._tables[0])
         free = [i for i, a in enumerate(ask) if not a]
         real = [i for i in free if self.nodes[i].op not in stages.NOOP_OPS]

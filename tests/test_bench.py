@@ -196,6 +196,7 @@ def test_results_are_saved_whole_and_never_replace_earlier_ones(tmp_path, capsys
 
 
 locate = importlib.import_module("locate")
+locate_stats = importlib.import_module("locate_stats")
 
 
 def test_locate_block_holds_every_variant_at_every_depth(tiny_gguf):
@@ -206,7 +207,7 @@ def test_locate_block_holds_every_variant_at_every_depth(tiny_gguf):
     from harness.orchestrate import prompt_tokens
 
     cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
-    variants = list(locate.VARIANTS)
+    variants = list(locate_stats.VARIANTS)
     with Model(tiny_gguf) as model, ExitStack() as stack:
         prompt = prompt_tokens(model, True, cfg.max_depth)
         seeds = locate._seeds(stack, model, cfg.engine_config(2), [13, 40], prompt)
@@ -226,13 +227,15 @@ def test_locate_block_holds_every_variant_at_every_depth(tiny_gguf):
 
 def test_locate_figures_find_an_excess_and_a_creation_order_effect(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    blocks, rounds, variants = 40, 6, list(locate.DEFAULT_VARIANTS)
+    blocks, rounds, variants = 40, 6, list(locate_stats.DEFAULT_VARIANTS)
     slot = np.array([[(i - b) % 5 for i in range(5)] for b in range(blocks)])
     wall = 90 + rng.normal(0, 0.5, (blocks, rounds, 5, 2)) + rng.normal(0, 3, (blocks, rounds, 1, 1))  # drift: all
     wall[..., 1] += 20 + 0.3 * slot[:, None, :]  # rise 20 ms, +0.3 ms per later slot
     wall[:, :, variants.index("attn"), 1] += 2.0  # the capture's excess, in one variant only
-    attn = np.where(np.isin(variants, locate.SPLIT_AROUND_ATTENTION)[None, None, :, None], wall - 70, np.nan)
-    f = locate.figures(wall, attn, slot, variants)
+    attn = np.where(np.isin(variants, locate_stats.SPLIT_AROUND_ATTENTION)[None, None, :, None], wall - 70, np.nan)
+    f = locate_stats.figures(wall, attn, slot, variants)
+    assert f["reference"] == ["plain", "plain2"]
+    assert f["first_created_ms"][0] == pytest.approx(-0.3 * 2.5, abs=0.15)  # slot 0 against slots 1-4
     assert f["slot_slope_ms"] == pytest.approx(0.3, abs=0.1)
     assert f["per_variant"]["attn"]["excess_ms"][0] == pytest.approx(2.0, abs=0.2)
     for v in ("plain2", "stages", "last"):  # every variant takes every slot alike: the slots' effect cancels
@@ -246,12 +249,17 @@ def test_locate_figures_find_an_excess_and_a_creation_order_effect(tmp_path, cap
     short.write_text(json.dumps({"variants": variants, "depths": [13, 4096], "steal": [0.0] * blocks,
                                  "wall_ms": wall[:, :3].tolist(), "attn_ms": attn[:, :3].tolist(),
                                  "slot": slot.tolist()}))
-    g, depths, steal = locate.pooled([str(saved), str(short)])
+    g, depths, steal = locate_stats.pooled([str(saved), str(short)])
     assert g["blocks"] == 2 * blocks and depths == [13, 4096] and len(steal) == 2 * blocks
+    assert g["per_variant"]["attn"]["excess_ms"][0] == pytest.approx(2.0, abs=0.2)  # padded rounds left out
     assert locate.main(["--load", str(saved)]) == 0 and "creation order: +0.3" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"variants": variants[:2], "depths": [13, 4096], "steal": [], "wall_ms": [[[[1]]]],
                                "attn_ms": [], "slot": []}))
     _one_line_error(capsys, locate.main(["--load", str(saved), str(bad)]), 1, "variants or depths differ")
+    bad.write_text(json.dumps({**json.loads(saved.read_text()), "attn_ms": []}))  # well-formed, wrong shape
+    _one_line_error(capsys, locate.main(["--load", str(bad)]), 1, "not a locate.py result")
     bad.write_text("{")
     _one_line_error(capsys, locate.main(["--load", str(bad)]), 1, "cannot read saved locate.py figures")
+    for wrong in ("stages,attn", "plain,bogus", "plain,plain", "pre,stages"):  # a reference is needed: plain or plain2
+        _one_line_error(capsys, locate.main(["--variants", wrong]), 2, "plain or plain2 among them")
