@@ -70,7 +70,7 @@ from harness.engine import Context, Model  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
 from harness.model_cache import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
-from harness.runner import round_order  # noqa: E402
+from harness.runner import grow, round_order  # noqa: E402
 from harness.twin import ensure_default_model  # noqa: E402
 
 
@@ -91,10 +91,7 @@ def _seeds(stack: ExitStack, model: Model, ecfg, depths: list[int], prompt: list
     out: list[Context] = []
     for d in depths:
         c = stack.enter_context(Context(model, ecfg))
-        if out:
-            c.copy_state_from(out[-1])
-        c.prefill(prompt[c.n_past:d])
-        c.copy_state_from(c)  # a restored state (sliding caches keep only the window), as every context here gets
+        grow(c, out[-1] if out else None, prompt, d)  # a restored state, as every context copied from it gets
         out.append(c)
     return out
 

@@ -35,7 +35,7 @@ from harness.engine import Context, Model  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
 from harness.model_cache import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
-from harness.runner import round_order  # noqa: E402
+from harness.runner import grow, round_order  # noqa: E402
 from harness.twin import ensure_default_model  # noqa: E402
 
 CONTEXT_SETTINGS = ("threads", "flash_attn", "cache_type_k", "cache_type_v", "n_ubatch")  # per context, not model
@@ -53,10 +53,7 @@ def measure(model: Model, cfg: SweepConfig, arms: list[tuple[str, str]], prompt:
             prev = None
             for d in depths:
                 c = stack.enter_context(Context(model, ecfg))
-                if prev is not None:
-                    c.copy_state_from(prev)
-                c.prefill(prompt[c.n_past:d])
-                c.copy_state_from(c)  # a restored state, as a sweep's contexts have (sliding caches keep the window)
+                grow(c, prev, prompt, d)  # a restored state, as a sweep's contexts have
                 for _ in range(warmup):
                     c.step(tok)
                 ctxs.append(c)

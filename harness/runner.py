@@ -92,18 +92,9 @@ def prepare(stack: ExitStack, model: Model, cfg: EngineConfig, contexts: list[tu
     for label, depth in contexts:
         sensors = device.sample_sensors()
         plain = stack.enter_context(Context(model, cfg))
-        if out:
-            plain.copy_state_from(out[-1].plain)
-        t0 = time.perf_counter()
-        new = prompt[plain.n_past:depth]
-        for i in range(0, len(new), cfg.n_batch):
-            if stop:
-                return None
-            plain.prefill(new[i:i + cfg.n_batch])
-            if progress is not None:
-                progress.update(len(new[i:i + cfg.n_batch]))
-        prefill_s = time.perf_counter() - t0
-        plain.copy_state_from(plain)  # a restored state (sliding caches keep only the window), as the twin gets
+        prefill_s = grow(plain, out[-1].plain if out else None, prompt, depth, stop, progress)
+        if prefill_s is None:
+            return None
         cap = Capture(mode)
         prof = stack.enter_context(Context(model, cfg, cap.callback, cap.user_data))
         prof.copy_state_from(plain)
@@ -118,6 +109,27 @@ def prepare(stack: ExitStack, model: Model, cfg: EngineConfig, contexts: list[tu
         log.debug("depth %d resident: prefill %.1f s, %d nodes, %d syncs/token", depth, prefill_s, n_nodes,
                   cap.syncs_per_token)
     return out
+
+
+def grow(ctx: Context, prev: Context | None, prompt: list[int], depth: int, stop: StopFlag | None = None,
+         progress=None) -> float | None:
+    """Bring a fresh context to ``depth``: a copy of ``prev``'s cache (when given), the rest of ``prompt`` up to
+    ``depth`` prefilled in n_batch chunks, then its state restored into itself (a restored state: sliding caches keep
+    only the window, as every context copied from it gets). Seconds spent prefilling; None when ``stop`` was set
+    between chunks. ``progress.update(n)`` gets prefilled token counts."""
+    if prev is not None:
+        ctx.copy_state_from(prev)
+    t0 = time.perf_counter()
+    new = prompt[ctx.n_past:depth]
+    for i in range(0, len(new), ctx.cfg.n_batch):
+        if stop:
+            return None
+        ctx.prefill(new[i:i + ctx.cfg.n_batch])
+        if progress is not None:
+            progress.update(len(new[i:i + ctx.cfg.n_batch]))
+    prefill_s = time.perf_counter() - t0
+    ctx.copy_state_from(ctx)
+    return prefill_s
 
 
 def round_order(n: int, r: int) -> list[int]:
