@@ -33,7 +33,7 @@ segments' rise and the rest's for the variants that split around the attention, 
 (rise per later creation slot, from a fit with block and variant effects, and the first-created context against the
 others). Creation slots are balanced when the blocks are a multiple of the variants, round slots when the rounds
 are a whole number of ``round_order`` cycles (2n rounds for even n variants, 4n for odd). Nothing is asserted; the
-figures are saved as JSON in bench/results/.
+figures are saved as JSON in bench/results/ (on Ctrl-C, the blocks done so far).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -68,6 +69,7 @@ from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
+from harness.gguf_model import ModelInfo  # noqa: E402
 from harness.model_cache import read_model  # noqa: E402
 from harness.orchestrate import check_model, prompt_tokens  # noqa: E402
 from harness.runner import grow, round_order  # noqa: E402
@@ -152,14 +154,46 @@ def _round_keys(nv: int, nd: int, r: int) -> list[tuple[int, int]]:
             for j in (range(nd) if (r + k) % 2 == 0 else range(nd - 1, -1, -1))]
 
 
-def _main(argv: list[str] | None) -> int:
-    ap = ArgParser(prog="locate.py", description=__doc__.split("\n")[0])
+def block_args(ap: ArgParser, blocks: int, rounds: int) -> None:
+    """The arguments of a bench that measures blocks of rounds at several depths (this script and within.py)."""
     ap.add_argument("--model", default=None, help="GGUF (default: the E4B Q4_K_M twin, made if missing)")
     ap.add_argument("--depths", default="13,4096")
-    ap.add_argument("--blocks", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--blocks", type=int, default=blocks)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+
+
+def setup(a, copies: int) -> tuple[SweepConfig, Path, ModelInfo]:
+    """The checked settings, the model's path (the default twin made if missing) and its parsed metadata; the memory
+    guard counts ``copies`` contexts at every depth."""
+    if a.blocks < 2 or a.rounds < 1:
+        raise UsageError(f"--blocks must be >= 2 and --rounds >= 1, got {a.blocks} and {a.rounds}")
+    cfg = SweepConfig(contexts=parse_contexts(a.depths), rounds=a.rounds, warmup=a.warmup,
+                      threads=device.physical_cores() if a.threads is None else a.threads).validate()
+    path = ensure_default_model() if a.model is None else Path(a.model)
+    info = read_model(path)
+    check_model(cfg.replace(contexts=tuple(cfg.contexts) * copies), path, info)
+    return cfg, path, info
+
+
+def run_blocks(n: int, one: Callable[[int], tuple], line: Callable[[tuple], str], t0: float) -> list[tuple]:
+    """``one(b)`` for b in 0..n-1 with a progress line after each; on Ctrl-C, the finished blocks (two or more)."""
+    done: list[tuple] = []  # appended whole: an interrupt cuts no block in half
+    try:
+        for b in range(n):
+            done.append(one(b))
+            print(f"block {b + 1}/{n} ({time.perf_counter() - t0:.0f} s) {line(done[-1])}", flush=True)
+    except KeyboardInterrupt:
+        if len(done) < 2:
+            raise
+        print(f"interrupted: the {len(done)} blocks done so far", flush=True)
+    return done
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = ArgParser(prog="locate.py", description=__doc__.split("\n")[0])
+    block_args(ap, blocks=20, rounds=20)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help="which, comma-separated (see the docstring); the first plain one is the null control's base")
     ap.add_argument("--load", nargs="+", default=None, metavar="JSON",
@@ -168,16 +202,9 @@ def _main(argv: list[str] | None) -> int:
     if a.load:
         report(*pooled(a.load))
         return 0
-    if a.blocks < 2 or a.rounds < 1:
-        raise UsageError(f"--blocks must be >= 2 and --rounds >= 1, got {a.blocks} and {a.rounds}")
     variants = check_variants(a.variants.split(","), UsageError, "--variants")
-    cfg = SweepConfig(contexts=parse_contexts(a.depths), rounds=a.rounds, warmup=a.warmup,
-                      threads=device.physical_cores() if a.threads is None else a.threads).validate()
+    cfg, path, info = setup(a, -(-(len(variants) + 1) // 2))  # every variant at every depth, and the seeds
     depths = [d for _, d in cfg.contexts]
-    path = ensure_default_model() if a.model is None else Path(a.model)
-    info = read_model(path)
-    check_model(cfg.replace(contexts=tuple(cfg.contexts) * -(-(len(variants) + 1) // 2)), path, info)  # + seeds
-    walls, attns, slots, steal = [], [], [], []
     t0 = time.perf_counter()
     with Model(path) as model, ExitStack() as stack:
         prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
@@ -185,15 +212,15 @@ def _main(argv: list[str] | None) -> int:
         seeds = _seeds(stack, model, ecfg, depths, prompt)
         print(f"{len(depths)} depths prefilled in {time.perf_counter() - t0:.0f} s; {a.blocks} blocks of "
               f"{len(variants)} variants x {len(depths)} depths x {a.rounds} rounds", flush=True)
-        for b in range(a.blocks):
-            w, at, sl, st = block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt)
-            walls.append(w)
-            attns.append(at)
-            slots.append(sl)
-            steal.append(st)
-            rises = ", ".join(f"{v} {(w[:, i, -1] - w[:, i, 0]).mean():+.2f}" for i, v in enumerate(variants))
-            print(f"block {b + 1}/{a.blocks} ({time.perf_counter() - t0:.0f} s) rises, ms: {rises}", flush=True)
-    wall, attn, slot = np.array(walls), np.array(attns), np.array(slots)
+
+        def line(x: tuple) -> str:
+            return "rises, ms: " + ", ".join(f"{v} {(x[0][:, i, -1] - x[0][:, i, 0]).mean():+.2f}"
+                                             for i, v in enumerate(variants))
+
+        done = run_blocks(a.blocks, lambda b: block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt),
+                          line, t0)
+    wall, attn, slot = (np.array([x[k] for x in done]) for k in range(3))
+    steal = [x[3] for x in done]
     f = figures(wall, attn, slot, variants)
     report(f, depths, steal)
     save_results("locate", {"args": vars(a), "variants": variants, "depths": depths, "threads": cfg.threads,

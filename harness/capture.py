@@ -10,7 +10,9 @@ Modes:
 - ``ops``: ask at every node (thousands of syncs): a full per-op table, at a higher overhead.
 
 ``asks`` (a rule from the nodes' stages to the ask table) replaces the mode's table, for experiments on
-where the capture's cost lands (``bench/locate.py``); the last node must be asked.
+where the capture's cost lands (``bench/locate.py``); the last node must be asked. ``rules`` names more such rules,
+and ``step(..., rule=NAME)`` times one token with that table instead, so one context can alternate tables token by
+token (``bench/within.py``).
 
 The ask phase runs no Python with the native hook (a table lookup in C; ``harness.hook``): the
 node -> ask table is built once per graph from a discovery step that reads every node
@@ -61,11 +63,15 @@ class Capture:
     """
 
     def __init__(self, mode: str = "stages", native: bool | None = None,
-                 asks: Callable[[list[str]], list[bool]] | None = None):
+                 asks: Callable[[list[str]], list[bool]] | None = None,
+                 rules: dict[str, Callable[[list[str]], list[bool]]] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown capture mode {mode!r}")
+        if any(not isinstance(k, str) or k == _ALL for k in rules or {}):
+            raise ValueError(f"rule names are strings other than {_ALL!r}, got {sorted(map(repr, rules))}")
         self.mode = mode
         self._asks = asks  # the nodes' stages -> the ask table, in place of the mode's (bench/locate.py)
+        self._rules = dict(rules or {})  # more such rules, by name: step(rule=NAME) (bench/within.py)
         self.nodes: list[GraphNode] = []
         self.stages: list[str] = []
         self.layers: list[int] = []
@@ -95,13 +101,19 @@ class Capture:
         self.stages = stages.classify_graph(triples)
         self.layers = stages.classify_layers(triples)
         n = len(self.nodes)
-        base = list(self._asks(self.stages)) if self._asks else [True] * n if self.mode == "ops" else \
+        base = self._checked(self._asks) if self._asks else [True] * n if self.mode == "ops" else \
             [i == n - 1 or self.stages[i] != self.stages[i + 1] for i in range(n)]
-        if len(base) != n or (n and not base[-1]):
-            raise ValueError(f"an ask table must have one entry per node ({n}) and ask the last one")
         self._tables, self._active = {0: base}, None
+        for name in self._rules:
+            self._tables[name] = self._checked(self._rules[name])
         log.debug("graph: %d nodes, %d boundaries asked per token (%s callback)", n, sum(base), self.backend)
         return n
+
+    def _checked(self, rule: Callable[[list[str]], list[bool]]) -> list[bool]:
+        n, ask = len(self.stages), list(rule(self.stages))
+        if len(ask) != n or (n and not ask[-1]):
+            raise ValueError(f"an ask table must have one entry per node ({n}) and ask the last one")
+        return ask
 
     def _table(self, key: int | str) -> list[bool]:
         if key not in self._tables:
@@ -142,14 +154,17 @@ class Capture:
     def syncs_per_token(self) -> int:
         return sum(self._tables.get(0, ()))
 
-    def step(self, ctx: Context, token: int, extra_splits: int = 0) -> StepProfile:
+    def step(self, ctx: Context, token: int, extra_splits: int = 0, rule: str | None = None) -> StepProfile:
         """Decode one timed token (rolled back afterwards); rediscovers if the graph changed.
 
         ``extra_splits=k`` asks k more nodes than the mode does (see ``_with_extra``), to measure what one split
-        costs from the wall time; ``n_splits`` of the result counts them."""
+        costs from the wall time; ``n_splits`` of the result counts them. ``rule=NAME`` asks the table of that
+        rule (``rules``) instead of the mode's."""
         if extra_splits < 0:
             raise ValueError(f"extra_splits must be >= 0, got {extra_splits}")
-        return self._profile(ctx, token, extra_splits)
+        if rule is not None and (rule not in self._rules or extra_splits):
+            raise ValueError(f"rule must be one of {sorted(self._rules)} and comes without extra_splits, got {rule!r}")
+        return self._profile(ctx, token, extra_splits if rule is None else rule)
 
     def _profile(self, ctx: Context, token: int, key: int | str) -> StepProfile:
         for _attempt in range(2):

@@ -127,10 +127,11 @@ def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys
     assert "the judged stages in 3 of 4 sweeps; all five stages, norm included, in 1 of 4" in out
 
 
-def test_robust_runs_reads_a_copy_once(tiny_run, tmp_path, capsys):
+def test_robust_runs_reads_a_copy_once(tiny_run, tmp_path, capsys, monkeypatch):
     import shutil
 
     copy = shutil.copy(tiny_run, tmp_path / "copy.parquet")  # the same measurement under another name
+    monkeypatch.setattr(robust, "save_results", lambda kind, payload: None)  # not into the user's bench/results
     robust.main(["--runs", str(tiny_run), str(copy)])
     out = capsys.readouterr().out
     assert "1 of the runs given left out" in out and out.count("sweep 0 (") == 1 and "sweep 1 (" not in out

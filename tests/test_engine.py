@@ -199,6 +199,33 @@ def test_an_ask_rule_replaces_the_modes_table(model):
                 cap.discover(ctx, TOKEN)
 
 
+def test_named_rules_change_the_table_token_by_token(model):
+    def last(st):
+        return [i == len(st) - 1 for i in range(len(st))]
+
+    cap = Capture(rules={"last": last})
+    with engine.Context(model, engine.EngineConfig(threads=2, n_ctx=64), cap.callback, cap.user_data) as ctx:
+        ctx.prefill(PROMPT)
+        cap.discover(ctx, TOKEN)
+        base = _bounds(cap.step(ctx, TOKEN))
+        for rule in ("last", None, "last", "last"):  # the same context, the table chosen per token
+            p = cap.step(ctx, TOKEN, rule=rule)
+            _check_segments(p, len(cap.nodes))
+            assert _bounds(p) == ([(0, len(cap.nodes) - 1)] if rule else base) and p.n_splits == len(p.segments)
+        assert len(cap.step(ctx, TOKEN, extra_splits=2).segments) == len(base) + 2  # the mode's table, still
+        for bad in ({"rule": "bogus"}, {"rule": "last", "extra_splits": 1}):
+            with pytest.raises(ValueError, match="rule must be one of"):
+                cap.step(ctx, TOKEN, **bad)
+    for name in ("all", 0):
+        with pytest.raises(ValueError, match="rule names are strings"):
+            Capture(rules={name: last})
+    cap = Capture(rules={"short": lambda st: [True] * (len(st) - 1)})
+    with engine.Context(model, engine.EngineConfig(threads=2, n_ctx=64), cap.callback, cap.user_data) as ctx:
+        ctx.prefill(PROMPT)
+        with pytest.raises(ValueError, match="ask table"):
+            cap.discover(ctx, TOKEN)
+
+
 def test_graph_nodes_carry_source_shapes(model):
     cap, ctx = _profiled(model)
     ctx.close()
