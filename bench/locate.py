@@ -64,7 +64,7 @@ from locate_stats import (  # noqa: E402
 )
 
 from harness import device, stages  # noqa: E402
-from harness.capture import Capture  # noqa: E402
+from harness.capture import Capture, StepProfile  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.config import SweepConfig, parse_contexts  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
@@ -137,14 +137,23 @@ def block(model: Model, ecfg, seeds: list[Context], variants: list[str], b: int,
                 p = cap.step(c, tok)
                 wall[r, i, j] = p.wall_ns / 1e6
                 if variants[i] in SPLIT_AROUND_ATTENTION:
-                    kv = (g.time_ns for g in p.segments if cap.stages[g.node_last] == stages.ATTN_KV)
-                    attn[r, i, j] = sum(kv) / 1e6
+                    attn[r, i, j] = attn_kv_ms(cap, p)
             for i in (variants.index(v) for v in SWEEP_CALIBRATION if v in variants):  # after the timed tokens
                 c, cap = ctx[i, r % nd]
                 cap.step(c, tok, extra_splits=len(cap.nodes))
-        noise = device.noise_between(before, device.cpu_counters())
-    steal = (noise["steal_s"] or 0.0) / max(noise["wall_s"], 1e-9) / (os.cpu_count() or 1)
+        steal = steal_share(before)
     return wall, attn, [created.index(v) for v in variants], steal
+
+
+def attn_kv_ms(cap: Capture, p: StepProfile) -> float:
+    """The step's attn_kv segments, ms (the attention alone where the table splits around it)."""
+    return sum(g.time_ns for g in p.segments if cap.stages[g.node_last] == stages.ATTN_KV) / 1e6
+
+
+def steal_share(before: dict) -> float:
+    """Steal time since the ``device.cpu_counters()`` sample ``before``, as a share of all CPUs' time."""
+    noise = device.noise_between(before, device.cpu_counters())
+    return (noise["steal_s"] or 0.0) / max(noise["wall_s"], 1e-9) / (os.cpu_count() or 1)
 
 
 def _round_keys(nv: int, nd: int, r: int) -> list[tuple[int, int]]:
@@ -177,8 +186,11 @@ def setup(a, copies: int) -> tuple[SweepConfig, Path, ModelInfo]:
     return cfg, path, info
 
 
-def run_blocks(n: int, one: Callable[[int], tuple], line: Callable[[tuple], str], t0: float) -> list[tuple]:
-    """``one(b)`` for b in 0..n-1 with a progress line after each; on Ctrl-C, the finished blocks (two or more)."""
+def run_blocks(n: int, one: Callable[[int], tuple], line: Callable[[tuple], str],
+               t0: float) -> tuple[list[np.ndarray], list[float]]:
+    """``one(b)`` for b in 0..n-1 with a progress line after each (on Ctrl-C, the finished blocks, two or more).
+    Each block is a tuple of arrays ending with its steal share; returned: each array stacked over the blocks, and
+    the steal shares."""
     done: list[tuple] = []  # appended whole: an interrupt cuts no block in half
     try:
         for b in range(n):
@@ -188,7 +200,8 @@ def run_blocks(n: int, one: Callable[[int], tuple], line: Callable[[tuple], str]
         if len(done) < 2:
             raise
         print(f"interrupted: the {len(done)} blocks done so far", flush=True)
-    return done
+    *arrays, steal = zip(*done, strict=True)
+    return [np.array(a) for a in arrays], list(steal)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -217,10 +230,8 @@ def _main(argv: list[str] | None) -> int:
             return "rises, ms: " + ", ".join(f"{v} {(x[0][:, i, -1] - x[0][:, i, 0]).mean():+.2f}"
                                              for i, v in enumerate(variants))
 
-        done = run_blocks(a.blocks, lambda b: block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt),
-                          line, t0)
-    wall, attn, slot = (np.array([x[k] for x in done]) for k in range(3))
-    steal = [x[3] for x in done]
+        (wall, attn, slot), steal = run_blocks(
+            a.blocks, lambda b: block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt), line, t0)
     f = figures(wall, attn, slot, variants)
     report(f, depths, steal)
     save_results("locate", {"args": vars(a), "variants": variants, "depths": depths, "threads": cfg.threads,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,33 +106,51 @@ def report(f: dict, depths: list[int], steal: list[float]) -> None:
           f"first-created context against the others {m:+.2f} ± {se:.2f} ms")
 
 
-def pooled(paths: list[str]) -> tuple[dict, list[int], list[float]]:
-    """The figures of saved results with their blocks pooled (same variants and depths), as ``report`` takes them."""
+def read_saved(paths: list[str], what: str, names: str, arrays: tuple[str, ...], check: Callable[[dict, str], None],
+               optional: tuple[str, ...] = ()) -> list[dict]:
+    """Saved results of a bench measured in blocks (this one, ``within.py``), one dict per file: its arrays as float
+    (an ``optional`` one that an older file lacks is NaN in wall_ms's shape), ``names`` (its variants or tables),
+    depths and steal. Every file must name the same ``names`` and depths as the first and pass ``check(part, path)``;
+    else a one-line InputError."""
     parts: list[dict] = []
     for path in paths:
         try:
             saved = json.loads(Path(path).read_text())
-            part = {k: np.array(saved[k], float) for k in ("wall_ms", "attn_ms", "slot")}
-            part.update(variants=list(saved["variants"]), depths=list(saved["depths"]), steal=list(saved["steal"]))
+            part = {k: np.array(saved[k], float) for k in arrays}
+            for k in optional:
+                part[k] = np.array(saved.get(k, np.full(part["wall_ms"].shape, np.nan)), float)
+            part.update({names: list(saved[names]), "depths": list(saved["depths"]), "steal": list(saved["steal"])})
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"cannot read saved locate.py figures ({e}): {path}") from None
-        if parts and (part["variants"], part["depths"]) != (parts[0]["variants"], parts[0]["depths"]):
-            raise InputError(f"variants or depths differ from {paths[0]}'s: {path}")
+            raise InputError(f"cannot read saved {what} figures ({e}): {path}") from None
+        if parts and (part[names], part["depths"]) != (parts[0][names], parts[0]["depths"]):
+            raise InputError(f"{names} or depths differ from {paths[0]}'s: {path}")
+        check(part, path)
+        parts.append(part)
+    return parts
+
+
+def padded(parts: list[dict], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The parts' (blocks, rounds, ...) arrays, blocks concatenated; shorter blocks are padded with NaN rounds."""
+    most = max(p[keys[0]].shape[1] for p in parts)
+
+    def pad(x: np.ndarray) -> np.ndarray:
+        return np.pad(x, [(0, 0), (0, most - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=np.nan)
+
+    return {k: np.concatenate([pad(p[k]) for p in parts]) for k in keys}
+
+
+def pooled(paths: list[str]) -> tuple[dict, list[int], list[float]]:
+    """The figures of saved results with their blocks pooled (same variants and depths), as ``report`` takes them."""
+    def check(part: dict, path: str) -> None:
         w, nv = part["wall_ms"], len(part["variants"])
         check_variants(part["variants"], InputError, f"{path}: its variants")
         if (w.ndim != 4 or w.shape[2:] != (nv, len(part["depths"])) or part["attn_ms"].shape != w.shape
                 or part["slot"].shape != (len(w), nv) or len(part["steal"]) != len(w) or not len(w)):
             raise InputError(f"not a locate.py result (wall_ms {w.shape}, attn_ms {part['attn_ms'].shape}, slot "
                              f"{part['slot'].shape}, {len(part['steal'])} steal figures): {path}")
-        parts.append(part)
-    most = max(p["wall_ms"].shape[1] for p in parts)  # blocks of fewer rounds are padded with NaN rounds
 
-    def pad(x: np.ndarray) -> np.ndarray:
-        return np.pad(x, [(0, 0), (0, most - x.shape[1]), (0, 0), (0, 0)], constant_values=np.nan)
-
-    cat = {k: np.concatenate([pad(p[k]) for p in parts]) for k in ("wall_ms", "attn_ms")}
-    cat["slot"] = np.concatenate([p["slot"] for p in parts])
-    f = figures(cat["wall_ms"], cat["attn_ms"], cat["slot"].astype(int), parts[0]["variants"])
+    parts = read_saved(paths, "locate.py", "variants", ("wall_ms", "attn_ms", "slot"), check)
+    cat = padded(parts, ("wall_ms", "attn_ms"))
+    slot = np.concatenate([p["slot"] for p in parts]).astype(int)
+    f = figures(cat["wall_ms"], cat["attn_ms"], slot, parts[0]["variants"])
     return f, parts[0]["depths"], [s for p in parts for s in p["steal"]]
-
-

@@ -26,7 +26,6 @@ error and a 95 % bootstrap interval over blocks. Nothing is asserted; the figure
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import ExitStack
@@ -38,7 +37,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from across import save_results  # noqa: E402
-from locate import _around_attention, _last_only, _round_keys, _seeds, block_args, run_blocks, setup  # noqa: E402
+from locate import (  # noqa: E402
+    _around_attention,
+    _last_only,
+    _round_keys,
+    _seeds,
+    attn_kv_ms,
+    block_args,
+    run_blocks,
+    setup,
+    steal_share,
+)
 from within_stats import (  # noqa: E402
     REFERENCE,
     SPLIT_AROUND_ATTENTION,
@@ -49,7 +58,7 @@ from within_stats import (  # noqa: E402
     report,
 )
 
-from harness import device, stages  # noqa: E402
+from harness import device  # noqa: E402
 from harness.capture import Capture  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
@@ -85,10 +94,9 @@ def block(model: Model, ecfg, seeds: list[Context], tables: list[str], b: int, r
                 p = cap.step(c, tok, rule=rule[i])
                 wall[r, i, j], host[r, i, j] = p.wall_ns / 1e6, p.host_ns / 1e6
                 if tables[i] in SPLIT_AROUND_ATTENTION:
-                    kv = (g.time_ns for g in p.segments if cap.stages[g.node_last] == stages.ATTN_KV)
-                    attn[r, i, j] = sum(kv) / 1e6
-        noise = device.noise_between(before, device.cpu_counters())
-    return wall, attn, host, (noise["steal_s"] or 0.0) / max(noise["wall_s"], 1e-9) / (os.cpu_count() or 1)
+                    attn[r, i, j] = attn_kv_ms(cap, p)
+        steal = steal_share(before)
+    return wall, attn, host, steal
 
 
 def _main(argv: list[str] | None) -> int:
@@ -118,10 +126,8 @@ def _main(argv: list[str] | None) -> int:
             ex = ", ".join(f"{t} {(rise[:, i] - rise[:, ref]).mean():+.2f}" for i, t in enumerate(tables) if i != ref)
             return f"rise of {REFERENCE} {rise[:, ref].mean():+.2f} ms; minus it: {ex}"
 
-        done = run_blocks(a.blocks, lambda b: block(model, ecfg, seeds, tables, b, a.rounds, a.warmup, prompt[-1]),
-                          line, t0)
-    wall, attn, host = (np.array([x[k] for x in done]) for k in range(3))
-    steal = [x[3] for x in done]
+        (wall, attn, host), steal = run_blocks(
+            a.blocks, lambda b: block(model, ecfg, seeds, tables, b, a.rounds, a.warmup, prompt[-1]), line, t0)
     f = figures(wall, attn, tables, host)
     report(f, depths, steal)
     save_results("within", {"args": vars(a), "tables": tables, "depths": depths, "threads": cfg.threads,

@@ -4,11 +4,10 @@ arrays of ms."""
 
 from __future__ import annotations
 
-import json
 import warnings
-from pathlib import Path
 
 import numpy as np
+from locate_stats import padded, read_saved
 
 from harness import stats
 from harness.errors import InputError
@@ -90,30 +89,16 @@ def report(f: dict, depths: list[int], steal: list[float]) -> None:
 
 def pooled(paths: list[str]) -> tuple[dict, list[int], list[float]]:
     """The figures of saved results with their blocks pooled (same tables and depths), as ``report`` takes them."""
-    parts: list[dict] = []
-    for path in paths:
-        try:
-            saved = json.loads(Path(path).read_text())
-            part = {k: np.array(saved[k], float) for k in ("wall_ms", "attn_ms")}
-            part["host_ms"] = np.array(saved.get("host_ms", np.full(part["wall_ms"].shape, np.nan)), float)
-            part.update(tables=list(saved["tables"]), depths=list(saved["depths"]), steal=list(saved["steal"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"cannot read saved within.py figures ({e}): {path}") from None
-        if parts and (part["tables"], part["depths"]) != (parts[0]["tables"], parts[0]["depths"]):
-            raise InputError(f"tables or depths differ from {paths[0]}'s: {path}")
+    def check(part: dict, path: str) -> None:
         check_tables(part["tables"], InputError, f"{path}: its tables")
         w = part["wall_ms"]
         if (w.ndim != 4 or w.shape[2:] != (len(part["tables"]), len(part["depths"])) or len(part["steal"]) != len(w)
                 or part["attn_ms"].shape != w.shape or part["host_ms"].shape != w.shape or len(w) < 1):
             raise InputError(f"not a within.py result (wall_ms {w.shape}, attn_ms {part['attn_ms'].shape}, "
                              f"{len(part['steal'])} steal figures): {path}")
-        parts.append(part)
-    most = max(p["wall_ms"].shape[1] for p in parts)  # blocks of fewer rounds are padded with NaN rounds
 
-    def pad(x: np.ndarray) -> np.ndarray:
-        return np.pad(x, [(0, 0), (0, most - x.shape[1]), (0, 0), (0, 0)], constant_values=np.nan)
-
-    cat = {k: np.concatenate([pad(p[k]) for p in parts]) for k in ("wall_ms", "attn_ms", "host_ms")}
+    parts = read_saved(paths, "within.py", "tables", ("wall_ms", "attn_ms"), check, optional=("host_ms",))
+    cat = padded(parts, ("wall_ms", "attn_ms", "host_ms"))
     if len(cat["wall_ms"]) < 2:
         raise InputError(f"at least two blocks are needed for an interval over blocks; {paths[0]} has one")
     return figures(cat["wall_ms"], cat["attn_ms"], parts[0]["tables"], cat["host_ms"]), parts[0]["depths"], \
