@@ -36,8 +36,8 @@ def check_variants(variants: list[str], error=InputError, what: str = "variants"
 
 
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = x[np.isfinite(x)]
-    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    m, se = stats.mean_se(x)
+    return float(m), float(se)
 
 
 def _slot_slope(rise: np.ndarray, slot: np.ndarray) -> float:

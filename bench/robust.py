@@ -253,7 +253,7 @@ def report_capture(res: list[dict]) -> None:
     x = np.array([[r["profiled_rise_ms"] - r["plain_rise_ms"], r["rest_rise_ms"]] for r in res if "rest_rise_ms" in r])
     if len(x) < 2:
         return
-    m, se = x.mean(axis=0), x.std(axis=0, ddof=1) / np.sqrt(len(x))
+    m, se = stats.mean_se(x)
     print(f"capture's rise with depth, over {len(x)} sweeps (mean +- se): profiled rise - plain rise {m[0]:+.2f} +- "
           f"{se[0]:.2f} ms; the stages other than attn_kv rose {m[1]:+.2f} +- {se[1]:.2f} ms (which stages hold the "
           "excess, these or attn_kv, the totals cannot say)")

@@ -27,7 +27,8 @@ def check_tables(tables: list[str], error=InputError, what: str = "tables") -> l
 
 def _over_blocks(x: np.ndarray, rows: np.ndarray) -> dict:
     """Mean over blocks, its standard error, a 95 % bootstrap interval over blocks and how many blocks are above 0."""
-    return {"mean": float(x.mean()), "se": float(x.std(ddof=1) / np.sqrt(len(x))),
+    m, se = stats.mean_se(x)
+    return {"mean": float(m), "se": float(se),
             "ci": stats.interval(x[rows].mean(axis=1)).tolist(), "above_0": int((x > 0).sum())}
 
 

@@ -115,6 +115,17 @@ def interval(samples: np.ndarray, axis: int = 0) -> np.ndarray:
         return np.nanpercentile(samples, [2.5, 97.5], axis=axis)
 
 
+def mean_se(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean along ``axis`` and its standard error (sd / sqrt(n)), over the finite values only; the se is NaN where
+    fewer than two are finite. For figures over independent units (repeats, blocks, sweeps), never over tokens."""
+    x = np.where(np.isfinite(x), x, np.nan)
+    n = (~np.isnan(x)).sum(axis=axis)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m, sd = np.nanmean(x, axis=axis), np.nanstd(x, axis=axis, ddof=1)
+    return m, np.where(n > 1, sd / np.sqrt(np.maximum(n, 1)), np.nan)
+
+
 def trimmed_mean(x: np.ndarray, frac: float = 0.2) -> np.ndarray:
     """Mean along axis 0 of what is left after dropping the lowest and highest ``frac`` of the non-NaN values
     (a 20 % trimmed mean: robust to outlier tokens like a median, smooth across modes like a mean)."""

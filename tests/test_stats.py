@@ -88,3 +88,11 @@ def test_split_cost_is_not_moved_by_one_token_a_lost_core_hit():
     boot = stats.split_cost_ms(np.tile(delta, (4, 1)), np.tile(extra, (4, 1)))  # resampled rows: one cost each
     assert boot.shape == (4,) and np.allclose(boot, stats.split_cost_ms(delta, extra))
     assert np.isnan(stats.split_cost_ms(np.full(5, np.nan), np.zeros(5)))
+
+
+def test_mean_se_is_over_finite_units_and_refuses_one():
+    m, se = stats.mean_se(np.array([1.0, 2.0, 3.0, np.nan, np.inf]))
+    assert float(m) == pytest.approx(2.0) and float(se) == pytest.approx(1.0 / np.sqrt(3))
+    m, se = stats.mean_se(np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 4.0]]))  # per column, each its own n
+    assert m == pytest.approx([3.0, 3.0]) and se == pytest.approx([2.0 / np.sqrt(3), np.sqrt(2) / np.sqrt(2)])
+    assert np.isnan(stats.mean_se(np.array([7.0]))[1])  # one unit: no standard error
