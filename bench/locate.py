@@ -171,6 +171,8 @@ def block_args(ap: ArgParser, blocks: int, rounds: int) -> None:
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--load", nargs="+", default=None, metavar="JSON",
+                    help="print the figures of saved results again, their blocks pooled")
 
 
 def setup(a, copies: int) -> tuple[SweepConfig, Path, ModelInfo]:
@@ -204,13 +206,27 @@ def run_blocks(n: int, one: Callable[[int], tuple], line: Callable[[tuple], str]
     return [np.array(a) for a in arrays], list(steal)
 
 
+def measure(a, cfg: SweepConfig, path: Path, info: ModelInfo, what: str, one: Callable[..., tuple],
+            line: Callable[[tuple], str], seed_threads: int) -> tuple[list[np.ndarray], list[float]]:
+    """Load the model, prefill one seed per depth with ``seed_threads`` threads, and run ``a.blocks`` blocks of
+    ``one(model, ecfg, seeds, b, prompt)`` (``ecfg``: ``cfg.threads`` threads) through ``run_blocks``; ``what`` names
+    the things measured in each round for the opening line (this script's variants, within.py's tables)."""
+    depths = [d for _, d in cfg.contexts]
+    t0 = time.perf_counter()
+    with Model(path) as model, ExitStack() as stack:
+        prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
+        ecfg = cfg.engine_config(cfg.threads)
+        seeds = _seeds(stack, model, cfg.engine_config(seed_threads), depths, prompt)
+        print(f"{len(depths)} depths prefilled in {time.perf_counter() - t0:.0f} s; {a.blocks} blocks of {what} x "
+              f"{len(depths)} depths x {a.rounds} rounds, {cfg.threads} threads", flush=True)
+        return run_blocks(a.blocks, lambda b: one(model, ecfg, seeds, b, prompt), line, t0)
+
+
 def _main(argv: list[str] | None) -> int:
     ap = ArgParser(prog="locate.py", description=__doc__.split("\n")[0])
     block_args(ap, blocks=20, rounds=20)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help="which, comma-separated (see the docstring); the first plain one is the null control's base")
-    ap.add_argument("--load", nargs="+", default=None, metavar="JSON",
-                    help="print the figures of saved results again, their blocks pooled")
     a = ap.parse_args(argv)
     if a.load:
         report(*pooled(a.load))
@@ -218,20 +234,15 @@ def _main(argv: list[str] | None) -> int:
     variants = check_variants(a.variants.split(","), UsageError, "--variants")
     cfg, path, info = setup(a, -(-(len(variants) + 1) // 2))  # every variant at every depth, and the seeds
     depths = [d for _, d in cfg.contexts]
-    t0 = time.perf_counter()
-    with Model(path) as model, ExitStack() as stack:
-        prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
-        ecfg = cfg.engine_config(cfg.threads)
-        seeds = _seeds(stack, model, ecfg, depths, prompt)
-        print(f"{len(depths)} depths prefilled in {time.perf_counter() - t0:.0f} s; {a.blocks} blocks of "
-              f"{len(variants)} variants x {len(depths)} depths x {a.rounds} rounds", flush=True)
 
-        def line(x: tuple) -> str:
-            return "rises, ms: " + ", ".join(f"{v} {(x[0][:, i, -1] - x[0][:, i, 0]).mean():+.2f}"
-                                             for i, v in enumerate(variants))
+    def line(x: tuple) -> str:
+        return "rises, ms: " + ", ".join(f"{v} {(x[0][:, i, -1] - x[0][:, i, 0]).mean():+.2f}"
+                                         for i, v in enumerate(variants))
 
-        (wall, attn, slot), steal = run_blocks(
-            a.blocks, lambda b: block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt), line, t0)
+    (wall, attn, slot), steal = measure(
+        a, cfg, path, info, f"{len(variants)} variants",
+        lambda model, ecfg, seeds, b, prompt: block(model, ecfg, seeds, variants, b, a.rounds, a.warmup, prompt),
+        line, cfg.threads)
     f = figures(wall, attn, slot, variants)
     report(f, depths, steal)
     save_results("locate", {"args": vars(a), "variants": variants, "depths": depths, "threads": cfg.threads,

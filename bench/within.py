@@ -27,7 +27,6 @@ error and a 95 % bootstrap interval over blocks. Nothing is asserted; the figure
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -41,10 +40,9 @@ from locate import (  # noqa: E402
     _around_attention,
     _last_only,
     _round_keys,
-    _seeds,
     attn_kv_ms,
     block_args,
-    run_blocks,
+    measure,
     setup,
     steal_share,
 )
@@ -63,7 +61,6 @@ from harness.capture import Capture  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.engine import Context, Model  # noqa: E402
 from harness.errors import UsageError  # noqa: E402
-from harness.orchestrate import prompt_tokens  # noqa: E402
 
 RULES = {"last": _last_only, "last2": _last_only, "attn": _around_attention}  # stages: the capture's own table
 assert set(RULES) | {"stages"} == set(TABLES)
@@ -104,8 +101,6 @@ def _main(argv: list[str] | None) -> int:
     block_args(ap, blocks=24, rounds=60)
     ap.add_argument("--tables", default="last,last2,stages",
                     help=f"which ask tables, comma-separated, from {', '.join(TABLES)}; {REFERENCE} among them")
-    ap.add_argument("--load", nargs="+", default=None, metavar="JSON",
-                    help="print the figures of saved results again, their blocks pooled")
     a = ap.parse_args(argv)
     if a.load:
         report(*pooled(a.load))
@@ -113,21 +108,16 @@ def _main(argv: list[str] | None) -> int:
     tables = check_tables(a.tables.split(","), UsageError, "--tables")
     cfg, path, info = setup(a, 2)  # the seeds and one block's contexts
     depths, ref = [d for _, d in cfg.contexts], tables.index(REFERENCE)
-    t0 = time.perf_counter()
-    with Model(path) as model, ExitStack() as stack:
-        prompt = prompt_tokens(model, info.synthetic, cfg.max_depth)
-        ecfg = cfg.engine_config(cfg.threads)
-        seeds = _seeds(stack, model, cfg.engine_config(device.physical_cores()), depths, prompt)  # all cores: copied
-        print(f"{len(depths)} depths prefilled in {time.perf_counter() - t0:.0f} s; {a.blocks} blocks of "
-              f"{len(tables)} tables x {len(depths)} depths x {a.rounds} rounds, {cfg.threads} threads", flush=True)
 
-        def line(x: tuple) -> str:
-            rise = x[0][:, :, -1] - x[0][:, :, 0]
-            ex = ", ".join(f"{t} {(rise[:, i] - rise[:, ref]).mean():+.2f}" for i, t in enumerate(tables) if i != ref)
-            return f"rise of {REFERENCE} {rise[:, ref].mean():+.2f} ms; minus it: {ex}"
+    def line(x: tuple) -> str:
+        rise = x[0][:, :, -1] - x[0][:, :, 0]
+        ex = ", ".join(f"{t} {(rise[:, i] - rise[:, ref]).mean():+.2f}" for i, t in enumerate(tables) if i != ref)
+        return f"rise of {REFERENCE} {rise[:, ref].mean():+.2f} ms; minus it: {ex}"
 
-        (wall, attn, host), steal = run_blocks(
-            a.blocks, lambda b: block(model, ecfg, seeds, tables, b, a.rounds, a.warmup, prompt[-1]), line, t0)
+    (wall, attn, host), steal = measure(
+        a, cfg, path, info, f"{len(tables)} tables",
+        lambda model, ecfg, seeds, b, prompt: block(model, ecfg, seeds, tables, b, a.rounds, a.warmup, prompt[-1]),
+        line, device.physical_cores())  # the seeds with all cores: they are only copied
     f = figures(wall, attn, tables, host)
     report(f, depths, steal)
     save_results("within", {"args": vars(a), "tables": tables, "depths": depths, "threads": cfg.threads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -37,6 +38,24 @@ def tiny_llama_gguf(tmp_path_factory) -> Path:
     from harness.twin import write_twin
 
     return write_twin("tiny-llama", "q8_0", tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+@pytest.fixture
+def tiny_seeds(tiny_gguf):
+    """The tiny twin loaded, with one prefilled seed context per depth (13 and 40) as bench/locate.py and within.py
+    make them: yields (model, engine config of 2 threads, seeds, prompt tokens)."""
+    from contextlib import ExitStack
+
+    from harness.config import SweepConfig, parse_contexts
+    from harness.engine import Model
+    from harness.orchestrate import prompt_tokens
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    locate = importlib.import_module("locate")
+    cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
+    with Model(tiny_gguf) as model, ExitStack() as stack:
+        prompt = prompt_tokens(model, True, cfg.max_depth)
+        yield model, cfg.engine_config(2), locate._seeds(stack, model, cfg.engine_config(2), [13, 40], prompt), prompt
 
 
 def _sweep(tiny: Path, out: Path, *extra: str) -> Path:

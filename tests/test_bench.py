@@ -199,20 +199,11 @@ locate = importlib.import_module("locate")
 locate_stats = importlib.import_module("locate_stats")
 
 
-def test_locate_block_holds_every_variant_at_every_depth(tiny_gguf):
-    from contextlib import ExitStack
-
-    from harness.config import SweepConfig, parse_contexts
-    from harness.engine import Model
-    from harness.orchestrate import prompt_tokens
-
-    cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
+def test_locate_block_holds_every_variant_at_every_depth(tiny_seeds):
+    model, ecfg, seeds, prompt = tiny_seeds
     variants = list(locate_stats.VARIANTS)
-    with Model(tiny_gguf) as model, ExitStack() as stack:
-        prompt = prompt_tokens(model, True, cfg.max_depth)
-        seeds = locate._seeds(stack, model, cfg.engine_config(2), [13, 40], prompt)
-        assert [s.n_past for s in seeds] == [13, 40]
-        wall, attn, slot, steal = locate.block(model, cfg.engine_config(2), seeds, variants, 2, 3, 1, prompt)
+    assert [s.n_past for s in seeds] == [13, 40]
+    wall, attn, slot, steal = locate.block(model, ecfg, seeds, variants, 2, 3, 1, prompt)
     assert wall.shape == attn.shape == (3, len(variants), 2) and (wall > 0).all() and 0 <= steal <= 1
     split = [v in locate.SPLIT_AROUND_ATTENTION for v in variants]
     assert np.isfinite(attn[:, split]).all() and np.isnan(attn[:, [not s for s in split]]).all()

@@ -22,19 +22,10 @@ def _one_line_error(capsys, rc: int, code: int, needle: str) -> None:
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
-def test_a_block_times_every_table_in_one_context_per_depth(tiny_gguf):
-    from contextlib import ExitStack
-
-    from harness.config import SweepConfig, parse_contexts
-    from harness.engine import Model
-    from harness.orchestrate import prompt_tokens
-
-    cfg = SweepConfig(contexts=parse_contexts("13,40"), threads=2)
+def test_a_block_times_every_table_in_one_context_per_depth(tiny_seeds):
+    model, ecfg, seeds, prompt = tiny_seeds
     tables = list(within_stats.TABLES)
-    with Model(tiny_gguf) as model, ExitStack() as stack:
-        prompt = prompt_tokens(model, True, cfg.max_depth)
-        seeds = within._seeds(stack, model, cfg.engine_config(2), [13, 40], prompt)
-        wall, attn, host, steal = within.block(model, cfg.engine_config(2), seeds, tables, 1, 4, 1, prompt[-1])
+    wall, attn, host, steal = within.block(model, ecfg, seeds, tables, 1, 4, 1, prompt[-1])
     assert wall.shape == attn.shape == host.shape == (4, len(tables), 2) and (wall > 0).all() and 0 <= steal <= 1
     split = [t in within_stats.SPLIT_AROUND_ATTENTION for t in tables]
     assert (attn[:, split] > 0).all() and np.isnan(attn[:, [not s for s in split]]).all()
