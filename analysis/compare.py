@@ -12,7 +12,7 @@
   and speedup vs the baseline device (same model; a differing setting is named in base_note).
 - Default baseline: the alphabetically first label that has a complete, non-reference run.
 - Slopes: per group and stage, ms per 1,000 KV tokens through each depth's mean, 95 % bootstrap interval
-  over rounds (depths paired by round; runs stratified); "!": a depth-invariant stage's interval excludes 0.
+  over rounds (depths paired by round; runs stratified); "!": a depth-invariant stage's 99 % interval excludes 0.
 - Crossover: per group, where attn_kv reaches the FFN's time (its time model, runs pooled; ``--crossover``).
 """
 
@@ -245,8 +245,8 @@ def format_md(df: pd.DataFrame, sl: pd.DataFrame, notes: list[str], baseline: st
         out.append(format_table(["device", "group", "rounds", "depths", *st, "attn_kv = ffn at depth [95 %]"], rows,
                                 numeric_from=2))
         if marked:
-            out += ["", "! a depth-invariant stage (its bytes do not depend on depth) whose interval excludes 0: a "
-                    "context's own offset or a small effect of depth on time, not held by an interval over rounds"]
+            out += ["", "! a depth-invariant stage (its bytes do not depend on depth) whose 99 % interval excludes 0 "
+                    "(five judged together at 95 %): a context's own offset or a small effect of depth on time"]
     if notes:
         out += ["", "## notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out)

@@ -252,7 +252,7 @@ def format_slopes(sl: pd.DataFrame) -> str:
              _fmt(r["ci95_high_ms_per_1k"], "{:.3f}"), str(int(r["n_rounds"])), str(int(r["n_depths"]))]
             for stage, r in sl.iterrows()]
     return ("Slopes against depth (least squares through each depth's mean; ms/token per 1,000 KV tokens; "
-            "95 % bootstrap interval over rounds, depths paired by round):\n\n"
+            "95 % bootstrap interval over rounds, depths paired by round; invariant stages judged off 0 at 99 %):\n\n"
             + format_table(["Stage", "Slope ms/1k tok", "CI low", "CI high", "Rounds", "Depths"], rows))
 
 
@@ -268,8 +268,8 @@ def render(rec: RunRecord, model: ReadModel, fmt: str = "md", run: store.Run | N
     if sl is not None:
         off = invariant_off_zero(sl, rec.contexts)
         parts += ["", format_slopes(sl)] + ([""] if off else []) + [
-            f"- {s}: its bytes do not depend on depth, yet its interval excludes 0 "
-            f"([{sl.at[s, 'ci95_low_ms_per_1k']:.4f}, {sl.at[s, 'ci95_high_ms_per_1k']:.4f}]; "
+            f"- {s}: its bytes do not depend on depth, yet its 99 % interval excludes 0 "
+            f"([{sl.at[s, 'joint_low_ms_per_1k']:.4f}, {sl.at[s, 'joint_high_ms_per_1k']:.4f}]; "
             f"{ms:+.2f} ms, {pct:+.1f} % over the depths): a context's own "
             "offset or a small effect of depth on time, which an interval over rounds does not hold (README, "
             "Performance); read it against the invariance figure above" for s, (ms, pct) in off.items()]

@@ -239,8 +239,8 @@ def report_counts(res: list[dict]) -> None:
     off = [(bool(r["invariant_slopes_off_zero_pct"]), bool(r["flags"])) for r in res
            if "invariant_slopes_off_zero_pct" in r]
     if off:
-        print(f"depth-invariant stages with a slope interval excluding 0: in {sum(o for o, _ in off)} of {len(off)} "
-              f"sweeps; of the unflagged ones, {sum(o for o, f in off if not f)} of {sum(not f for _, f in off)} "
+        print(f"invariant stages whose 99 % slope interval (five judged together) is off 0: in {sum(o for o, _ in off)}"
+              f" of {len(off)} sweeps; unflagged {sum(o for o, f in off if not f)} of {sum(not f for _, f in off)} "
               "(target: 0 of the unflagged)")
     if len(off) < len(res):
         print(f"  ({len(res) - len(off)} sweeps saved before this count: re-read their kept runs with --runs)")

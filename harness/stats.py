@@ -106,13 +106,15 @@ def boot_indices(n_rounds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarr
     return rng.integers(0, n_rounds, size=(n_boot, n_rounds))
 
 
-def interval(samples: np.ndarray, axis: int = 0) -> np.ndarray:
-    """95 % percentile interval along ``axis`` (low, high stacked first); NaN samples are left out."""
+def interval(samples: np.ndarray, axis: int = 0, level: float = 0.95) -> np.ndarray:
+    """Percentile interval (95 % unless ``level``) along ``axis`` (low, high stacked first); NaN samples are left
+    out."""
+    q = [50 * (1 - level), 50 * (1 + level)]
     if not np.isnan(samples).any():
-        return np.percentile(samples, [2.5, 97.5], axis=axis)
+        return np.percentile(samples, q, axis=axis)
     with warnings.catch_warnings():  # an all-NaN column (a stage no resample saw) gives NaN, said elsewhere
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanpercentile(samples, [2.5, 97.5], axis=axis)
+        return np.nanpercentile(samples, q, axis=axis)
 
 
 def mean_se(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

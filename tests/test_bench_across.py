@@ -123,7 +123,7 @@ def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys
                           {"invariant_slopes_off_zero_pct": {"norm": 2.0}, "flags": ["drift"], **inv[1]},
                           {"invariant_slopes_off_zero_pct": {}, "flags": [], **inv[2]}, {"flags": [], **inv[3]}])
     out = capsys.readouterr().out
-    assert "in 2 of 3 sweeps; of the unflagged ones, 1 of 2" in out and "1 sweeps saved before this count" in out
+    assert "off 0: in 2 of 3 sweeps; unflagged 1 of 2" in out and "1 sweeps saved before this count" in out
     assert "the judged stages in 3 of 4 sweeps; all five stages, norm included, in 1 of 4" in out
 
 

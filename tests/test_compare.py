@@ -132,6 +132,11 @@ def test_run_slopes_on_a_real_run(tiny_run):
     assert {"ffn", "attn_kv", slope.DECODE} <= set(s.index)
     assert (s["n_rounds"] == len(run.record.rounds)).all() and (s["n_depths"] == 3).all()
     assert (s["ci95_low_ms_per_1k"] <= s["ci95_high_ms_per_1k"]).all()
+    # the invariant stages' joint (99 %) interval holds the 95 % one, from the same resamples
+    assert (s["joint_low_ms_per_1k"] <= s["ci95_low_ms_per_1k"]).all()
+    assert (s["joint_high_ms_per_1k"] >= s["ci95_high_ms_per_1k"]).all()
+    inv = s.loc[list(slope.checks.INVARIANT_STAGES)]
+    assert (inv["joint_low_ms_per_1k"] < inv["joint_high_ms_per_1k"]).all()
 
 
 # ---------------------------------------------------------------- compare CLI
@@ -280,21 +285,22 @@ def test_plot_that_cannot_be_written_is_a_one_line_error(tiny_run, tmp_path):
 
 
 def test_slope_table_marks_an_invariant_stage_whose_interval_excludes_zero():
-    """format_md marks ffn (bytes independent of depth) whose interval excludes 0, and says what the mark
-    means; attn_kv's interval excludes 0 too but its work grows with depth: no mark."""
+    """format_md marks ffn (bytes independent of depth) whose joint (99 %) interval excludes 0, and says what the
+    mark means; attn_kv's excludes 0 too but its work grows with depth: no mark; lm_head's 95 % interval excludes 0
+    but its 99 % one does not (one of five invariant stages would by chance): no mark."""
     import pandas as pd
 
     from analysis.compare import format_md
     from analysis.slope import SLOPE_COLUMNS
     from harness.stages import STAGES
 
-    sl = pd.DataFrame([["dev", "g", s, *v, 40, 2] for s, v in
-                       {"ffn": (-0.2, -0.3, -0.1, 50.0), "attn_kv": (4.0, 3.9, 4.1, 0.5),
-                        "lm_head": (0.0, -0.1, 0.1, 15.0)}.items()],
+    sl = pd.DataFrame([["dev", "g", s, *v[:4], 40, 2, *v[4:]] for s, v in
+                       {"ffn": (-0.2, -0.3, -0.1, 50.0, -0.35, -0.05), "attn_kv": (4.0, 3.9, 4.1, 0.5, 3.8, 4.2),
+                        "lm_head": (0.1, 0.02, 0.18, 15.0, -0.01, 0.21)}.items()],
                       columns=["device", "group", "stage", *SLOPE_COLUMNS])
     df = pd.DataFrame(columns=["context", "depth", "device", "group", *(f"{s}_ms" for s in STAGES)])
     md = format_md(df, sl, [], "dev", 1)
-    assert "-0.200 [-0.300, -0.100]!" in md and "4.000 [3.900, 4.100] |" in md and "0.000 [-0.100, 0.100] |" in md
+    assert "-0.200 [-0.300, -0.100]!" in md and "4.000 [3.900, 4.100] |" in md and "0.100 [0.020, 0.180] |" in md
     assert "! a depth-invariant stage" in md
     clean = format_md(df, sl[sl.stage != "ffn"], [], "dev", 1)
     assert "!" not in clean.split("## slope")[1].replace("attn_kv = ffn", "")

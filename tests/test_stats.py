@@ -96,3 +96,12 @@ def test_mean_se_is_over_finite_units_and_refuses_one():
     m, se = stats.mean_se(np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 4.0]]))  # per column, each its own n
     assert m == pytest.approx([3.0, 3.0]) and se == pytest.approx([2.0 / np.sqrt(3), np.sqrt(2) / np.sqrt(2)])
     assert np.isnan(stats.mean_se(np.array([7.0]))[1])  # one unit: no standard error
+
+
+def test_interval_level_sets_the_percentiles_and_95_is_the_default():
+    """stats.interval takes the central ``level`` of the resamples (99 %: the invariant stages' joint check)."""
+    x = np.arange(1001, dtype=float)[:, None] * [1.0, 2.0]
+    assert stats.interval(x) == pytest.approx(np.array([[25.0, 50.0], [975.0, 1950.0]]))
+    assert stats.interval(x, level=0.99) == pytest.approx(np.array([[5.0, 10.0], [995.0, 1990.0]]))
+    x[0, 0] = np.nan  # NaN resamples are left out
+    assert stats.interval(x, level=0.99)[:, 0] == pytest.approx([1 + 0.005 * 999, 1000 - 0.005 * 999])

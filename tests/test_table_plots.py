@@ -267,15 +267,16 @@ def test_invariant_stage_slope_off_zero_is_said_out_loud():
     from analysis.slope import SLOPE_COLUMNS, invariant_off_zero
     from harness.stages import STAGES
 
-    rows = {s: [0.0, -0.1, 0.1, 0.0, 40, 2] for s in STAGES}
-    rows["ffn"] = [-0.25, -0.4, -0.1, 50.0, 40, 2]  # ms per 1k tokens: -1.0 ms over 4,000 tokens
-    rows["attn_kv"] = [4.0, 3.9, 4.1, 0.5, 40, 2]  # depends on depth: not reported
+    rows = {s: [0.0, -0.1, 0.1, 0.0, 40, 2, -0.15, 0.15] for s in STAGES}
+    rows["ffn"] = [-0.25, -0.4, -0.1, 50.0, 40, 2, -0.45, -0.05]  # ms per 1k tokens: -1.0 ms over 4,000 tokens
+    rows["attn_kv"] = [4.0, 3.9, 4.1, 0.5, 40, 2, 3.8, 4.2]  # depends on depth: not reported
+    rows["lm_head"] = [0.1, 0.02, 0.18, 15.0, 40, 2, -0.01, 0.21]  # off 0 at 95 % only: chance over five stages
     sl = pd.DataFrame.from_dict(rows, orient="index", columns=SLOPE_COLUMNS)
     ms = {"ffn": 50.0, "lm_head": 15.0, "attn_proj": 5.0, "gemma3n_extra": 7.0, "norm": 0.5, "attn_kv": 1.0}
     ctxs = [SimpleNamespace(depth=d, stage=lambda s: ms.get(s, 0.0)) for d in (4013, 13)]
     off = invariant_off_zero(sl, ctxs)
     assert list(off) == ["ffn"] and off["ffn"] == pytest.approx((-1.0, -2.0))
-    rows["gemma3n_extra"] = [0.1, 0.05, 0.2, 0.0, 40, 2]  # off zero, but the model has no such stage (0 ms)
+    rows["gemma3n_extra"] = [0.1, 0.05, 0.2, 0.0, 40, 2, 0.02, 0.25]  # off zero, but the model has no such stage
     ms["gemma3n_extra"] = 0.0
     assert list(invariant_off_zero(pd.DataFrame.from_dict(rows, "index", columns=SLOPE_COLUMNS), ctxs)) == ["ffn"]
 
