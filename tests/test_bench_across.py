@@ -116,7 +116,8 @@ def test_robust_splits_a_missed_rise_into_context_offsets_and_other_stages(tiny_
 
 
 def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys):
-    """Three sweeps with the count, one unflagged and off zero, one saved before it; invariance: judged, all five."""
+    """Three sweeps with the count, one unflagged and off zero, one saved before it; invariance: judged, all five;
+    the interval level each sweep's count used (results saved before the joint check: 95 %)."""
     inv = [dict(invariant_pct=j, invariant_per_stage_pct={"ffn": j, "norm": n}) for j, n in ((1.5, 3), (2.5, 1),
                                                                                                (1, 1.9), (1.9, 2.1))]
     robust.report_counts([{"invariant_slopes_off_zero_pct": {"ffn": -1.0}, "flags": [], **inv[0]},
@@ -124,6 +125,10 @@ def test_robust_counts_invariant_slopes_off_zero_with_the_unflagged_apart(capsys
                           {"invariant_slopes_off_zero_pct": {}, "flags": [], **inv[2]}, {"flags": [], **inv[3]}])
     out = capsys.readouterr().out
     assert "off 0: in 2 of 3 sweeps; unflagged 1 of 2" in out and "1 sweeps saved before this count" in out
+    assert "slope interval (95 % each)" in out
+    robust.report_counts([{"invariant_slopes_off_zero_pct": {}, "invariant_slopes_level": 0.99, "flags": [], **inv[0]},
+                          {"invariant_slopes_off_zero_pct": {}, "flags": [], **inv[1]}])
+    assert "slope interval (95 % and 99 % each) is off 0: in 0 of 2" in capsys.readouterr().out
     assert "the judged stages in 3 of 4 sweeps; all five stages, norm included, in 1 of 4" in out
 
 
