@@ -109,7 +109,7 @@ def boot_indices(n_rounds: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarr
 def interval(samples: np.ndarray, axis: int = 0, level: float = 0.95) -> np.ndarray:
     """Percentile interval (95 % unless ``level``) along ``axis`` (low, high stacked first); NaN samples are left
     out."""
-    q = [50 * (1 - level), 50 * (1 + level)]
+    q = [round(50 * (1 - level), 9), round(50 * (1 + level), 9)]  # 2.5 and 97.5 exactly at 95 %
     if not np.isnan(samples).any():
         return np.percentile(samples, q, axis=axis)
     with warnings.catch_warnings():  # an all-NaN column (a stage no resample saw) gives NaN, said elsewhere
