@@ -4,9 +4,10 @@
 
 In stage mode every timed segment is named after its last node, so a run's op table says which part of a layer
 each stage's time is in. Per segment name (the layer suffix dropped, so layers are summed; an unnamed node is
-named by its op), paired by round: the deepest context minus the shallowest, µs per token, in each run; then over
-the runs given (each run one unit, as its rounds hold one token of every depth): the mean, its standard error,
-the difference as a % of the shallow time, and in how many runs it was higher at depth. Raw segment times: the
+named by its op), paired by round: the deepest context minus the shallowest, µs per token, in each run (a 20 %
+trimmed mean over its rounds, as the invariance check takes a depth's value); then over the runs given, which must
+share their shallowest and deepest depth (each run one unit): the mean, its standard error, the difference as a %
+of the shallow time, and in how many runs it was higher at depth. Raw segment times: the
 split-cost calibration subtracts the same amount at every depth, so it does not move a difference.
 Segments under 20 µs a token at the shallowest depth are left out. Nothing is asserted: the figures are printed
 and saved as JSON in bench/results/ (bench/NOTES.md §43).
@@ -41,8 +42,9 @@ def segment_key(names: pd.Series, ops: pd.Series) -> pd.Series:
 
 
 def run_differences(ops: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
-    """One run: per (stage, segment) the mean over rounds of deepest - shallowest µs a token (paired by round) and
-    the shallow mean. Rounds that lack either depth are left out."""
+    """One run: per (stage, segment) the 20 % trimmed mean over rounds (``checks.TRIM``, as the invariance check
+    takes each depth's value) of deepest - shallowest µs a token, paired by round, and of the shallow time. Rounds
+    that lack either depth are left out."""
     if ops.empty:
         raise InputError("the run's op table has no rows: no segments to compare")
     lo, hi = ops[C.DEPTH].min(), ops[C.DEPTH].max()
@@ -52,10 +54,13 @@ def run_differences(ops: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
     if o.empty:
         raise InputError(f"no segments of {', '.join(stages)} in the run")
     o = o.assign(segment=segment_key(o[C.NAME], o[C.OP]))
-    per = o.groupby([C.STAGE, "segment", C.ROUND, C.DEPTH])[C.TIME_US].sum().unstack(C.DEPTH).dropna()
-    by = per.groupby(level=[C.STAGE, "segment"])
-    return pd.DataFrame({"diff_us": by.apply(lambda g: (g[hi] - g[lo]).mean()), "shallow_us": by[lo].mean()}).assign(
-        shallow=lo, deep=hi)
+    per = o.groupby([C.STAGE, "segment", C.ROUND, C.DEPTH])[C.TIME_US].sum().unstack(C.DEPTH)
+    if lo not in per or hi not in per or per.dropna().empty:
+        raise InputError(f"no round has segments of {', '.join(stages)} at both depths {lo} and {hi}")
+    per = per.dropna().assign(diff=lambda d: d[hi] - d[lo])
+    tm = per.groupby(level=[C.STAGE, "segment"])[["diff", lo]].agg(lambda v: stats.trimmed_mean(v.to_numpy(),
+                                                                                                checks.TRIM))
+    return pd.DataFrame({"diff_us": tm["diff"], "shallow_us": tm[lo]}).assign(shallow=lo, deep=hi)
 
 
 def summarize(per_run: list[pd.DataFrame]) -> pd.DataFrame:
@@ -70,8 +75,8 @@ def summarize(per_run: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def report(out: pd.DataFrame, depths: set[tuple[int, int]]) -> None:
-    print(f"deepest - shallowest per segment (µs a token, layers summed; paired by round; mean +- se over runs), "
-          f"depths {', '.join(f'{lo} -> {hi}' for lo, hi in sorted(depths))}")
+    print(f"deepest - shallowest per segment (µs a token, layers summed; paired by round, 20 % trimmed over rounds; "
+          f"mean +- se over runs), depths {', '.join(f'{lo} -> {hi}' for lo, hi in sorted(depths))}")
     print(f"  {'stage':14s} {'segment':24s} {'shallow us':>10s} {'deep - shallow':>18s} {'%':>7s} {'higher':>8s}")
     for (stage, seg), r in out.iterrows():
         print(f"  {stage:14s} {seg:24s} {r['shallow_us']:10.1f} {r['diff_us']:+9.1f} +- {r['se_us']:5.1f} "
@@ -91,13 +96,16 @@ def _main(argv: list[str] | None) -> int:
     for p in a.runs:
         run = read_run(p)
         if run.record.params.mode != "stages":
-            raise InputError(f"{p}: a {run.record.params.mode}-mode run; segments are read from stage-mode runs")
+            raise InputError(f"{p}: a run in {run.record.params.mode} mode; segments are read from stage-mode runs")
         try:
             d = run_differences(run.ops, stages)
         except InputError as e:
             raise InputError(f"{p}: {e}") from None
         per_run.append(d)
         depths.add((int(d["shallow"].iloc[0]), int(d["deep"].iloc[0])))
+        if len(depths) > 1:
+            raise InputError(f"{p}: depths {' and '.join(f'{a} -> {b}' for a, b in sorted(depths))} differ between the "
+                             "runs; give runs of one pair of depths")
     out = summarize(per_run)
     report(out, depths)
     save_results("segments", {"args": {"runs": [str(p) for p in a.runs], "stages": stages},
