@@ -28,17 +28,19 @@ from across import save_results  # noqa: E402
 from harness import checks, columns, stats  # noqa: E402
 from harness.cli import ArgParser, run_cli  # noqa: E402
 from harness.errors import InputError, UsageError  # noqa: E402
-from harness.stages import STAGES  # noqa: E402
+from harness.stages import STAGES, base_name  # noqa: E402
 from harness.store import read_run  # noqa: E402
 
 C = columns
 MIN_US = 20.0  # segments shorter than this at the shallowest depth (a token, layers summed) are not shown
+READ = [C.DEPTH, C.ROUND, C.NAME, C.OP, C.STAGE, C.TIME_US]  # the op table's columns this script reads
 
 
 def segment_key(names: pd.Series, ops: pd.Series) -> pd.Series:
-    """A segment's name across layers: its last node's name without the layer suffix; an unnamed node by its op."""
-    unnamed = names.str.fullmatch(r"node_\d+")
-    return names.str.replace(r"-\d+$", "", regex=True).where(~unnamed, "(unnamed " + ops + ")")
+    """A segment's name across layers: its last node's name without ggml's suffixes and the layer
+    (``stages.base_name``, the stage rules' own reading of names); an unnamed node by its op."""
+    base = names.map({n: base_name(n)[0] for n in names.unique()})
+    return base.where(~names.str.fullmatch(r"node_\d+"), "(unnamed " + ops + ")")
 
 
 def run_differences(ops: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
@@ -55,9 +57,10 @@ def run_differences(ops: pd.DataFrame, stages: list[str]) -> pd.DataFrame:
         raise InputError(f"no segments of {', '.join(stages)} in the run")
     o = o.assign(segment=segment_key(o[C.NAME], o[C.OP]))
     per = o.groupby([C.STAGE, "segment", C.ROUND, C.DEPTH])[C.TIME_US].sum().unstack(C.DEPTH)
-    if lo not in per or hi not in per or per.dropna().empty:
+    per = per.dropna() if lo in per and hi in per else per.iloc[:0]
+    if per.empty:
         raise InputError(f"no round has segments of {', '.join(stages)} at both depths {lo} and {hi}")
-    per = per.dropna().assign(diff=lambda d: d[hi] - d[lo])
+    per = per.assign(diff=lambda d: d[hi] - d[lo])
     tm = per.groupby(level=[C.STAGE, "segment"])[["diff", lo]].agg(lambda v: stats.trimmed_mean(v.to_numpy(),
                                                                                                 checks.TRIM))
     return pd.DataFrame({"diff_us": tm["diff"], "shallow_us": tm[lo]}).assign(shallow=lo, deep=hi)
@@ -94,7 +97,7 @@ def _main(argv: list[str] | None) -> int:
         raise UsageError(f"--stages: a comma list of {', '.join(STAGES)}; got {a.stages!r}")
     per_run, depths = [], set()
     for p in a.runs:
-        run = read_run(p)
+        run = read_run(p, only=READ)
         if run.record.params.mode != "stages":
             raise InputError(f"{p}: a run in {run.record.params.mode} mode; segments are read from stage-mode runs")
         try:

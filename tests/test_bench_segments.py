@@ -66,7 +66,7 @@ def test_runs_must_share_their_depths_and_be_stage_mode(monkeypatch, capsys):
 
     runs = {"a": _ops(2.0), "b": _ops(2.0, deep_hi=658)}
     mode = {"c": "ops"}
-    monkeypatch.setattr(segments, "read_run", lambda p: SimpleNamespace(
+    monkeypatch.setattr(segments, "read_run", lambda p, only=None: SimpleNamespace(
         ops=runs.get(str(p)), record=SimpleNamespace(params=SimpleNamespace(mode=mode.get(str(p), "stages")))))
     for argv, needle in ((["a", "b"], "depths 13 -> 658 and 13 -> 4096 differ between the runs"),
                          (["c"], "c: a run in ops mode")):
